@@ -1,0 +1,187 @@
+"""Stage 1-2: int4 key quantization and the sidecar store (int4 K + Quest page bounds).
+
+Reference (plain torch) and Triton kernel side by side; `sglang_twilight.ops` picks one.
+Quantization is asymmetric per row of D: ``k ~= code * scale + zero`` with ``zero`` the row min
+rounded *down* to fp16 and ``scale = (max - zero) / 15`` rounded *up* to fp16, so every value of
+the row is reachable and comes back within ``scale / 2`` (half a step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is a dependency of torch on Linux; keep the references importable without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 directed rounding (shared by the reference; the kernel does the same bit steps)
+# ----------------------------------------------------------------------------------------------
+
+def _f16_step(h: torch.Tensor, down: bool) -> torch.Tensor:
+    """One fp16 ulp toward -inf (down) or +inf, for finite values."""
+    bits = h.view(torch.int16).to(torch.int32)
+    if down:
+        stepped = torch.where(h > 0, bits - 1, torch.where(h < 0, bits + 1, 0x8001 - 0x10000))
+    else:
+        stepped = torch.where(h > 0, bits + 1, torch.where(h < 0, bits - 1, 1))
+    return stepped.to(torch.int16).view(torch.float16)
+
+
+def f16_round_down(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float16)
+    return torch.where(h.float() > x, _f16_step(h, down=True), h)
+
+
+def f16_round_up(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float16)
+    return torch.where(h.float() < x, _f16_step(h, down=False), h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+
+def quantize_int4_ref(k: torch.Tensor):
+    """k [..., D] -> (packed uint8 [..., D//2], scale fp16 [...], zero fp16 [...])."""
+    if k.shape[-1] % 2:
+        raise ValueError(f"quantize_int4: head_dim must be even, got {k.shape[-1]}")
+    kf = k.float()
+    zero = f16_round_down(kf.amin(-1))
+    scale = f16_round_up((kf.amax(-1) - zero.float()) / 15.0)
+    sf = scale.float()
+    inv = torch.where(sf > 0, 1.0 / torch.where(sf > 0, sf, 1.0), 0.0)
+    codes = torch.floor((kf - zero.float()[..., None]) * inv[..., None] + 0.5).clamp_(0, 15)
+    codes = codes.to(torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed, scale, zero
+
+
+def int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., D//2] -> codes uint8 [..., D] (element 2i low nibble, 2i+1 high nibble)."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def dequantize_int4_ref(packed, scale, zero, dtype=torch.float32):
+    codes = int4_codes(packed).float()
+    out = codes * scale.float()[..., None] + zero.float()[..., None]
+    return out.to(dtype)
+
+
+def page_bounds_ref(k_buffer, pages, last_offsets, page_size):
+    """Bounds of the given pages over offsets 0..last_offset: (kmax, kmin) [n, H, D] in K dtype."""
+    pages = pages.long()
+    offs = torch.arange(page_size, device=k_buffer.device)
+    slots = pages[:, None] * page_size + offs[None, :]  # [n, P]
+    valid = offs[None, :] <= last_offsets.long()[:, None]
+    k = k_buffer[slots.clamp_max(k_buffer.shape[0] - 1)].float()  # [n, P, H, D]
+    v = valid[:, :, None, None]
+    kmax = torch.where(v, k, float("-inf")).amax(1)
+    kmin = torch.where(v, k, float("inf")).amin(1)
+    return kmax.to(k_buffer.dtype), kmin.to(k_buffer.dtype)
+
+
+def last_in_page(loc: torch.Tensor, page_size: int) -> torch.Tensor:
+    """True where loc[i] is the last slot this call writes in its page (runs are in order)."""
+    pages = loc // page_size
+    last = torch.ones_like(loc, dtype=torch.bool)
+    if loc.numel() > 1:
+        last[:-1] = pages[1:] != pages[:-1]
+    return last
+
+
+def store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size):
+    loc = loc.long()
+    if loc.numel() == 0:
+        return
+    packed, scale, zero = quantize_int4_ref(k_buffer[loc])
+    kq[loc] = packed
+    kscale[loc] = scale
+    kzero[loc] = zero
+    last = last_in_page(loc, page_size)
+    tail = loc[last]
+    pages = tail // page_size
+    bmax, bmin = page_bounds_ref(k_buffer, pages, tail % page_size, page_size)
+    kmax[pages] = bmax
+    kmin[pages] = bmin
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _f16_bits_step(h, down: tl.constexpr):
+        bits = h.to(tl.int16, bitcast=True).to(tl.int32)
+        if down:
+            s = tl.where(h > 0, bits - 1, tl.where(h < 0, bits + 1, 0x8001 - 0x10000))
+        else:
+            s = tl.where(h > 0, bits + 1, tl.where(h < 0, bits - 1, 1))
+        return s.to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _store_sidecar_kernel(
+        k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, n,
+        stride_ks, stride_kh, stride_qs, stride_qh, stride_ss, stride_bp, stride_bh,
+        H: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    ):
+        i = tl.program_id(0)
+        h = tl.program_id(1)
+        slot = tl.load(loc_ptr + i).to(tl.int64)
+        half = tl.arange(0, D // 2)
+        kbase = k_ptr + slot * stride_ks + h * stride_kh
+        ke = tl.load(kbase + 2 * half).to(tl.float32)
+        ko = tl.load(kbase + 2 * half + 1).to(tl.float32)
+        mn = tl.minimum(tl.min(ke, 0), tl.min(ko, 0))
+        mx = tl.maximum(tl.max(ke, 0), tl.max(ko, 0))
+        z = mn.to(tl.float16)
+        z = tl.where(z.to(tl.float32) > mn, _f16_bits_step(z, True), z)
+        sc32 = (mx - z.to(tl.float32)) / 15.0
+        sc = sc32.to(tl.float16)
+        sc = tl.where(sc.to(tl.float32) < sc32, _f16_bits_step(sc, False), sc)
+        sf = sc.to(tl.float32)
+        inv = tl.where(sf > 0, tl.math.div_rn(1.0, tl.where(sf > 0, sf, 1.0)), 0.0)
+        zf = z.to(tl.float32)
+        ce = tl.minimum(tl.maximum(tl.floor((ke - zf) * inv + 0.5), 0.0), 15.0).to(tl.uint8)
+        co = tl.minimum(tl.maximum(tl.floor((ko - zf) * inv + 0.5), 0.0), 15.0).to(tl.uint8)
+        tl.store(kq_ptr + slot * stride_qs + h * stride_qh + half, ce | (co << 4))
+        tl.store(ks_ptr + slot * stride_ss + h, sc)
+        tl.store(kz_ptr + slot * stride_ss + h, z)
+        # Quest bounds: the last slot this call writes in a page recomputes the page's bounds
+        # over offsets 0..its own offset (a page is filled in order by one request).
+        page = slot // P
+        nxt = tl.load(loc_ptr + tl.minimum(i + 1, n - 1)).to(tl.int64)
+        is_last = (i == n - 1) | ((nxt // P) != page)
+        if is_last:
+            off = slot % P
+            offs = tl.arange(0, P)
+            d = tl.arange(0, D)
+            ptrs = k_ptr + (page * P + offs)[:, None] * stride_ks + h * stride_kh + d[None, :]
+            valid = (offs <= off)[:, None]
+            kp = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
+            bmax = tl.max(tl.where(valid, kp, float("-inf")), 0)
+            bmin = tl.min(tl.where(valid, kp, float("inf")), 0)
+            bptr = page * stride_bp + h * stride_bh + d
+            tl.store(kmax_ptr + bptr, bmax.to(kmax_ptr.dtype.element_ty))
+            tl.store(kmin_ptr + bptr, bmin.to(kmin_ptr.dtype.element_ty))
+
+
+def store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size):
+    n = loc.numel()
+    if n == 0:
+        return
+    S, H, D = k_buffer.shape
+    assert k_buffer.stride(2) == 1 and kq.stride(2) == 1 and kmax.stride(2) == 1
+    assert kscale.stride() == kzero.stride() and kmax.stride() == kmin.stride()
+    _store_sidecar_kernel[(n, H)](
+        k_buffer, loc, kq, kscale, kzero, kmax, kmin, n,
+        k_buffer.stride(0), k_buffer.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0),
+        kmax.stride(0), kmax.stride(1), H=H, D=D, P=page_size, num_warps=1 if D <= 64 else 2,
+    )

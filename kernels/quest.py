@@ -1,0 +1,238 @@
+"""Stages 3-4: Quest page scores (GQA upper bound) and candidate selection.
+
+The page score ``max_{g in group} sum_d max(q_gd * kmax_d, q_gd * kmin_d)`` is an upper bound of
+``q_g . k`` for every key of the page and every query head of the KV head's group (SGLang's
+averaging of q over the group would not be a bound). Selection keeps the sink page, the last
+(partial) page and the best other pages up to ``capacity // page_size`` pages; the candidate slots
+are the valid tokens of the chosen pages in ascending logical order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def capacity_for(budget: int, page_size: int) -> int:
+    return -(-int(budget) // page_size) * page_size
+
+
+def _group_q(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    R, Hq, D = q.shape
+    if Hq % num_kv_heads:
+        raise ValueError(f"num q heads {Hq} is not a multiple of num kv heads {num_kv_heads}")
+    return q.float().view(R, num_kv_heads, Hq // num_kv_heads, D)
+
+
+def page_table_ref(req_to_token, req_pool_indices, seq_lens, page_size, num_pages_max=None):
+    """Physical page of every logical page: [R, NP] int64 (0 past the request's pages)."""
+    n_pages = (seq_lens.long() + page_size - 1) // page_size
+    NP = int(n_pages.max().item()) if num_pages_max is None else int(num_pages_max)
+    j = torch.arange(NP, device=seq_lens.device)
+    pos = (j * page_size)[None, :].expand(seq_lens.shape[0], NP)
+    valid = j[None, :] < n_pages[:, None]
+    rows = req_to_token[req_pool_indices.long()]
+    slots = torch.gather(rows.long(), 1, torch.where(valid, pos, 0).clamp_max(rows.shape[1] - 1))
+    return torch.where(valid, slots // page_size, 0), n_pages
+
+
+def quest_page_scores_ref(q, kmax, kmin, page_table, num_pages):
+    """-> [R, Hkv, NP] fp32, -inf past num_pages."""
+    Hkv = kmax.shape[1]
+    qg = _group_q(q, Hkv)  # [R, Hkv, G, D]
+    pt = page_table.long()
+    bmax = kmax[pt].float()  # [R, NP, Hkv, D]
+    bmin = kmin[pt].float()
+    qx = qg[:, None]  # [R, 1, Hkv, G, D]
+    s = torch.maximum(qx * bmax[:, :, :, None], qx * bmin[:, :, :, None]).sum(-1)  # [R,NP,Hkv,G]
+    s = s.amax(-1).permute(0, 2, 1)
+    valid = torch.arange(pt.shape[1], device=pt.device)[None, None, :] < num_pages.long()[:, None, None]
+    return torch.where(valid, s, float("-inf")).contiguous()
+
+
+def expand_pages_ref(chosen, req_to_token, req_pool_indices, seq_lens, page_size, capacity):
+    """chosen bool [R, Hkv, NP] -> (slots int32 [R, Hkv, C], counts int32 [R, Hkv])."""
+    R, Hkv, NP = chosen.shape
+    pos = torch.arange(NP * page_size, device=chosen.device)
+    tok_ok = chosen.repeat_interleave(page_size, dim=-1) & (pos[None, None, :] < seq_lens.long()[:, None, None])
+    counts = tok_ok.sum(-1)
+    rank = torch.cumsum(tok_ok.long(), -1) - 1
+    rows = req_to_token[req_pool_indices.long()].long()[:, : NP * page_size]
+    if rows.shape[1] < NP * page_size:
+        rows = torch.nn.functional.pad(rows, (0, NP * page_size - rows.shape[1]))
+    slot_all = rows[:, None, :].expand(R, Hkv, NP * page_size)
+    out = torch.zeros(R, Hkv, capacity + 1, dtype=torch.long, device=chosen.device)
+    dest = torch.where(tok_ok, rank, capacity)  # dump unchosen into the spare column
+    out.scatter_(-1, dest, torch.where(tok_ok, slot_all, 0))
+    return out[..., :capacity].to(torch.int32).contiguous(), counts.to(torch.int32)
+
+
+def quest_select_ref(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size):
+    C = capacity_for(budget, page_size)
+    K = C // page_size
+    Hkv = kmax.shape[1]
+    pt, n_pages = page_table_ref(req_to_token, req_pool_indices, seq_lens, page_size)
+    scores = quest_page_scores_ref(q, kmax, kmin, pt, n_pages)
+    NP = pt.shape[1]
+    j = torch.arange(NP, device=q.device)[None, None, :]
+    last = (n_pages.long() - 1)[:, None, None]
+    forced = (j == 0) | (j == last)
+    key = torch.where(forced, float("inf"), scores)
+    # top-K pages by key; ties to the lower page index (stable sort = the definition)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(NP, device=q.device).expand_as(order).contiguous())
+    chosen = (rank < K) & (j < n_pages.long()[:, None, None])
+    chosen = chosen.expand(q.shape[0], Hkv, NP)
+    return expand_pages_ref(chosen, req_to_token, req_pool_indices, seq_lens, page_size, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _page_scores_kernel(
+        q_ptr, kmax_ptr, kmin_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, out_ptr,
+        stride_qr, stride_qh, stride_bp, stride_bh, stride_r2t, stride_or, stride_oh,
+        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+        BLOCK_P: tl.constexpr, G_PAD: tl.constexpr,
+    ):
+        """One program: one (request, kv head) x BLOCK_P logical pages -> scores (-inf past end)."""
+        rh = tl.program_id(0)
+        pb = tl.program_id(1)
+        r = rh // H
+        h = rh % H
+        seq = tl.load(seqlen_ptr + r)
+        n_pages = (seq + P - 1) // P
+        j = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        out_ptrs = out_ptr + r * stride_or + h * stride_oh + j
+        if pb * BLOCK_P >= n_pages:
+            return
+        jm = j < n_pages
+        rpi = tl.load(rpi_ptr + r).to(tl.int64)
+        slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=jm, other=0).to(tl.int64)
+        page = slot // P
+        d = tl.arange(0, D)
+        bp = page[:, None] * stride_bp + h * stride_bh + d[None, :]
+        bmax = tl.load(kmax_ptr + bp, mask=jm[:, None], other=0.0).to(tl.float32)  # [BP, D]
+        bmin = tl.load(kmin_ptr + bp, mask=jm[:, None], other=0.0).to(tl.float32)
+        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            qv = tl.load(q_ptr + r * stride_qr + (h * G + g) * stride_qh + d).to(tl.float32)
+            s = tl.sum(tl.maximum(qv[None, :] * bmax, qv[None, :] * bmin), 1)
+            best = tl.maximum(best, s)
+        tl.store(out_ptrs, tl.where(jm, best, float("-inf")))
+
+    @triton.jit
+    def _f32_key(x):
+        """Monotone map fp32 -> int32 (signed compare matches float order; no NaN)."""
+        b = x.to(tl.int32, bitcast=True)
+        return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+    @triton.jit
+    def _topk_mask(key, valid, k):
+        """Exactly k (or all valid if fewer) entries with the largest int keys; ties -> lower index."""
+        lo = tl.min(tl.where(valid, key, 2147483647), 0).to(tl.int64)  # count(key >= lo) = n >= k
+        hi = tl.max(tl.where(valid, key, -2147483648), 0).to(tl.int64) + 1  # count(key >= hi) = 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            c = tl.sum((valid & (key.to(tl.int64) >= mid)).to(tl.int32), 0)
+            ge = c >= k
+            lo = tl.where(ge, mid, lo)
+            hi = tl.where(ge, hi, mid)
+        above = valid & (key.to(tl.int64) > lo)
+        tie = valid & (key.to(tl.int64) == lo)
+        need = k - tl.sum(above.to(tl.int32), 0)
+        tie_rank = tl.cumsum(tie.to(tl.int32), 0)
+        return above | (tie & (tie_rank <= need))
+
+    @triton.jit
+    def _select_kernel(
+        scores_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, cand_ptr, count_ptr,
+        stride_sr, stride_sh, stride_r2t, stride_cr, stride_ch,
+        H: tl.constexpr, P: tl.constexpr, K: tl.constexpr, NP_PAD: tl.constexpr,
+    ):
+        """One program per (request, kv head): choose pages, write candidate slots + count."""
+        rh = tl.program_id(0)
+        r = rh // H
+        h = rh % H
+        seq = tl.load(seqlen_ptr + r)
+        n_pages = (seq + P - 1) // P
+        rpi = tl.load(rpi_ptr + r).to(tl.int64)
+        j = tl.arange(0, NP_PAD)
+        valid = j < n_pages
+        if n_pages <= K:
+            chosen = valid
+        else:
+            s = tl.load(scores_ptr + r * stride_sr + h * stride_sh + j, mask=valid, other=0.0)
+            key = _f32_key(s)
+            key = tl.where((j == 0) | (j == n_pages - 1), 2147483647, key)
+            chosen = _topk_mask(key, valid, K)
+        # ascending page order; page j holds min(P, seq - j*P) valid tokens
+        ntok = tl.where(chosen, tl.minimum(seq - j * P, P), 0)
+        start = tl.cumsum(ntok, 0) - ntok
+        cbase = cand_ptr + r * stride_cr + h * stride_ch
+        for o in tl.static_range(P):
+            ok = chosen & (o < ntok)
+            slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P + o, mask=ok, other=0)
+            tl.store(cbase + start + o, slot.to(tl.int32), mask=ok)
+        tl.store(count_ptr + r * H + h, tl.sum(ntok, 0))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, page_size,
+                             max_pages, out=None):
+    R, Hq, D = q.shape
+    H = kmax.shape[1]
+    G = Hq // H
+    BLOCK_P = 32 if D >= 128 else 64
+    NP = -(-max_pages // BLOCK_P) * BLOCK_P
+    if out is None:
+        out = torch.empty(R, H, NP, dtype=torch.float32, device=q.device)
+    _page_scores_kernel[(R * H, NP // BLOCK_P)](
+        q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, out,
+        q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), req_to_token.stride(0),
+        out.stride(0), out.stride(1),
+        H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, G_PAD=max(16, _next_pow2(G)), num_warps=4,
+    )
+    return out
+
+
+def quest_select_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size,
+                        max_pages=None, scores=None, cand_slots=None, cand_counts=None):
+    """Graph-safe: every shape depends only on (R, budget, max_pages), never on data."""
+    R, Hq, D = q.shape
+    H = kmax.shape[1]
+    C = capacity_for(budget, page_size)
+    K = C // page_size
+    if max_pages is None:  # eager convenience; the backend passes the server's max context
+        max_pages = -(-int(seq_lens.max().item()) // page_size)
+    max_pages = max(int(max_pages), 1)
+    if max_pages > K:
+        scores = quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens,
+                                          page_size, max_pages, out=scores)
+    else:  # every request fits the budget: no scoring needed
+        scores = torch.empty(R, H, 1, dtype=torch.float32, device=q.device) if scores is None else scores
+    if cand_slots is None:
+        cand_slots = torch.zeros(R, H, C, dtype=torch.int32, device=q.device)
+    if cand_counts is None:
+        cand_counts = torch.empty(R, H, dtype=torch.int32, device=q.device)
+    NP_PAD = _next_pow2(max_pages)
+    _select_kernel[(R * H,)](
+        scores, req_to_token, req_pool_indices, seq_lens, cand_slots, cand_counts,
+        scores.stride(0), scores.stride(1), req_to_token.stride(0), cand_slots.stride(0),
+        cand_slots.stride(1), H=H, P=page_size, K=K, NP_PAD=NP_PAD,
+        num_warps=4 if NP_PAD <= 1024 else 8,
+    )
+    return cand_slots, cand_counts

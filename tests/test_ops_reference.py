@@ -1,0 +1,268 @@
+"""The plain-torch reference pipeline held against each stage's definition (CPU)."""
+
+import math
+
+import pytest
+import torch
+
+from sglang_twilight import ops
+from tests.pools import make_layout
+
+
+def topp_by_sort(probs, p):
+    """The definition: sort descending, cumulative sum, smallest prefix reaching p."""
+    srt, order = probs.sort(-1, descending=True)
+    cs = srt.cumsum(-1)
+    n = (cs < p[:, None]).sum(-1) + 1
+    n = n.clamp_max(probs.shape[-1])
+    mask = torch.zeros_like(probs, dtype=torch.bool)
+    ranks = torch.arange(probs.shape[-1])[None, :]
+    mask.scatter_(-1, order, ranks < n[:, None])
+    return mask, srt, cs, n
+
+
+# ---------------------------------------------------------------- int4
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_int4_round_trip_within_half_step(dtype, D):
+    k = (torch.randn(7, 5, D) * torch.rand(7, 5, 1) * 8 + torch.randn(7, 5, 1)).to(dtype)
+    packed, scale, zero = ops.quantize_int4(k)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 5, D // 2)
+    assert scale.dtype == torch.float16 and scale.shape == (7, 5) and zero.shape == (7, 5)
+    back = ops.dequantize_int4(packed, scale, zero)
+    err = (back - k.float()).abs()
+    half = scale.float()[..., None] / 2
+    assert bool((err <= half * (1 + 1e-5) + 1e-6).all()), (err - half).max()
+    # every code is used at the ends of the range: min maps to 0, max to 15
+    codes = torch.stack((packed & 15, packed >> 4), -1).flatten(-2)
+    assert int(codes.min()) == 0 and int(codes.max()) == 15
+
+
+def test_int4_constant_row_exact():
+    k = torch.full((2, 3, 64), 0.75)
+    packed, scale, zero = ops.quantize_int4(k)
+    assert bool((scale == 0).all())
+    assert torch.equal(ops.dequantize_int4(packed, scale, zero), k)
+
+
+# ---------------------------------------------------------------- top-p
+
+@pytest.mark.parametrize("n", [1, 7, 100, 2049])
+def test_topp_matches_sort_definition(n):
+    rows = 64
+    temp = torch.rand(rows, 1) * 6
+    probs = torch.softmax(torch.randn(rows, n) * temp, -1)
+    p = torch.rand(rows) * 0.98 + 0.01
+    got = ops.topp_mask(probs, p)
+    want, srt, cs, cnt = topp_by_sort(probs, p)
+    for r in range(rows):
+        if torch.equal(got[r], want[r]):
+            continue
+        # only allowed to differ where float summation order decides: cumsum within 1e-5 of p
+        k = int(cnt[r])
+        near = abs(float(cs[k - 1]) - float(p[r])) < 1e-5 or (k >= 2 and abs(float(cs[k - 2]) - float(p[r])) < 1e-5)
+        assert near, (r, got[r].sum(), want[r].sum())
+    # definition holds on every row: reaches p, and dropping the smallest kept entry does not
+    kept_mass = (probs * got).sum(-1)
+    assert bool((kept_mass >= torch.minimum(p, probs.sum(-1)) - 1e-5).all())
+    smallest = torch.where(got, probs, 2.0).amin(-1)
+    assert bool((kept_mass - smallest < p + 1e-5).all())
+
+
+def test_topp_ties_at_threshold_all_kept_and_p1_keeps_all():
+    probs = torch.tensor([[0.4, 0.2, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25]])
+    m = ops.topp_mask(probs, 0.5)
+    assert m[0].tolist() == [True, True, True, True]  # 0.4 + one 0.2 reaches 0.5; ties kept
+    assert m[1].tolist() == [True, True, True, True]
+    m = ops.topp_mask(torch.softmax(torch.randn(3, 50) * 5, -1), torch.tensor([1.0, 1.0, 0.5]))
+    assert bool(m[:2].all()) and 0 < int(m[2].sum()) < 50
+
+
+def test_topp_is_bisection_not_sort(monkeypatch):
+    def no_sort(*a, **k):
+        raise AssertionError("topp_mask must not sort")
+
+    monkeypatch.setattr(torch, "sort", no_sort)
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    monkeypatch.setattr(torch, "argsort", no_sort)
+    monkeypatch.setattr(torch, "topk", no_sort)
+    ops.topp_mask(torch.softmax(torch.randn(4, 33), -1), 0.9)
+
+
+def test_topp_rejects_bad_p():
+    with pytest.raises(ValueError, match="p must be in"):
+        ops.topp_mask(torch.rand(2, 4), 0.0)
+
+
+# ---------------------------------------------------------------- store + Quest
+
+@pytest.mark.parametrize("H,G,D", [(2, 1, 64), (2, 4, 128), (1, 8, 64)])
+def test_quest_score_is_upper_bound(H, G, D):
+    lay = make_layout([37, 100, 16], H, G, D, dtype=torch.float32)
+    pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
+    scores = ops.quest_page_scores(lay.q, lay.kmax, lay.kmin, pt, n_pages)
+    for r in range(3):
+        n = int(lay.seq_lens[r])
+        slots = lay.req_to_token[lay.req_pool_indices[r], :n].long()
+        for t in range(n):
+            for hq in range(H * G):
+                h = hq // G
+                qk = float(lay.q[r, hq].float() @ lay.k_buffer[slots[t], h].float())
+                assert scores[r, h, t // 16] >= qk - 1e-4
+    assert torch.isinf(scores[2, :, 1:]).all()  # one page only
+
+
+def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
+    H, D, P = 2, 64, 16
+    S = 8 * P
+    k_buffer = torch.randn(S, H, D, dtype=torch.bfloat16)
+    kq = torch.zeros(S, H, D // 2, dtype=torch.uint8)
+    ks, kz = torch.zeros(S, H, dtype=torch.float16), torch.zeros(S, H, dtype=torch.float16)
+    kmax = torch.zeros(S // P, H, D, dtype=torch.bfloat16)
+    kmin = torch.zeros_like(kmax)
+    args = (kq, ks, kz, kmax, kmin, P)
+    # extend: request A fills page 3 offsets 0..9, request B page 5 offsets 0..15 + page 2 0..3
+    loc = torch.cat([torch.arange(48, 58), torch.arange(80, 96), torch.arange(32, 36)])
+    ops.store_sidecar(k_buffer, loc, *args)
+    # chunked prefill continues A mid-page (offsets 10..12), then a decode step for A and B
+    ops.store_sidecar(k_buffer, torch.arange(58, 61), *args)
+    ops.store_sidecar(k_buffer, torch.tensor([61, 36]), *args)
+
+    def check(page, last):
+        seg = k_buffer[page * P: page * P + last + 1].float()
+        assert torch.equal(kmax[page].float(), seg.amax(0)), page
+        assert torch.equal(kmin[page].float(), seg.amin(0)), page
+
+    check(3, 13)
+    check(5, 15)
+    check(2, 4)
+    all_loc = torch.cat([torch.arange(48, 62), torch.arange(80, 96), torch.arange(32, 37)])
+    p2, s2, z2 = ops.quantize_int4(k_buffer[all_loc])
+    assert torch.equal(kq[all_loc], p2) and torch.equal(ks[all_loc], s2) and torch.equal(kz[all_loc], z2)
+    # page 3 is freed and reused by another request with much smaller keys: no stale bounds
+    k_buffer[48:64] = (torch.randn(16, H, D) * 0.01).to(torch.bfloat16)
+    ops.store_sidecar(k_buffer, torch.arange(48, 51), *args)
+    check(3, 2)
+
+
+# ---------------------------------------------------------------- select / prune / attend
+
+def test_quest_select_budget_covers_context_takes_all_in_order():
+    lay = make_layout([5, 33, 64], 2, 4, 64)
+    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices,
+                                 lay.seq_lens, 64, 16)
+    assert cand.shape == (3, 2, 64) and cnt.tolist() == [[5, 5], [33, 33], [64, 64]]
+    for r in range(3):
+        n = int(lay.seq_lens[r])
+        want = lay.req_to_token[lay.req_pool_indices[r], :n]
+        for h in range(2):
+            assert torch.equal(cand[r, h, :n], want)
+
+
+def test_quest_select_keeps_sink_last_and_best_pages():
+    lay = make_layout([200, 161], 2, 4, 64)
+    budget = 64  # 4 pages: sink + last + 2 best
+    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices,
+                                 lay.seq_lens, budget, 16)
+    pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
+    scores = ops.quest_page_scores(lay.q, lay.kmax, lay.kmin, pt, n_pages)
+    for r in range(2):
+        n = int(lay.seq_lens[r])
+        npg = int(n_pages[r])
+        row = lay.req_to_token[lay.req_pool_indices[r]]
+        for h in range(2):
+            mid = scores[r, h, 1: npg - 1]
+            best = (torch.topk(mid, 2).indices + 1).tolist()
+            pages = sorted({0, npg - 1, *best})
+            want = torch.cat([row[j * 16: min(n, (j + 1) * 16)] for j in pages])
+            assert int(cnt[r, h]) == want.numel()
+            assert torch.equal(cand[r, h, : want.numel()], want)
+
+
+def _prune_inputs(seq, H, G, D, budget=4096):
+    lay = make_layout(seq, H, G, D, peaked=6.0)
+    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices,
+                                 lay.seq_lens, budget, 16)
+    return lay, cand, cnt
+
+
+def test_prune_union_of_per_head_topp_and_clamps():
+    H, G, D = 2, 4, 64
+    lay, cand, cnt = _prune_inputs([300, 517, 40], H, G, D)
+    sm = 1 / math.sqrt(D)
+    scores = ops.int4_scores(lay.q, *lay.sidecar[:3], cand, cnt, sm)
+    probs = torch.softmax(scores, -1)
+    p = torch.tensor([0.9, 0.5, 0.95])
+    kept, kcnt = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, p, sm)
+    for r in range(3):
+        for h in range(H):
+            c = int(cnt[r, h])
+            per_head = ops.topp_mask(probs[r, h, :, :c], p[r].expand(G))
+            union = per_head.any(0)
+            union[c - 1] = True  # newest token
+            want = cand[r, h, :c][union]
+            assert int(kcnt[r, h]) == want.numel() >= 1
+            assert torch.equal(kept[r, h, : want.numel()], want)
+    # max clamp keeps the heaviest (and the newest); min clamp tops up with the heaviest
+    kept2, k2 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, p, sm, 1, 3)
+    assert bool((k2 <= 3).all())
+    w = probs.amax(2)
+    for r in range(3):
+        for h in range(H):
+            c = int(cnt[r, h])
+            got = set(kept2[r, h, : int(k2[r, h])].tolist())
+            assert int(cand[r, h, c - 1]) in got
+            heavy = torch.argsort(w[r, h, : c - 1], descending=True)[: int(k2[r, h]) - 1]
+            assert got == {int(cand[r, h, c - 1])} | set(cand[r, h, heavy].tolist())
+    kept3, k3 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, 0.01, sm, 100, 0)
+    assert k3.tolist() == torch.minimum(cnt, torch.tensor(100)).tolist()
+
+
+def test_prune_p1_keeps_every_candidate():
+    lay, cand, cnt = _prune_inputs([300, 77], 2, 8, 128)
+    kept, kcnt = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, 1.0, 0.1, 1, 5)
+    assert torch.equal(kcnt, cnt) and torch.equal(kept, cand)
+
+
+@pytest.mark.parametrize("H,G,D", [(2, 1, 64), (2, 4, 128), (1, 8, 64), (3, 3, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chained_step_equals_dense_at_p1(H, G, D, dtype):
+    seq = [17, 250, 96, 1]
+    lay = make_layout(seq, H, G, D, dtype=dtype)
+    sm = 1 / math.sqrt(D)
+    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
+                                lay.req_pool_indices, lay.seq_lens, 1.0, budget=256, page_size=16,
+                                sm_scale=sm)
+    assert kc.tolist() == [[n] * H for n in seq]
+    torch.testing.assert_close(o.float(), lay.dense(sm), atol=2e-2, rtol=2e-2)
+
+
+def test_chained_step_sparse_keeps_the_mass_and_short_rows_dense():
+    H, G, D = 2, 4, 64
+    seq = [1500, 700, 90]
+    lay = make_layout(seq, H, G, D, peaked=8.0)
+    sm = 1 / math.sqrt(D)
+    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
+                                lay.req_pool_indices, lay.seq_lens, 0.95, budget=512, page_size=16,
+                                sm_scale=sm, min_sparse_len=128)
+    dense = lay.dense(sm)
+    assert kc[2].tolist() == [90, 90]  # below min_sparse_len: every token
+    torch.testing.assert_close(o[2].float(), dense[2], atol=2e-2, rtol=2e-2)
+    assert bool((kc[:2] < 512).all())  # pruned below the candidate budget
+    # the kept tokens carry ~p of the *exact* attention mass of every q head
+    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices,
+                                 lay.seq_lens, 512, 16)
+    kept, kcnt = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, 0.95, sm)
+    assert torch.equal(kcnt[:2], kc[:2])
+    masses = []
+    for r in range(2):
+        n = seq[r]
+        slots = lay.req_to_token[lay.req_pool_indices[r], :n].long()
+        for hq in range(H * G):
+            h = hq // G
+            w = torch.softmax(lay.k_buffer[slots, h].float() @ lay.q[r, hq].float() * sm, 0)
+            keep = torch.isin(slots, kept[r, h, : int(kcnt[r, h])].long())
+            masses.append(float(w[keep].sum()))
+    # p of the candidates' estimated mass, less what Quest left out and int4 error
+    assert min(masses) > 0.8 and sum(masses) / len(masses) > 0.9, masses
