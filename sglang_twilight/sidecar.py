@@ -1,0 +1,301 @@
+"""The Twilight sidecar pool: int4 keys and Quest page bounds beside SGLang's KV pool.
+
+Indexed exactly like the KV pool it sits beside:
+
+* per token slot ``s`` (same index as ``k_buffer[s]``): ``kq[s]`` (int4 K, two nibbles a byte),
+  ``kscale[s]`` / ``kzero[s]`` (fp16, per KV head);
+* per physical page ``s // page_size``: ``kmax`` / ``kmin`` (Quest bounds, KV dtype).
+
+Because the radix cache shares whole pages of slots between requests and the paged allocator
+hands out whole pages that one request fills in order, a request that hits a cached prefix reads
+the prefix's sidecar rows as they are (no work), and a page that is freed and handed out again is
+rewritten (int4 rows and bounds) by the next :meth:`TwilightSidecarPool.write` of its new owner.
+
+Only layers that decode sparsely (``layer_id >= dense_layers``) get buffers. The one place that
+computes the sidecar's size is :meth:`TwilightSidecarPool.bytes_per_token`; the KV pool budget
+(SGLang's per-token ``cell_size``) must add it so the KV pool shrinks by what the sidecar takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+
+#: attribute under which :func:`attach_sidecar` stores the sidecar on the KV pool object
+POOL_ATTR = "twilight_sidecar"
+
+
+@dataclass(frozen=True)
+class SidecarLayer:
+    """The sidecar buffers of one sparse layer (views of the pool's tensors, no copies)."""
+
+    layer_id: int
+    kq: torch.Tensor  # uint8 [S, H, D//2]
+    kscale: torch.Tensor  # fp16 [S, H]
+    kzero: torch.Tensor  # fp16 [S, H]
+    kmax: torch.Tensor  # KV dtype [S_pages, H, D]
+    kmin: torch.Tensor  # KV dtype [S_pages, H, D]
+
+    def as_tuple(self):
+        """``(kq, kscale, kzero, kmax, kmin)`` in the order ``ops`` takes them."""
+        return self.kq, self.kscale, self.kzero, self.kmax, self.kmin
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class TwilightSidecarPool:
+    """Int4 keys + Quest page bounds for the sparse layers of one SGLang KV pool.
+
+    Args:
+        num_slots: rows of the KV pool's per-layer ``k_buffer`` (SGLang 0.5.17:
+            ``size + page_size``, the first page being the padding page that dummy tokens of
+            padded CUDA-graph batches write to).
+        head_num: KV heads of this rank (``MHATokenToKVPool.head_num``).
+        head_dim: ``MHATokenToKVPool.head_dim``.
+        dtype: the KV dtype (``MHATokenToKVPool.dtype``); the bounds are stored in it.
+        sparse_layer_ids: global layer ids that get a sidecar (layers >= dense_layers).
+        page_size: SGLang's page size = Quest page.
+        device: where the buffers live.
+        kv_pool: the KV pool whose ``get_key_buffer(layer_id)`` :meth:`write` reads; may be set
+            later with :meth:`bind`.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        head_num: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        sparse_layer_ids: Iterable[int],
+        page_size: int,
+        device: Any,
+        kv_pool: Any = None,
+    ):
+        if head_dim % 2:
+            raise ValueError(f"TwilightSidecarPool: head_dim must be even, got {head_dim}")
+        if page_size < 1:
+            raise ValueError(f"TwilightSidecarPool: page_size must be >= 1, got {page_size}")
+        layer_ids = sorted(set(int(x) for x in sparse_layer_ids))
+        if layer_ids and layer_ids[0] < 0:
+            raise ValueError(f"TwilightSidecarPool: negative layer id in {layer_ids}")
+        self.num_slots = int(num_slots)
+        self.num_pages = _ceil_div(self.num_slots, page_size)
+        self.head_num = int(head_num)
+        self.head_dim = int(head_dim)
+        self.dtype = dtype
+        self.page_size = int(page_size)
+        self.device = torch.device(device)
+        self.sparse_layer_ids: List[int] = layer_ids
+        self.kv_pool = kv_pool
+
+        S, H, D, NP = self.num_slots, self.head_num, self.head_dim, self.num_pages
+        self._layers: Dict[int, SidecarLayer] = {}
+        for lid in layer_ids:
+            self._layers[lid] = SidecarLayer(
+                layer_id=lid,
+                kq=torch.zeros((S, H, D // 2), dtype=torch.uint8, device=self.device),
+                kscale=torch.zeros((S, H), dtype=torch.float16, device=self.device),
+                kzero=torch.zeros((S, H), dtype=torch.float16, device=self.device),
+                kmax=torch.zeros((NP, H, D), dtype=dtype, device=self.device),
+                kmin=torch.zeros((NP, H, D), dtype=dtype, device=self.device),
+            )
+        # rows written per layer (host-side count of eager writes; see write())
+        self._rows_written: Dict[int, int] = {lid: 0 for lid in layer_ids}
+
+    # ------------------------------------------------------------------ size
+
+    @staticmethod
+    def bytes_per_token(
+        head_num: int,
+        head_dim: int,
+        kv_dtype_bytes: int,
+        page_size: int,
+        num_sparse_layers: int,
+    ) -> int:
+        """Sidecar bytes per KV slot, summed over ``num_sparse_layers`` layers (rounded up).
+
+        Per layer and KV head: ``D/2`` bytes of int4 K + 2 + 2 bytes of fp16 scale and zero per
+        token, plus the two bounds of ``D`` values in the KV dtype per page, i.e.
+        ``2 * D * kv_dtype_bytes / page_size`` per token. This is THE place the sidecar size is
+        computed: the pool allocates exactly this many bytes per slot (when the slot count is a
+        multiple of ``page_size``), and the KV budget hook adds it to SGLang's ``cell_size``.
+        """
+        if head_dim % 2:
+            raise ValueError(f"bytes_per_token: head_dim must be even, got {head_dim}")
+        if num_sparse_layers <= 0 or head_num <= 0:
+            return 0
+        n = num_sparse_layers * head_num
+        per_token = n * (head_dim // 2 + 2 + 2)
+        bounds = _ceil_div(n * 2 * head_dim * kv_dtype_bytes, page_size)
+        return per_token + bounds
+
+    @staticmethod
+    def overhead_ratio(head_dim: int, page_size: int, kv_dtype_bytes: int = 2) -> float:
+        """Sidecar bytes over the KV bytes (K and V) of the same sparse layer, per token.
+
+        D=128, page 16, bf16: (64 + 4 + 32) / 512 = 0.195.
+        """
+        kv = 2 * head_dim * kv_dtype_bytes  # K + V of one head
+        side = TwilightSidecarPool.bytes_per_token(1, head_dim, kv_dtype_bytes, page_size, 1)
+        return side / kv
+
+    def nbytes(self) -> int:
+        """Bytes actually allocated by this pool."""
+        total = 0
+        for lay in self._layers.values():
+            for t in lay.as_tuple():
+                total += t.numel() * t.element_size()
+        return total
+
+    # ------------------------------------------------------------------ access
+
+    def bind(self, kv_pool: Any) -> "TwilightSidecarPool":
+        """Attach the KV pool that :meth:`write` reads the keys from."""
+        self.kv_pool = kv_pool
+        return self
+
+    def has_layer(self, layer_id: int) -> bool:
+        return layer_id in self._layers
+
+    def layer(self, layer_id: int) -> SidecarLayer:
+        """The buffers of a sparse layer; KeyError for a dense one."""
+        try:
+            return self._layers[layer_id]
+        except KeyError:
+            raise KeyError(
+                f"layer {layer_id} has no Twilight sidecar (sparse layers: "
+                f"{self.sparse_layer_ids})"
+            ) from None
+
+    def rows_written(self, layer_id: Optional[int] = None):
+        """Rows written by eager :meth:`write` calls: for one layer, or a dict of all."""
+        if layer_id is None:
+            return dict(self._rows_written)
+        return self._rows_written[layer_id]
+
+    def reset_counters(self) -> None:
+        for lid in self._rows_written:
+            self._rows_written[lid] = 0
+
+    # ------------------------------------------------------------------ write
+
+    def write(self, layer_id: int, loc: torch.Tensor, k_buffer: Optional[torch.Tensor] = None,
+              *, backend: str = "auto") -> bool:
+        """Update the sidecar of ``layer_id`` for the slots ``loc`` (already written to the KV
+        pool): int4 K of those slots and the bounds of every page they touch.
+
+        ``loc`` is SGLang's ``out_cache_loc`` of this forward (requests' runs in order). Call it
+        after ``set_kv_buffer`` for every sparse layer, in extend (chunked prefill included) and
+        decode. A dense layer is a no-op (returns False). Device-side only, so it can be
+        captured in a CUDA graph; the host-side row counter counts eager calls only (it is not
+        advanced while a graph is being captured, and graph replays do not run Python).
+        """
+        lay = self._layers.get(layer_id)
+        if lay is None:
+            return False
+        if k_buffer is None:
+            if self.kv_pool is None:
+                raise RuntimeError("TwilightSidecarPool.write: no KV pool bound (use bind())")
+            k_buffer = self.kv_pool.get_key_buffer(layer_id)
+        if loc.dtype != torch.int64:
+            loc = loc.to(torch.int64)
+        from sglang_twilight import ops
+
+        kwargs = {} if backend == "auto" else {"backend": backend}
+        ops.store_sidecar(
+            k_buffer, loc, lay.kq, lay.kscale, lay.kzero, lay.kmax, lay.kmin, self.page_size,
+            **kwargs,
+        )
+        if not (loc.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._rows_written[layer_id] += int(loc.numel())
+        return True
+
+    def __repr__(self) -> str:
+        return (
+            f"TwilightSidecarPool(slots={self.num_slots}, pages={self.num_pages}, "
+            f"heads={self.head_num}, head_dim={self.head_dim}, dtype={self.dtype}, "
+            f"page_size={self.page_size}, sparse_layers={self.sparse_layer_ids}, "
+            f"bytes={self.nbytes()})"
+        )
+
+
+# ---------------------------------------------------------------------- SGLang glue
+
+
+def kv_pool_geometry(kv_pool: Any) -> dict:
+    """What the sidecar needs from an SGLang 0.5.17 ``MHATokenToKVPool`` (NHD layout).
+
+    ``k_buffer`` is a list over the pool's local layers (global ids ``start_layer ..
+    start_layer + layer_num - 1``) of ``[size + page_size, head_num, head_dim]`` tensors.
+    """
+    if getattr(kv_pool, "use_hnd", False) or getattr(kv_pool, "kv_cache_layout", "nhd") != "nhd":
+        raise ValueError(
+            "Twilight sidecar needs SGLang's NHD KV layout (slot-major k_buffer); got "
+            f"{getattr(kv_pool, 'kv_cache_layout', '?')!r}"
+        )
+    k0 = kv_pool.k_buffer[0] if kv_pool.k_buffer else None
+    num_slots = int(k0.shape[0]) if k0 is not None else int(kv_pool.size + kv_pool.page_size)
+    start = int(getattr(kv_pool, "start_layer", 0) or 0)
+    return dict(
+        num_slots=num_slots,
+        head_num=int(kv_pool.head_num),
+        head_dim=int(kv_pool.head_dim),
+        dtype=kv_pool.dtype,
+        page_size=int(kv_pool.page_size),
+        device=kv_pool.device,
+        layer_ids=list(range(start, start + int(kv_pool.layer_num))),
+    )
+
+
+def sparse_layer_ids(layer_ids: Iterable[int], dense_layers: int) -> List[int]:
+    """The layers that decode sparsely: every layer id >= ``dense_layers``."""
+    return [int(i) for i in layer_ids if int(i) >= int(dense_layers)]
+
+
+def attach_sidecar(kv_pool: Any, cfg: Any = None) -> TwilightSidecarPool:
+    """Build the sidecar for an SGLang ``MHATokenToKVPool`` and attach it to the pool object
+    (``kv_pool.twilight_sidecar``). Idempotent: a pool that already has one returns it (several
+    backends may be built over one pool: two-batch overlap, PD-multiplexing).
+
+    ``cfg`` is a :class:`sglang_twilight.config.TwilightConfig` (default: ``get_config()``);
+    its ``page_size`` must equal the pool's and ``dense_layers`` picks the sparse layers.
+    """
+    existing = getattr(kv_pool, POOL_ATTR, None)
+    if existing is not None:
+        return existing
+    if cfg is None:
+        from sglang_twilight.config import get_config
+
+        cfg = get_config()
+    geo = kv_pool_geometry(kv_pool)
+    if geo["page_size"] != int(cfg.page_size):
+        raise ValueError(
+            f"Twilight page size {cfg.page_size} != SGLang KV page size {geo['page_size']} "
+            "(start SGLang with --page-size equal to the Twilight page size)"
+        )
+    side = TwilightSidecarPool(
+        num_slots=geo["num_slots"],
+        head_num=geo["head_num"],
+        head_dim=geo["head_dim"],
+        dtype=geo["dtype"],
+        sparse_layer_ids=sparse_layer_ids(geo["layer_ids"], cfg.dense_layers),
+        page_size=geo["page_size"],
+        device=geo["device"],
+        kv_pool=kv_pool,
+    )
+    setattr(kv_pool, POOL_ATTR, side)
+    return side
+
+
+__all__ = [
+    "POOL_ATTR",
+    "SidecarLayer",
+    "TwilightSidecarPool",
+    "attach_sidecar",
+    "kv_pool_geometry",
+    "sparse_layer_ids",
+]
