@@ -1,0 +1,284 @@
+"""Per-layer decode attention time on one GPU (the paper's Fig. 7 analog).
+
+Llama-3.1-8B shapes (32 q heads, 8 KV heads, head_dim 128, bf16) at batch x context, for:
+FlashInfer dense decode, Quest alone (selector quest, p = 1) at B0 = 1024 and 8192, and Twilight
+(Quest B0 = 8192 -> top-p 0.95) with its stage breakdown (store, select, prune, attend). Every
+method runs inside a CUDA graph (as SGLang's decode does); medians over many replays.
+
+Keys: ``k_t = noise_t + c_t * qhat`` with ``c_t`` drawn from a heavy-tailed (exponential^2) law, so
+the softmax over a context is peaked the way real decode attention is (a few hundred tokens carry
+95% of the mass), and every q head of a group shares the direction ``qhat`` (plus noise).
+
+Usage: python benchmarks/bench_attention.py --out benchmarks/results/bench_attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import triton
+import triton.testing
+
+from sglang_twilight import ops
+from sglang_twilight.kernels import attend as _attend
+from sglang_twilight.kernels import quest as _quest
+from sglang_twilight.kernels import topp as _topp
+
+PAGE = 16
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet peak
+
+
+def make_inputs(bs, ctx, H, G, D, dtype, device, tail=2.2, seed=0):
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    pages_per = ctx // PAGE
+    total_pages = bs * pages_per + 1
+    S = total_pages * PAGE
+    perm = torch.randperm(total_pages - 1, generator=gen, device=device) + 1
+    phys = perm.view(bs, pages_per)
+    slots = (phys[:, :, None] * PAGE + torch.arange(PAGE, device=device)).reshape(bs, ctx)
+    req_to_token = slots.to(torch.int32).contiguous()
+    rpi = torch.arange(bs, dtype=torch.int32, device=device)
+    seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device=device)
+    qhat = torch.randn(bs, H, 1, D, generator=gen, device=device)
+    qhat = qhat / qhat.norm(dim=-1, keepdim=True)
+    q = (qhat * math.sqrt(D) + 0.5 * torch.randn(bs, H, G, D, generator=gen, device=device))
+    q = q.reshape(bs, H * G, D).to(dtype)
+    k = torch.empty(S, H, D, dtype=dtype, device=device)
+    v = torch.randn(S, H, D, generator=gen, device=device).to(dtype)
+    for b in range(bs):  # per request to bound the temporary memory
+        s = slots[b].long()
+        noise = torch.randn(ctx, H, D, generator=gen, device=device)
+        c = torch.empty(ctx, H, device=device).exponential_(generator=gen) ** 2 * tail
+        k[s] = (noise + c[..., None] * qhat[b, :, 0][None]).to(dtype)
+    kq = torch.empty(S, H, D // 2, dtype=torch.uint8, device=device)
+    ks = torch.empty(S, H, dtype=torch.float16, device=device)
+    kz = torch.empty(S, H, dtype=torch.float16, device=device)
+    kmax = torch.empty(total_pages, H, D, dtype=dtype, device=device)
+    kmin = torch.empty(total_pages, H, D, dtype=dtype, device=device)
+    ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, PAGE, backend="triton")
+    return dict(q=q, k=k, v=v, kq=kq, ks=ks, kz=kz, kmax=kmax, kmin=kmin, r2t=req_to_token,
+                rpi=rpi, seq=seq_lens, slots=slots)
+
+
+def graph_ms(fn, reps=200):
+    """Median ms of fn replayed in a CUDA graph (launch costs as in SGLang's graph decode)."""
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
+
+
+def flashinfer_dense(inp, H, G, D, dtype, sm):
+    import flashinfer
+
+    bs, ctx = inp["slots"].shape
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+    pages = (inp["slots"][:, ::PAGE] // PAGE).to(torch.int32)
+    indptr = torch.arange(bs + 1, dtype=torch.int32, device="cuda") * pages.shape[1]
+    last = torch.full((bs,), PAGE, dtype=torch.int32, device="cuda")
+    w.plan(indptr, pages.reshape(-1), last, H * G, H, D, PAGE, q_data_type=dtype,
+           kv_data_type=dtype, sm_scale=sm)
+    kc = inp["k"].view(-1, PAGE, H, D)
+    vc = inp["v"].view(-1, PAGE, H, D)
+    out = torch.empty_like(inp["q"])
+    return lambda: w.run(inp["q"], (kc, vc), out=out), out
+
+
+def flashinfer_sparse_attend(inp, kept, kcnt, H, G, D, dtype, sm):
+    """Eager-only candidate for the attend stage: FlashInfer over (request, KV head) rows with
+    page_size=1 views. Its plan() needs the counts on the host, so it cannot sit in a graph."""
+    import flashinfer
+
+    bs = inp["q"].shape[0]
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
+    cnt = kcnt.reshape(-1)
+    indptr = torch.zeros(bs * H + 1, dtype=torch.int32, device="cuda")
+    indptr[1:] = torch.cumsum(cnt, 0)
+    h = torch.arange(H, device="cuda")[None, :, None]
+    idx_full = kept.long() * H + h  # token t, head h -> t*H + h
+    valid = torch.arange(kept.shape[-1], device="cuda")[None, None, :] < kcnt[:, :, None]
+    indices = idx_full[valid].to(torch.int32)
+    last = torch.ones(bs * H, dtype=torch.int32, device="cuda")
+    w.plan(indptr, indices, last, G, 1, D, 1, q_data_type=dtype, kv_data_type=dtype, sm_scale=sm)
+    kc = inp["k"].view(-1, 1, 1, D)
+    vc = inp["v"].view(-1, 1, 1, D)
+    qv = inp["q"].view(bs * H, G, D)
+    out = torch.empty_like(qv)
+    fn = lambda: w.run(qv, (kc, vc), out=out)
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, rep=200, return_mode="median"), out.view(bs, H * G, D)
+
+
+def sglang_triton_attend(inp, kept, kcnt, H, G, D, dtype, sm):
+    """Graph-safe candidate: SGLang's Triton decode kernel over (request, KV head) rows."""
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+
+    bs = inp["q"].shape[0]
+    rows = bs * H
+    cnt = kcnt.reshape(-1)
+    indptr = torch.zeros(rows + 1, dtype=torch.int32, device="cuda")
+    indptr[1:] = torch.cumsum(cnt, 0)
+    h = torch.arange(H, device="cuda")[None, :, None]
+    valid = torch.arange(kept.shape[-1], device="cuda")[None, None, :] < kcnt[:, :, None]
+    indices = (kept.long() * H + h)[valid].to(torch.int32)
+    splits = 8
+    logits = torch.empty(rows, G, splits, D, dtype=torch.float32, device="cuda")
+    lse = torch.empty(rows, G, splits, dtype=torch.float32, device="cuda")
+    nsplit = torch.full((rows,), splits, dtype=torch.int32, device="cuda")
+    qv = inp["q"].view(rows, G, D)
+    out = torch.empty_like(qv)
+    kc = inp["k"].view(-1, 1, D)
+    vc = inp["v"].view(-1, 1, D)
+    fn = lambda: decode_attention_fwd(qv, kc, vc, out, indptr, indices, logits, lse, nsplit, splits,
+                                      sm, 1.0, 1.0)
+    return graph_ms(fn), out.view(bs, H * G, D)
+
+
+def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
+    sm = 1 / math.sqrt(D)
+    inp = make_inputs(bs, ctx, H, G, D, dtype, "cuda", tail=args.tail)
+    dense_fn, dense_out = flashinfer_dense(inp, H, G, D, dtype, sm)
+    base = dict(batch=bs, context=ctx)
+    rows.append(dict(base, method="flashinfer", ms=graph_ms(dense_fn)))
+    sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"])
+    for name, budget, p in (("quest-1024", 1024, 1.0), ("quest-8192", 8192, 1.0),
+                            ("twilight", 8192, args.top_p)):
+        ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
+        pr = torch.full((bs,), p, dtype=torch.float32, device="cuda")
+        out = torch.empty_like(inp["q"])
+
+        def step():
+            return ops.twilight_decode(inp["q"], inp["k"], inp["v"], *sc, inp["r2t"], inp["rpi"],
+                                       inp["seq"], pr, budget=budget, page_size=PAGE, sm_scale=sm,
+                                       min_budget=1, max_budget=args.max_budget if p < 1 else 0,
+                                       backend="triton", workspace=ws, out=out)
+
+        step()
+        kept_tokens = float(ws.kept_counts[:bs].float().mean())
+        ms = graph_ms(step)
+        err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
+        rows.append(dict(base, method=name, ms=ms, kept_tokens=kept_tokens, budget=budget, top_p=p,
+                         rel_err_vs_dense=err))
+        if name != "twilight":
+            continue
+        # stage breakdown, each stage in its own graph, same inputs
+        C = ws.capacity
+        loc = inp["slots"][:, -1].contiguous()
+        stages = {}
+        stages["store"] = graph_ms(lambda: ops.store_sidecar(inp["k"], loc, *sc, PAGE, backend="triton"))
+        sel = lambda: _quest.quest_select_triton(
+            inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], C, PAGE,
+            max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_slots=ws.cand_slots[:bs],
+            cand_counts=ws.cand_counts[:bs])
+        stages["select"] = graph_ms(sel)
+        cand, cnt = ws.cand_slots[:bs], ws.cand_counts[:bs]
+        prune = lambda: _topp.twilight_prune_triton(
+            inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, args.max_budget,
+            scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs])
+        stages["prune"] = graph_ms(prune)
+        stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
+            inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs]))
+        kept, kcnt = ws.kept_slots[:bs], ws.kept_counts[:bs]
+        attend = lambda: _attend.sparse_decode_attention_triton(
+            inp["q"], inp["k"], inp["v"], kept, kcnt, sm, out=out,
+            splits=_attend.attend_splits(bs * H, ws.num_sms), mid_o=ws.mid_o, mid_lse=ws.mid_lse)
+        stages["attend"] = graph_ms(attend)
+        ref_attend = ops.sparse_decode_attention(inp["q"], inp["k"], inp["v"], kept, kcnt, sm,
+                                                 backend="triton").float()
+        try:
+            fi_ms, fi_out = flashinfer_sparse_attend(inp, kept, kcnt, H, G, D, dtype, sm)
+            stages["attend.flashinfer_eager"] = fi_ms
+            stages["attend.flashinfer_eager.max_abs_diff"] = float((fi_out.float() - ref_attend).abs().max())
+        except Exception as e:  # noqa: BLE001 - record, keep benchmarking
+            stages["attend.flashinfer_eager.error"] = repr(e)[:300]
+        try:
+            sg_ms, sg_out = sglang_triton_attend(inp, kept, kcnt, H, G, D, dtype, sm)
+            stages["attend.sglang_triton_graph"] = sg_ms
+            stages["attend.sglang_triton_graph.max_abs_diff"] = float((sg_out.float() - ref_attend).abs().max())
+        except Exception as e:  # noqa: BLE001
+            stages["attend.sglang_triton_graph.error"] = repr(e)[:300]
+        # bytes the select and prune stages must read (the bandwidth bound)
+        n_pages = ctx // PAGE
+        kv_dt = inp["k"].element_size()
+        sel_bytes = bs * H * n_pages * (2 * D * kv_dt) + bs * n_pages * 4
+        cand_total = float(cnt.sum())
+        prune_bytes = cand_total * (D // 2 + 2 + 2 + 4)
+        stages["select.bytes"] = sel_bytes
+        stages["prune.bytes"] = prune_bytes
+        bound_ms = (sel_bytes + prune_bytes) / HBM_BYTES_PER_S * 1e3
+        stages["select+prune.bandwidth_bound_ms"] = bound_ms
+        stages["select+prune.fraction_of_bound"] = bound_ms / (stages["select"] + stages["prune"])
+        stage_rows.append(dict(base, method="twilight", **stages))
+        print(json.dumps(stage_rows[-1]), flush=True)
+    del inp
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,8,16,32,64")
+    ap.add_argument("--contexts", default="8192,16384,32768")
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-budget", type=int, default=0, help="Twilight max kept tokens (0 = no cap)")
+    ap.add_argument("--tail", type=float, default=2.2, help="key heavy-tail scale (peakedness)")
+    ap.add_argument("--out", default="benchmarks/results/bench_attention.json")
+    args = ap.parse_args()
+    H, G, D, dtype = 8, 4, 128, torch.bfloat16
+    rows, stage_rows = [], []
+    free = torch.cuda.mem_get_info()[0]
+    save = lambda: write_results(args, rows, stage_rows, H, G, D)
+    for ctx in map(int, args.contexts.split(",")):
+        for bs in map(int, args.batches.split(",")):
+            need = bs * ctx * H * D * 2 * 2 * 1.3 + (1 << 30)
+            if need > free * 0.8:
+                print(f"skip batch {bs} x {ctx}: needs {need / 2**30:.1f} GiB", flush=True)
+                continue
+            t = time.time()
+            run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows)
+            print(f"done {bs}x{ctx} in {time.time() - t:.1f}s: " + ", ".join(
+                f"{r['method']}={r['ms']:.4f}ms" for r in rows if r["batch"] == bs and r["context"] == ctx),
+                flush=True)
+            save()  # after every case, so a cut-off run still leaves its rows
+    save()
+    print("wrote", args.out)
+
+
+def write_results(args, rows, stage_rows, H, G, D):
+    import flashinfer
+
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                         stderr=subprocess.DEVNULL).strip()
+    except Exception:  # noqa: BLE001 - the device copy may carry no .git
+        commit = os.environ.get("TWILIGHT_COMMIT", "unknown")
+    res = dict(
+        card=torch.cuda.get_device_name(),
+        versions=dict(torch=torch.__version__, triton=triton.__version__,
+                      flashinfer=flashinfer.__version__, python=platform.python_version(),
+                      cuda=torch.version.cuda),
+        commit=commit,
+        command="python " + " ".join(sys.argv),
+        shapes=dict(num_q_heads=H * G, num_kv_heads=H, head_dim=D, dtype="bfloat16", page_size=PAGE),
+        keys="k_t = noise + c_t * qhat, c_t ~ tail * Exp(1)^2, tail=%g; q heads share qhat" % args.tail,
+        timing="median of CUDA-graph replays (triton.testing.do_bench_cudagraph)",
+        rows=rows,
+        stages=stage_rows,
+    )
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Triton kernels against the torch references on fresh random inputs.
+
+Runs on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest when there is
+no GPU) at small shapes, and on CUDA (marked ``gpu``) at serving shapes.
+"""
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from sglang_twilight import ops
+from tests.pools import make_layout
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(params=["interp", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        if INTERP:
+            pytest.skip("TRITON_INTERPRET=1 is set: the CUDA run needs the compiled kernels")
+        return "cuda"
+    if not INTERP:
+        pytest.skip("set TRITON_INTERPRET=1 to run the Triton kernels on the CPU")
+    return "cpu"
+
+
+def _shapes(device):
+    """(seq_lens, H, G, D, dtype, budget) cases; ragged, page-unaligned lengths."""
+    if device == "cpu":
+        return [
+            ([37, 300, 16], 2, 4, 64, torch.bfloat16, 64),
+            ([17, 129], 1, 8, 128, torch.float16, 96),
+            ([250, 3], 3, 3, 64, torch.bfloat16, 512),
+            ([90], 2, 1, 128, torch.bfloat16, 48),
+        ]
+    rng = random.Random()
+    cases = []
+    for H, G, D in [(8, 4, 128), (2, 8, 64), (4, 1, 128), (3, 3, 64), (8, 8, 128)]:
+        for bs in (1, 7, 64):
+            hi = 32768 if bs == 1 else (8192 if bs <= 8 else 2048)
+            seq = [rng.randint(17, hi) for _ in range(bs)]
+            dtype = rng.choice([torch.bfloat16, torch.float16])
+            cases.append((seq, H, G, D, dtype, rng.choice([1024, 4096, 8192])))
+    cases.append(([32768, 17, 20000, 4095], 8, 4, 128, torch.bfloat16, 8192))
+    return cases
+
+
+def test_store_matches_reference(device):
+    for seq, H, G, D, dtype, _ in _shapes(device):
+        seed = random.randrange(1 << 30)
+        a = make_layout(seq, H, G, D, dtype=dtype, device=device, seed=seed, backend="torch")
+        b = make_layout(seq, H, G, D, dtype=dtype, device=device, seed=seed, backend="triton")
+        assert torch.equal(a.kscale, b.kscale) and torch.equal(a.kzero, b.kzero)
+        assert torch.equal(a.kmax, b.kmax) and torch.equal(a.kmin, b.kmin)
+        ca = ops._int4.int4_codes(a.kq).int()
+        cb = ops._int4.int4_codes(b.kq).int()
+        diff = (ca - cb).abs()
+        # a code may differ by one only where (k - zero) / scale lands on .5 (FMA contraction)
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-4
+        # decode step: one token per request, written after the extend
+        loc = torch.stack([a.req_to_token[a.req_pool_indices[r], n - 1] for r, n in enumerate(seq)])
+        a.k_buffer[loc.long()] = torch.randn_like(a.k_buffer[loc.long()])
+        b.k_buffer.copy_(a.k_buffer)
+        ops.store_sidecar(a.k_buffer, loc, *a.sidecar, 16, backend="torch")
+        ops.store_sidecar(b.k_buffer, loc, *b.sidecar, 16, backend="triton")
+        assert torch.equal(a.kmax, b.kmax) and torch.equal(a.kmin, b.kmin)
+
+
+def test_select_matches_reference(device):
+    for seq, H, G, D, dtype, budget in _shapes(device):
+        lay = make_layout(seq, H, G, D, dtype=dtype, device=device, backend="triton")
+        args = (lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices, lay.seq_lens,
+                budget, 16)
+        c1, n1 = ops.quest_select(*args, backend="torch")
+        c2, n2 = ops.quest_select(*args, backend="triton", max_pages=max(seq) // 16 + 3)
+        assert torch.equal(n1, n2)
+        for r in range(len(seq)):
+            for h in range(H):
+                n = int(n1[r, h])
+                assert torch.equal(c1[r, h, :n], c2[r, h, :n]), (r, h)
+
+
+def _assert_same_kept(k1, n1, k2, n2, probs):
+    """Identical kept sets, except near-ties in the estimate (fp32 summation order)."""
+    R, H = n1.shape
+    differing = 0
+    for r in range(R):
+        for h in range(H):
+            a = set(k1[r, h, : int(n1[r, h])].tolist())
+            b = set(k2[r, h, : int(n2[r, h])].tolist())
+            if a != b:
+                differing += 1
+                assert len(a ^ b) <= 2, (r, h, len(a), len(b))
+    assert differing <= max(1, R * H // 50), differing
+
+
+def test_prune_matches_reference(device):
+    for seq, H, G, D, dtype, budget in _shapes(device):
+        lay = make_layout(seq, H, G, D, dtype=dtype, device=device, peaked=6.0, backend="triton")
+        sm = 1 / math.sqrt(D)
+        cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token,
+                                     lay.req_pool_indices, lay.seq_lens, budget, 16, backend="torch")
+        s1 = ops.int4_scores(lay.q, *lay.sidecar[:3], cand, cnt, sm, backend="torch")
+        s2 = ops.int4_scores(lay.q, *lay.sidecar[:3], cand, cnt, sm, backend="triton")
+        valid = torch.isfinite(s1)
+        torch.testing.assert_close(s2[valid], s1[valid], atol=1e-4, rtol=1e-5)
+        for p in (0.5, 0.9, 0.95, 1.0):
+            pr = torch.full((len(seq),), p, device=device)
+            pr[0] = 0.9  # per-row p
+            for lo_b, hi_b in ((1, 0), (8, 40)):
+                k1, n1 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, pr, sm, lo_b, hi_b,
+                                            backend="torch")
+                k2, n2 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, pr, sm, lo_b, hi_b,
+                                            backend="triton")
+                _assert_same_kept(k1, n1, k2, n2, s1)
+                if p == 1.0:
+                    assert torch.equal(n2[1:], cnt[1:])
+
+
+def test_attend_matches_reference(device):
+    for seq, H, G, D, dtype, budget in _shapes(device):
+        lay = make_layout(seq, H, G, D, dtype=dtype, device=device, backend="triton")
+        sm = 1 / math.sqrt(D)
+        cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token,
+                                     lay.req_pool_indices, lay.seq_lens, budget, 16, backend="torch")
+        o1 = ops.sparse_decode_attention(lay.q, lay.k_buffer, lay.v_buffer, cand, cnt, sm,
+                                         backend="torch")
+        o2 = ops.sparse_decode_attention(lay.q, lay.k_buffer, lay.v_buffer, cand, cnt, sm,
+                                         backend="triton")
+        torch.testing.assert_close(o2.float(), o1.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_decode_p1_full_budget_equals_dense(device):
+    for seq, H, G, D, dtype, _ in _shapes(device):
+        if device == "cuda" and len(seq) > 8:
+            seq = seq[:8]
+        lay = make_layout(seq, H, G, D, dtype=dtype, device=device, backend="triton")
+        sm = 1 / math.sqrt(D)
+        o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar,
+                                    lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 1.0,
+                                    budget=max(seq), page_size=16, sm_scale=sm, backend="triton")
+        assert kc.tolist() == [[n] * H for n in seq]
+        torch.testing.assert_close(o.float(), lay.dense(sm), atol=2e-2, rtol=2e-2)
+
+
+def test_decode_mixed_batch_short_rows_dense(device):
+    H, G, D = 2, 4, 64
+    seq = [40, 700, 1200, 64] if device == "cpu" else [40, 30000, 9000, 64, 100]
+    lay = make_layout(seq, H, G, D, device=device, peaked=8.0, backend="triton")
+    sm = 1 / math.sqrt(D)
+    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
+                                lay.req_pool_indices, lay.seq_lens, 0.9, budget=512, page_size=16,
+                                sm_scale=sm, min_sparse_len=128, backend="triton")
+    dense = lay.dense(sm)
+    for r, n in enumerate(seq):
+        if n < 128:
+            assert kc[r].tolist() == [n] * H
+            torch.testing.assert_close(o[r].float(), dense[r], atol=2e-2, rtol=2e-2)
+        else:
+            assert bool((kc[r] < 512).all())
