@@ -1,4 +1,6 @@
-"""The Twilight sidecar beside SGLang's real KV pool, paged allocator and radix cache (CPU).
+"""The Twilight sidecar beside SGLang's real KV pool, paged allocator and radix cache.
+
+Runs on CPU (CI) and, unchanged, on the GPU when there is one.
 
 Everything SGLang here is the real 0.5.17 class on CPU tensors -- ``ReqToTokenPool``,
 ``MHATokenToKVPool``, ``PagedTokenToKVPoolAllocator`` (its Triton allocation kernels run through
@@ -41,6 +43,12 @@ DENSE = 1
 NUM_PAGES = 16  # allocator pages (page 0, the padding page, comes on top)
 SIZE = NUM_PAGES * P
 DTYPE = torch.bfloat16
+# the same tests run on the GPU when there is one (real Triton kernels, CUDA KV store)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _t(values):
+    return torch.tensor(values, dtype=torch.int64, device=DEV)
 
 
 class Cfg:
@@ -71,11 +79,11 @@ class Harness:
         _require_allocator_kernels()
         self.g = torch.Generator().manual_seed(seed)
         self.backend = backend
-        self.rtp = ReqToTokenPool(size=8, max_context_len=NUM_PAGES * P, device="cpu",
+        self.rtp = ReqToTokenPool(size=8, max_context_len=NUM_PAGES * P, device=DEV,
                                   enable_memory_saver=False)
         self.kv = MHATokenToKVPool(SIZE, page_size=P, dtype=DTYPE, head_num=H, head_dim=D,
-                                   layer_num=LAYERS, device="cpu", enable_memory_saver=False)
-        self.alloc = PagedTokenToKVPoolAllocator(SIZE, page_size=P, dtype=DTYPE, device="cpu",
+                                   layer_num=LAYERS, device=DEV, enable_memory_saver=False)
+        self.alloc = PagedTokenToKVPoolAllocator(SIZE, page_size=P, dtype=DTYPE, device=DEV,
                                                  kvcache=self.kv, need_sort=False)
         self.tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=self.rtp,
                                                token_to_kv_pool_allocator=self.alloc,
@@ -99,8 +107,8 @@ class Harness:
     def write_kv(self, loc):
         n = loc.numel()
         for lid in range(LAYERS):
-            k = torch.randn(n, H, D, generator=self.g) * self.k_scale + self.k_shift
-            v = torch.randn(n, H, D, generator=self.g)
+            k = (torch.randn(n, H, D, generator=self.g) * self.k_scale + self.k_shift).to(DEV)
+            v = torch.randn(n, H, D, generator=self.g).to(DEV)
             # FlashInferAttnBackend.forward_extend/forward_decode (flashinfer_backend.py:1288,
             # 1419): set_kv_buffer(layer, KVWriteLoc(out_cache_loc, ...), k, v, ...)
             self.kv.set_kv_buffer(None, KVWriteLoc(loc), k, v, layer_id_override=lid)
@@ -126,13 +134,12 @@ class Harness:
         req.set_extend_range(pl, end)  # schedule_policy.py:844
         # alloc_for_extend (allocation.py:303): req slot, paged KV slots, req_to_token
         self.rtp.alloc([req])
-        last_loc = prefix[-1:].clone() if pl else torch.tensor([-1])
+        last_loc = prefix[-1:].clone().to(DEV) if pl else _t([-1])
         loc = self.alloc.alloc_extend(
-            torch.tensor([pl]), torch.tensor([pl]), torch.tensor([end]), torch.tensor([end]),
-            last_loc, end - pl,
+            _t([pl]), torch.tensor([pl]), _t([end]), torch.tensor([end]), last_loc, end - pl,
         )
         assert loc is not None, "out of KV pages"
-        self.rtp.write((req.req_pool_idx, slice(0, pl)), prefix.to(torch.int32))
+        self.rtp.write((req.req_pool_idx, slice(0, pl)), prefix.to(DEV, torch.int32))
         self.rtp.write((req.req_pool_idx, slice(pl, end)), loc.to(torch.int32))
         req.kv = ReqKvInfo(kv_allocated_len=end, swa_evicted_seqlen=0)
         req.kv_committed_len = end  # schedule_batch.py:2353
@@ -153,7 +160,7 @@ class Harness:
         for _ in range(steps):
             n = req.kv_committed_len
             last_loc = self.rtp.req_to_token[req.req_pool_idx, n - 1:n].long()
-            loc = self.alloc.alloc_decode(torch.tensor([n + 1]), torch.tensor([n + 1]), last_loc)
+            loc = self.alloc.alloc_decode(_t([n + 1]), torch.tensor([n + 1]), last_loc)
             assert loc is not None, "out of KV pages"
             self.rtp.write((req.req_pool_idx, n), loc.to(torch.int32))
             req.kv.kv_allocated_len += 1
@@ -205,7 +212,7 @@ class Harness:
                 page = int(page_slots[0]) // P
                 assert bool((page_slots // P == page).all()), "a logical page spans 2 pages"
                 # the slots filled so far in this page are its first offsets, in order
-                assert torch.equal(page_slots % P, torch.arange(len(page_slots)))
+                assert torch.equal(page_slots % P, torch.arange(len(page_slots), device=DEV))
                 k = kb[page_slots]
                 assert torch.equal(lay.kmax[page], k.amax(0)), f"layer {lid} page {page}: kmax"
                 assert torch.equal(lay.kmin[page], k.amin(0)), f"layer {lid} page {page}: kmin"
@@ -367,7 +374,7 @@ def test_chunked_prefill_unaligned_chunks(backend):
 
 def test_attach_reads_sglang_pool_geometry():
     kv = MHATokenToKVPool(SIZE, page_size=P, dtype=DTYPE, head_num=H, head_dim=D, layer_num=3,
-                          device="cpu", enable_memory_saver=False, start_layer=2, end_layer=5)
+                          device=DEV, enable_memory_saver=False, start_layer=2, end_layer=5)
     cfg = type("C", (), {"page_size": P, "dense_layers": 3})
     side = attach_sidecar(kv, cfg)
     assert getattr(kv, POOL_ATTR) is side
@@ -383,12 +390,12 @@ def test_attach_reads_sglang_pool_geometry():
     assert lay.kmin.shape == lay.kmax.shape and lay.kmin.dtype == DTYPE
     with pytest.raises(KeyError):
         side.layer(2)
-    assert side.write(2, torch.tensor([16])) is False
+    assert side.write(2, _t([16])) is False
     # write() reads the K of the right layer (global id 4 = local buffer 2)
-    loc = torch.arange(16, 21)
+    loc = torch.arange(16, 21, device=DEV)
     g = torch.Generator().manual_seed(5)
     for lid in (2, 3, 4):
-        k = torch.randn(5, H, D, generator=g) + 10 * lid
+        k = (torch.randn(5, H, D, generator=g) + 10 * lid).to(DEV)
         kv.set_kv_buffer(None, KVWriteLoc(loc), k, torch.zeros_like(k), layer_id_override=lid)
     assert side.write(4, loc)
     packed, scale, zero = ops.quantize_int4(kv.k_buffer[2][loc])
@@ -398,7 +405,7 @@ def test_attach_reads_sglang_pool_geometry():
     assert side.rows_written() == {3: 0, 4: 5}
     # a page size that differs from SGLang's is refused
     kv2 = MHATokenToKVPool(SIZE, page_size=8, dtype=DTYPE, head_num=H, head_dim=D, layer_num=1,
-                           device="cpu", enable_memory_saver=False)
+                           device=DEV, enable_memory_saver=False)
     with pytest.raises(ValueError, match="page size"):
         attach_sidecar(kv2, Cfg)
 
