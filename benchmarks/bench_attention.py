@@ -5,9 +5,10 @@ FlashInfer dense decode, Quest alone (selector quest, p = 1) at B0 = 1024 and 81
 (Quest B0 = 8192 -> top-p 0.95) with its stage breakdown (store, select, prune, attend). Every
 method runs inside a CUDA graph (as SGLang's decode does); medians over many replays.
 
-Keys: ``k_t = noise_t + c_t * qhat`` with ``c_t`` drawn from a heavy-tailed (exponential^2) law, so
-the softmax over a context is peaked the way real decode attention is (a few hundred tokens carry
-95% of the mass), and every q head of a group shares the direction ``qhat`` (plus noise).
+Keys: ``k_t = noise_t + c_t * qhat`` with ``c_t = a * u_page(t) + b * Exp(1)``: the exponential
+term gives the softmax a power-law tail, as in real decode attention (a few hundred to a few
+thousand tokens of 32k carry 95% of the mass, varying by head), and the per-page term gives the
+locality Quest relies on. Every q head of a group shares the direction ``qhat`` (plus noise).
 
 Usage: python benchmarks/bench_attention.py --out benchmarks/results/bench_attention.json
 """
@@ -29,6 +30,7 @@ import triton.testing
 
 from sglang_twilight import ops
 from sglang_twilight.kernels import attend as _attend
+from sglang_twilight.kernels import int4 as _int4
 from sglang_twilight.kernels import quest as _quest
 from sglang_twilight.kernels import topp as _topp
 
@@ -36,7 +38,7 @@ PAGE = 16
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet peak
 
 
-def make_inputs(bs, ctx, H, G, D, dtype, device, tail=2.2, seed=0):
+def make_inputs(bs, ctx, H, G, D, dtype, device, tail=1.3, page_locality=1.0, seed=0):
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     pages_per = ctx // PAGE
@@ -57,11 +59,11 @@ def make_inputs(bs, ctx, H, G, D, dtype, device, tail=2.2, seed=0):
     for b in range(bs):  # per request to bound the temporary memory
         s = slots[b].long()
         noise = torch.randn(ctx, H, D, generator=gen, device=device)
-        c = torch.empty(ctx, H, device=device).exponential_(generator=gen) ** 2 * tail
+        u = torch.randn(ctx // PAGE, H, generator=gen, device=device).repeat_interleave(PAGE, 0)
+        c = page_locality * u + tail * torch.empty(ctx, H, device=device).exponential_(generator=gen)
         k[s] = (noise + c[..., None] * qhat[b, :, 0][None]).to(dtype)
     kq = torch.empty(S, H, D // 2, dtype=torch.uint8, device=device)
-    ks = torch.empty(S, H, dtype=torch.float16, device=device)
-    kz = torch.empty(S, H, dtype=torch.float16, device=device)
+    ks, kz = _int4.scale_zero_buffers(S, H, device)
     kmax = torch.empty(total_pages, H, D, dtype=dtype, device=device)
     kmin = torch.empty(total_pages, H, D, dtype=dtype, device=device)
     ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, PAGE, backend="triton")
@@ -147,7 +149,8 @@ def sglang_triton_attend(inp, kept, kcnt, H, G, D, dtype, sm):
 
 def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
     sm = 1 / math.sqrt(D)
-    inp = make_inputs(bs, ctx, H, G, D, dtype, "cuda", tail=args.tail)
+    inp = make_inputs(bs, ctx, H, G, D, dtype, "cuda", tail=args.tail,
+                      page_locality=args.page_locality)
     dense_fn, dense_out = flashinfer_dense(inp, H, G, D, dtype, sm)
     base = dict(batch=bs, context=ctx)
     rows.append(dict(base, method="flashinfer", ms=graph_ms(dense_fn)))
@@ -155,7 +158,8 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
     for name, budget, p in (("quest-1024", 1024, 1.0), ("quest-8192", 8192, 1.0),
                             ("twilight", 8192, args.top_p)):
         ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
-        pr = torch.full((bs,), p, dtype=torch.float32, device="cuda")
+        # Quest alone: a static p = 1 skips the estimate; Twilight: per-request p on the device
+        pr = p if p >= 1.0 else torch.full((bs,), p, dtype=torch.float32, device="cuda")
         out = torch.empty_like(inp["q"])
 
         def step():
@@ -165,7 +169,8 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
                                        backend="triton", workspace=ws, out=out)
 
         step()
-        kept_tokens = float(ws.kept_counts[:bs].float().mean())
+        counts = ws.kept_counts if p < 1.0 else ws.cand_counts  # Quest alone attends candidates
+        kept_tokens = float(counts[:bs].float().mean())
         ms = graph_ms(step)
         err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
         rows.append(dict(base, method=name, ms=ms, kept_tokens=kept_tokens, budget=budget, top_p=p,
@@ -182,10 +187,14 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_slots=ws.cand_slots[:bs],
             cand_counts=ws.cand_counts[:bs])
         stages["select"] = graph_ms(sel)
+        stages["select.scores"] = graph_ms(lambda: _quest.quest_page_scores_triton(
+            inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], PAGE,
+            ws.max_pages, out=ws.page_scores[:bs]))
         cand, cnt = ws.cand_slots[:bs], ws.cand_counts[:bs]
         prune = lambda: _topp.twilight_prune_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, args.max_budget,
-            scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs])
+            scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
+            lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G])
         stages["prune"] = graph_ms(prune)
         stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs]))
@@ -231,7 +240,8 @@ def main():
     ap.add_argument("--contexts", default="8192,16384,32768")
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-budget", type=int, default=0, help="Twilight max kept tokens (0 = no cap)")
-    ap.add_argument("--tail", type=float, default=2.2, help="key heavy-tail scale (peakedness)")
+    ap.add_argument("--tail", type=float, default=1.3, help="key heavy-tail scale (peakedness)")
+    ap.add_argument("--page-locality", type=float, default=1.0, help="per-page logit spread")
     ap.add_argument("--out", default="benchmarks/results/bench_attention.json")
     args = ap.parse_args()
     H, G, D, dtype = 8, 4, 128, torch.bfloat16
@@ -270,7 +280,8 @@ def write_results(args, rows, stage_rows, H, G, D):
         commit=commit,
         command="python " + " ".join(sys.argv),
         shapes=dict(num_q_heads=H * G, num_kv_heads=H, head_dim=D, dtype="bfloat16", page_size=PAGE),
-        keys="k_t = noise + c_t * qhat, c_t ~ tail * Exp(1)^2, tail=%g; q heads share qhat" % args.tail,
+        keys=("k_t = noise + c_t * qhat, c_t = %g * N(0,1) per page + %g * Exp(1) per token; "
+              "q heads of a group share qhat" % (args.page_locality, args.tail)),
         timing="median of CUDA-graph replays (triton.testing.do_bench_cudagraph)",
         rows=rows,
         stages=stage_rows,

@@ -115,8 +115,9 @@ def _next_pow2(x: int) -> int:
 
 
 def attend_splits(num_rows: int, num_sms: int = 132) -> int:
-    """Splits per row: enough programs to fill the GPU twice, at most 16 (a power of two)."""
-    want = max(1, -(-2 * num_sms // max(num_rows, 1)))
+    """Splits per row: enough programs to fill the GPU four times (gathers need many loads in
+    flight), at most 16 (a power of two)."""
+    want = max(1, -(-4 * num_sms // max(num_rows, 1)))
     return min(16, _next_pow2(want))
 
 

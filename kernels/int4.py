@@ -41,6 +41,13 @@ def f16_round_up(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < x, _f16_step(h, down=False), h)
 
 
+def scale_zero_buffers(num_slots: int, num_heads: int, device=None):
+    """(kscale, kzero) [S, H] fp16 views of one interleaved [S, H, 2] buffer: the estimate reads a
+    candidate's scale and zero from one 32-byte sector instead of two."""
+    both = torch.zeros(num_slots, num_heads, 2, dtype=torch.float16, device=device)
+    return both[..., 0], both[..., 1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +136,7 @@ if triton is not None:
     @triton.jit
     def _store_sidecar_kernel(
         k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, n,
-        stride_ks, stride_kh, stride_qs, stride_qh, stride_ss, stride_bp, stride_bh,
+        stride_ks, stride_kh, stride_qs, stride_qh, stride_ss, stride_sh, stride_bp, stride_bh,
         H: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     ):
         i = tl.program_id(0)
@@ -152,8 +159,8 @@ if triton is not None:
         ce = tl.minimum(tl.maximum(tl.floor((ke - zf) * inv + 0.5), 0.0), 15.0).to(tl.uint8)
         co = tl.minimum(tl.maximum(tl.floor((ko - zf) * inv + 0.5), 0.0), 15.0).to(tl.uint8)
         tl.store(kq_ptr + slot * stride_qs + h * stride_qh + half, ce | (co << 4))
-        tl.store(ks_ptr + slot * stride_ss + h, sc)
-        tl.store(kz_ptr + slot * stride_ss + h, z)
+        tl.store(ks_ptr + slot * stride_ss + h * stride_sh, sc)
+        tl.store(kz_ptr + slot * stride_ss + h * stride_sh, z)
         # Quest bounds: the last slot this call writes in a page recomputes the page's bounds
         # over offsets 0..its own offset (a page is filled in order by one request).
         page = slot // P
@@ -183,5 +190,6 @@ def store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size
     _store_sidecar_kernel[(n, H)](
         k_buffer, loc, kq, kscale, kzero, kmax, kmin, n,
         k_buffer.stride(0), k_buffer.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0),
-        kmax.stride(0), kmax.stride(1), H=H, D=D, P=page_size, num_warps=1 if D <= 64 else 2,
+        kscale.stride(1), kmax.stride(0), kmax.stride(1), H=H, D=D, P=page_size,
+        num_warps=1 if D <= 64 else 2,
     )

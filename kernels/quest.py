@@ -9,6 +9,8 @@ are the valid tokens of the chosen pages in ascending logical order.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -103,9 +105,12 @@ if triton is not None:
         q_ptr, kmax_ptr, kmin_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, out_ptr,
         stride_qr, stride_qh, stride_bp, stride_bh, stride_r2t, stride_or, stride_oh,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-        BLOCK_P: tl.constexpr, G_PAD: tl.constexpr,
+        BLOCK_P: tl.constexpr, G_PAD: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        """One program: one (request, kv head) x BLOCK_P logical pages -> scores (-inf past end)."""
+        """One program: one (request, kv head) x BLOCK_P logical pages -> scores (-inf past end).
+
+        sum_d max(q_d M_d, q_d m_d) = relu(q) . M + min(q, 0) . m: two tensor-core dots.
+        """
         rh = tl.program_id(0)
         pb = tl.program_id(1)
         r = rh // H
@@ -113,7 +118,6 @@ if triton is not None:
         seq = tl.load(seqlen_ptr + r)
         n_pages = (seq + P - 1) // P
         j = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-        out_ptrs = out_ptr + r * stride_or + h * stride_oh + j
         if pb * BLOCK_P >= n_pages:
             return
         jm = j < n_pages
@@ -121,15 +125,23 @@ if triton is not None:
         slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=jm, other=0).to(tl.int64)
         page = slot // P
         d = tl.arange(0, D)
+        g = tl.arange(0, G_PAD)
+        gm = g < G
         bp = page[:, None] * stride_bp + h * stride_bh + d[None, :]
-        bmax = tl.load(kmax_ptr + bp, mask=jm[:, None], other=0.0).to(tl.float32)  # [BP, D]
-        bmin = tl.load(kmin_ptr + bp, mask=jm[:, None], other=0.0).to(tl.float32)
-        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            qv = tl.load(q_ptr + r * stride_qr + (h * G + g) * stride_qh + d).to(tl.float32)
-            s = tl.sum(tl.maximum(qv[None, :] * bmax, qv[None, :] * bmin), 1)
-            best = tl.maximum(best, s)
-        tl.store(out_ptrs, tl.where(jm, best, float("-inf")))
+        bmax = tl.load(kmax_ptr + bp, mask=jm[:, None], other=0.0)  # [BP, D]
+        bmin = tl.load(kmin_ptr + bp, mask=jm[:, None], other=0.0)
+        qv = tl.load(q_ptr + r * stride_qr + (h * G + g)[:, None] * stride_qh + d[None, :],
+                     mask=gm[:, None], other=0.0)  # [G_PAD, D]
+        if DOT_F32:  # the CPU interpreter has no bf16 dot
+            bmax = bmax.to(tl.float32)
+            bmin = bmin.to(tl.float32)
+            qv = qv.to(tl.float32)
+        qpos = tl.maximum(qv, 0.0).to(bmax.dtype)  # exact: relu of a bf16/fp16 value
+        qneg = tl.minimum(qv, 0.0).to(bmax.dtype)
+        s = tl.dot(bmax, tl.trans(qpos)) + tl.dot(bmin, tl.trans(qneg))  # [BP, G_PAD] fp32
+        s = tl.where(gm[None, :], s, float("-inf"))
+        best = tl.max(s, 1)
+        tl.store(out_ptr + r * stride_or + h * stride_oh + j, best, mask=jm)
 
     @triton.jit
     def _f32_key(x):
@@ -138,19 +150,43 @@ if triton is not None:
         return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
 
     @triton.jit
+    def _sum_min_max(v1, a1, b1, v2, a2, b2):
+        return v1 + v2, tl.minimum(a1, a2), tl.maximum(b1, b2)
+
+    @triton.jit
+    def _threshold_search(key, val, target, BIG: tl.constexpr):
+        """Largest present key t with sum(val[key >= t]) >= target (keys < 0 are absent).
+
+        A bisection over the threshold whose midpoints fall between the smallest and largest
+        keys still possible: one fused (sum, min, max) reduction a step, and it stops as soon as
+        a single key value is left (about log2 of the distinct values instead of 32 steps).
+        Needs sum(val[key >= 0]) >= target > 0; ``BIG`` exceeds every key.
+        """
+        present = key >= 0
+        lo_key = tl.min(tl.where(present, key, BIG), 0)
+        hi_key = tl.max(key, 0)
+        while lo_key < hi_key:
+            mid = lo_key + (hi_key - lo_key + 1) // 2
+            ge = key >= mid
+            mass, a, b = tl.reduce(
+                (tl.where(ge, val, 0), tl.where(ge, key, BIG),
+                 tl.where(present & (key < mid), key, -1)), 0, _sum_min_max)
+            ok = mass >= target
+            lo_key = tl.where(ok, a, lo_key)
+            hi_key = tl.where(ok, hi_key, b)
+        return lo_key
+
+    @triton.jit
     def _topk_mask(key, valid, k):
         """Exactly k (or all valid if fewer) entries with the largest int keys; ties -> lower index."""
-        lo = tl.min(tl.where(valid, key, 2147483647), 0).to(tl.int64)  # count(key >= lo) = n >= k
-        hi = tl.max(tl.where(valid, key, -2147483648), 0).to(tl.int64) + 1  # count(key >= hi) = 0
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            c = tl.sum((valid & (key.to(tl.int64) >= mid)).to(tl.int32), 0)
-            ge = c >= k
-            lo = tl.where(ge, mid, lo)
-            hi = tl.where(ge, hi, mid)
-        above = valid & (key.to(tl.int64) > lo)
-        tie = valid & (key.to(tl.int64) == lo)
-        need = k - tl.sum(above.to(tl.int32), 0)
+        # int64, shifted to non-negative: absent entries are the only negative keys
+        nkey = tl.where(valid, key.to(tl.int64) + 2147483648, -1)
+        n_valid = tl.sum(valid.to(tl.int32), 0)
+        kk = tl.minimum(k, n_valid)
+        t = _threshold_search(nkey, valid.to(tl.int32), kk, 4611686018427387904)
+        above = valid & (nkey > t)
+        tie = valid & (nkey == t)
+        need = kk - tl.sum(above.to(tl.int32), 0)
         tie_rank = tl.cumsum(tie.to(tl.int32), 0)
         return above | (tie & (tie_rank <= need))
 
@@ -187,6 +223,10 @@ if triton is not None:
         tl.store(count_ptr + r * H + h, tl.sum(ntok, 0))
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -196,7 +236,7 @@ def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_
     R, Hq, D = q.shape
     H = kmax.shape[1]
     G = Hq // H
-    BLOCK_P = 32 if D >= 128 else 64
+    BLOCK_P = 64
     NP = -(-max_pages // BLOCK_P) * BLOCK_P
     if out is None:
         out = torch.empty(R, H, NP, dtype=torch.float32, device=q.device)
@@ -204,7 +244,8 @@ def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_
         q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, out,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), req_to_token.stride(0),
         out.stride(0), out.stride(1),
-        H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, G_PAD=max(16, _next_pow2(G)), num_warps=4,
+        H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, G_PAD=max(16, _next_pow2(G)),
+        DOT_F32=_interpreting(), num_warps=4,
     )
     return out
 

@@ -9,6 +9,8 @@ the smallest set reaching the target; values tied at ``t`` are all kept.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -122,16 +124,21 @@ def twilight_prune_ref(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scal
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
-    from .quest import _f32_key, _topk_mask
+    from .quest import _f32_key, _threshold_search, _topk_mask
 
     @triton.jit
     def _estimate_kernel(
         q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, sm_scale,
-        stride_qr, stride_qh, stride_kqs, stride_kqh, stride_ss, stride_cr, stride_ch,
+        stride_qr, stride_qh, stride_kqs, stride_kqh, stride_ss, stride_sh, stride_cr, stride_ch,
         stride_or, stride_oh, stride_og,
-        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        """Grid (R*H, C/BLOCK_N): s = sm_scale * (scale * q.codes + zero * sum(q))."""
+        """Grid (R*H, C/BLOCK_N): s = sm_scale * (scale * q.codes + zero * sum(q)).
+
+        q.codes = codes_lo . q_even + codes_hi . q_odd: two tensor-core dots over the group's heads
+        (codes 0..15 are exact in bf16/fp16, products accumulate in fp32).
+        """
         rh = tl.program_id(0)
         nb = tl.program_id(1)
         r = rh // H
@@ -145,26 +152,63 @@ if triton is not None:
         half = tl.arange(0, D // 2)
         packed = tl.load(kq_ptr + slot[:, None] * stride_kqs + h * stride_kqh + half[None, :],
                          mask=nm[:, None], other=0)
-        lo = (packed & 0x0F).to(tl.float32)
-        hi = (packed >> 4).to(tl.float32)
-        sc = tl.load(ks_ptr + slot * stride_ss + h, mask=nm, other=0.0).to(tl.float32)
-        zr = tl.load(kz_ptr + slot * stride_ss + h, mask=nm, other=0.0).to(tl.float32)
-        for g in tl.static_range(G):
-            qb = q_ptr + r * stride_qr + (h * G + g) * stride_qh
-            qe = tl.load(qb + 2 * half).to(tl.float32)
-            qo = tl.load(qb + 2 * half + 1).to(tl.float32)
-            dot = tl.sum(lo * qe[None, :] + hi * qo[None, :], 1)
-            qsum = tl.sum(qe, 0) + tl.sum(qo, 0)
-            s = (sc * dot + zr * qsum) * sm_scale
-            tl.store(out_ptr + r * stride_or + h * stride_oh + g * stride_og + n, s, mask=nm)
+        g = tl.arange(0, G_PAD)
+        gm = g < G
+        qb = q_ptr + r * stride_qr + (h * G + g)[:, None] * stride_qh
+        qe = tl.load(qb + 2 * half[None, :], mask=gm[:, None], other=0.0)  # [G_PAD, D/2]
+        qo = tl.load(qb + 2 * half[None, :] + 1, mask=gm[:, None], other=0.0)
+        qsum = tl.sum(qe.to(tl.float32), 1) + tl.sum(qo.to(tl.float32), 1)  # [G_PAD]
+        if DOT_F32:  # the CPU interpreter has no bf16 dot
+            qe = qe.to(tl.float32)
+            qo = qo.to(tl.float32)
+        lo = (packed & 0x0F).to(qe.dtype)
+        hi = (packed >> 4).to(qe.dtype)
+        dot = tl.dot(lo, tl.trans(qe)) + tl.dot(hi, tl.trans(qo))  # [BLOCK_N, G_PAD] fp32
+        sc = tl.load(ks_ptr + slot * stride_ss + h * stride_sh, mask=nm, other=0.0).to(tl.float32)
+        zr = tl.load(kz_ptr + slot * stride_ss + h * stride_sh, mask=nm, other=0.0).to(tl.float32)
+        s = (sc[:, None] * dot + zr[:, None] * qsum[None, :]) * sm_scale
+        optr = out_ptr + r * stride_or + h * stride_oh + g[None, :] * stride_og + n[:, None]
+        tl.store(optr, s, mask=nm[:, None] & gm[None, :])
 
     @triton.jit
-    def _prune_kernel(
-        s_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr, min_budget, max_budget,
-        stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr, stride_kh,
+    def _topp_head_kernel(
+        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, stride_sr, stride_sh, stride_sg,
         H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
     ):
-        """One program per (request, kv head): softmax, top-p per q head, union, clamp, compact."""
+        """One program per (request, q head): e = exp(s - max) in place, then the top-p threshold.
+
+        Bisection over the int32 bits of e (non-negative floats order like their bits): ends on
+        the largest threshold whose kept mass reaches p * sum(e), exactly; ``lo`` is written per
+        head.
+        """
+        pid = tl.program_id(0)
+        r = pid // (H * G)
+        h = (pid // G) % H
+        g = pid % G
+        count = tl.load(count_ptr + r * H + h)
+        p = tl.load(p_ptr + r)
+        idx = tl.arange(0, C_PAD)
+        valid = idx < count
+        sp = s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx
+        s = tl.load(sp, mask=valid, other=float("-inf"))
+        m = tl.max(s, 0)
+        e = tl.where(valid, tl.exp(s - m), 0.0)
+        tot = tl.sum(e, 0)
+        key = tl.where(valid, e.to(tl.int32, bitcast=True), -1)
+        lo = tl.zeros([], tl.int32)
+        if p < 1.0:
+            lo = _threshold_search(key, e, p * tot, 2147483647)
+        tl.store(sp, e, mask=valid)
+        tl.store(lo_ptr + pid, lo)
+        tl.store(tot_ptr + pid, tot)
+
+    @triton.jit
+    def _union_compact_kernel(
+        e_ptr, lo_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr, min_budget,
+        max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr, stride_kh,
+        H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
+    ):
+        """One program per (request, kv head): union over the group, clamps, compaction."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -172,27 +216,15 @@ if triton is not None:
         p = tl.load(p_ptr + r)
         idx = tl.arange(0, C_PAD)
         valid = idx < count
-        keep_all = p >= 1.0
-        union = idx == count - 1  # the newest token is always kept
-        w = tl.zeros([C_PAD], tl.float32)
-        if not keep_all:
+        if p < 1.0:
+            union = idx == count - 1  # the newest token is always kept
+            w = tl.zeros([C_PAD], tl.float32)
             for g in tl.static_range(G):
-                s = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
-                            mask=valid, other=float("-inf"))
-                m = tl.max(s, 0)
-                e = tl.where(valid, tl.exp(s - m), 0.0)
-                tot = tl.sum(e, 0)
-                target = p * tot
-                key = e.to(tl.int32, bitcast=True)
-                lo = tl.zeros([], tl.int32)
-                hi = tl.max(key, 0) + 1
-                while hi - lo > 1:
-                    mid = lo + (hi - lo) // 2
-                    mass = tl.sum(tl.where(key >= mid, e, 0.0), 0)
-                    ok = mass >= target
-                    lo = tl.where(ok, mid, lo)
-                    hi = tl.where(ok, hi, mid)
-                union = union | (valid & (key >= lo))
+                e = tl.load(e_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
+                            mask=valid, other=0.0)
+                lo = tl.load(lo_ptr + rh * G + g)
+                tot = tl.load(tot_ptr + rh * G + g)
+                union = union | (valid & (e.to(tl.int32, bitcast=True) >= lo))
                 w = tl.maximum(w, e / tot)
             n_union = tl.sum(union.to(tl.int32), 0)
             k = tl.maximum(n_union, tl.minimum(min_budget, count))
@@ -215,6 +247,10 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None):
     R, Hq, D = q.shape
     H = kq.shape[1]
@@ -222,36 +258,53 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
     C = cand_slots.shape[-1]
     if out is None:
         out = torch.full((R, H, G, C), float("-inf"), dtype=torch.float32, device=q.device)
-    BLOCK_N = 64 if D >= 128 else 128
+    BLOCK_N = 128
     _estimate_kernel[(R * H, triton.cdiv(C, BLOCK_N))](
         q, kq, kscale, kzero, cand_slots, cand_counts, out, float(sm_scale),
-        q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0),
+        q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0), kscale.stride(1),
         cand_slots.stride(0), cand_slots.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        H=H, G=G, D=D, BLOCK_N=BLOCK_N, num_warps=4,
+        H=H, G=G, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_N=BLOCK_N, DOT_F32=_interpreting(),
+        num_warps=4,
     )
     return out
 
 
+def _row_warps(c_pad: int) -> int:
+    return 4 if c_pad <= 2048 else 8
+
+
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                             kept_slots=None, kept_counts=None):
+                             kept_slots=None, kept_counts=None, lo=None, tot=None):
+    """Top-p per q head, then union / clamps / compaction per KV head. Overwrites ``scores``
+    with exp(s - max)."""
     R, H, G, C = scores.shape
     pr = _rows_p(p, R, scores.device)
     if kept_slots is None:
         kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=scores.device)
     if kept_counts is None:
         kept_counts = torch.empty(R, H, dtype=torch.int32, device=scores.device)
+    if lo is None:
+        lo = torch.empty(R * H * G, dtype=torch.int32, device=scores.device)
+    if tot is None:
+        tot = torch.empty(R * H * G, dtype=torch.float32, device=scores.device)
     C_PAD = _next_pow2(C)
-    _prune_kernel[(R * H,)](
-        scores, cand_slots, cand_counts, pr, kept_slots, kept_counts, int(min_budget),
-        int(max_budget or 0), scores.stride(0), scores.stride(1), scores.stride(2),
-        cand_slots.stride(0), cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1),
-        H=H, G=G, C_PAD=C_PAD, num_warps=4 if C_PAD <= 1024 else (8 if C_PAD <= 4096 else 16),
+    strides = (scores.stride(0), scores.stride(1), scores.stride(2))
+    _topp_head_kernel[(R * H * G,)](
+        scores, cand_counts, pr, lo, tot, *strides, H=H, G=G, C_PAD=C_PAD,
+        num_warps=_row_warps(C_PAD),
+    )
+    _union_compact_kernel[(R * H,)](
+        scores, lo, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts, int(min_budget),
+        int(max_budget or 0), *strides, cand_slots.stride(0), cand_slots.stride(1),
+        kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
+        num_warps=_row_warps(C_PAD),
     )
     return kept_slots, kept_counts
 
 
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
-                          max_budget, scores=None, kept_slots=None, kept_counts=None):
+                          max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
+                          tot=None):
     scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                                    kept_slots, kept_counts)
+                                    kept_slots, kept_counts, lo, tot)

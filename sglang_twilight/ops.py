@@ -131,6 +131,8 @@ class DecodeWorkspace:
     scores: torch.Tensor
     kept_slots: torch.Tensor
     kept_counts: torch.Tensor
+    head_lo: torch.Tensor
+    head_tot: torch.Tensor
     num_sms: int
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
@@ -156,6 +158,8 @@ class DecodeWorkspace:
             scores=torch.empty(max_rows, H, G, C, dtype=torch.float32, **kw),
             kept_slots=torch.zeros(max_rows, H, C, dtype=torch.int32, **kw),
             kept_counts=torch.zeros(max_rows, H, dtype=torch.int32, **kw),
+            head_lo=torch.zeros(max_rows * H * G, dtype=torch.int32, **kw),
+            head_tot=torch.zeros(max_rows * H * G, dtype=torch.float32, **kw),
             num_sms=sms,
             mid_o=torch.empty(mid_rows * g_pad, head_dim, dtype=torch.float32, **kw),
             mid_lse=torch.empty(mid_rows * g_pad, dtype=torch.float32, **kw),
@@ -164,7 +168,12 @@ class DecodeWorkspace:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
             self.page_scores, self.cand_slots, self.cand_counts, self.scores, self.kept_slots,
-            self.kept_counts, self.mid_o, self.mid_lse))
+            self.kept_counts, self.head_lo, self.head_tot, self.mid_o, self.mid_lse))
+
+
+def _static_keep_all(p) -> bool:
+    """p known on the host to be >= 1 for every row: the prune stage would keep everything."""
+    return isinstance(p, (int, float)) and p >= 1.0
 
 
 def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to_token,
@@ -173,7 +182,9 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
                     workspace: DecodeWorkspace | None = None, out=None):
     """One sparse decode step of one layer: select -> prune -> attend. -> (o [R, Hq, D], kept_counts).
 
-    Rows with ``seq_len < min_sparse_len`` keep every token (exact dense attention); that needs
+    A Python-float ``p >= 1`` skips the estimate and top-p (Quest alone); a tensor ``p`` always
+    runs them (rows with ``p >= 1`` keep every candidate). Rows with ``seq_len < min_sparse_len``
+    keep every token (exact dense attention); that needs
     ``min_sparse_len <= budget``. ``selector="none"`` takes every token as a candidate (needs
     ``budget >= max seq_len``). All shapes depend on (R, budget, max context) only.
     """
@@ -211,9 +222,14 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
         q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, ws.capacity, page_size,
         max_pages=ws.max_pages, scores=ws.page_scores[:R], cand_slots=ws.cand_slots[:R],
         cand_counts=ws.cand_counts[:R])
-    kept, kcnt = _topp.twilight_prune_triton(
-        q, kq, kscale, kzero, cand, cnt, pr, sm_scale, min_budget, max_budget,
-        scores=ws.scores[:R], kept_slots=ws.kept_slots[:R], kept_counts=ws.kept_counts[:R])
+    if _static_keep_all(p):  # Quest alone: attend over the candidates
+        kept, kcnt = cand, cnt
+    else:
+        G = q.shape[1] // kq.shape[1]
+        kept, kcnt = _topp.twilight_prune_triton(
+            q, kq, kscale, kzero, cand, cnt, pr, sm_scale, min_budget, max_budget,
+            scores=ws.scores[:R], kept_slots=ws.kept_slots[:R], kept_counts=ws.kept_counts[:R],
+            lo=ws.head_lo[: R * kq.shape[1] * G], tot=ws.head_tot[: R * kq.shape[1] * G])
     o = _attend.sparse_decode_attention_triton(
         q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
         splits=_attend.attend_splits(R * ws.num_kv_heads, ws.num_sms),

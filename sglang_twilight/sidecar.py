@@ -23,6 +23,8 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
+from sglang_twilight.kernels.int4 import scale_zero_buffers
+
 #: attribute under which :func:`attach_sidecar` stores the sidecar on the KV pool object
 POOL_ATTR = "twilight_sidecar"
 
@@ -95,11 +97,12 @@ class TwilightSidecarPool:
         S, H, D, NP = self.num_slots, self.head_num, self.head_dim, self.num_pages
         self._layers: Dict[int, SidecarLayer] = {}
         for lid in layer_ids:
+            kscale, kzero = scale_zero_buffers(S, H, self.device)
             self._layers[lid] = SidecarLayer(
                 layer_id=lid,
                 kq=torch.zeros((S, H, D // 2), dtype=torch.uint8, device=self.device),
-                kscale=torch.zeros((S, H), dtype=torch.float16, device=self.device),
-                kzero=torch.zeros((S, H), dtype=torch.float16, device=self.device),
+                kscale=kscale,
+                kzero=kzero,
                 kmax=torch.zeros((NP, H, D), dtype=dtype, device=self.device),
                 kmin=torch.zeros((NP, H, D), dtype=dtype, device=self.device),
             )
