@@ -182,22 +182,23 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         loc = inp["slots"][:, -1].contiguous()
         stages = {}
         stages["store"] = graph_ms(lambda: ops.store_sidecar(inp["k"], loc, *sc, PAGE, backend="triton"))
-        sel = lambda: _quest.quest_select_triton(
+        sel = lambda: _quest.quest_select_pages_triton(
             inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], C, PAGE,
-            max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_slots=ws.cand_slots[:bs],
+            max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
             cand_counts=ws.cand_counts[:bs])
         stages["select"] = graph_ms(sel)
         stages["select.scores"] = graph_ms(lambda: _quest.quest_page_scores_triton(
             inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], PAGE,
             ws.max_pages, out=ws.page_scores[:bs]))
-        cand, cnt = ws.cand_slots[:bs], ws.cand_counts[:bs]
+        cand, cnt = ws.cand_pages[:bs], ws.cand_counts[:bs]
         prune = lambda: _topp.twilight_prune_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, args.max_budget,
             scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
-            lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G])
+            lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE)
         stages["prune"] = graph_ms(prune)
         stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
-            inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs]))
+            inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs],
+            page_size=PAGE))
         kept, kcnt = ws.kept_slots[:bs], ws.kept_counts[:bs]
         attend = lambda: _attend.sparse_decode_attention_triton(
             inp["q"], inp["k"], inp["v"], kept, kcnt, sm, out=out,

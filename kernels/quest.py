@@ -154,23 +154,24 @@ if triton is not None:
         return v1 + v2, tl.minimum(a1, a2), tl.maximum(b1, b2)
 
     @triton.jit
-    def _threshold_search(key, val, target, BIG: tl.constexpr):
-        """Largest present key t with sum(val[key >= t]) >= target (keys < 0 are absent).
+    def _threshold_search(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr):
+        """Largest present key t with sum(val[key >= t]) >= target; keys equal to ABSENT are
+        not present, BIG exceeds every key. Needs sum(val[present]) >= target > 0.
 
         A bisection over the threshold whose midpoints fall between the smallest and largest
         keys still possible: one fused (sum, min, max) reduction a step, and it stops as soon as
         a single key value is left (about log2 of the distinct values instead of 32 steps).
-        Needs sum(val[key >= 0]) >= target > 0; ``BIG`` exceeds every key.
         """
-        present = key >= 0
+        present = key > ABSENT
         lo_key = tl.min(tl.where(present, key, BIG), 0)
-        hi_key = tl.max(key, 0)
+        hi_key = tl.max(tl.where(present, key, ABSENT), 0)
         while lo_key < hi_key:
-            mid = lo_key + (hi_key - lo_key + 1) // 2
+            lo64 = lo_key.to(tl.int64)
+            mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 1) // 2).to(tl.int32)
             ge = key >= mid
             mass, a, b = tl.reduce(
                 (tl.where(ge, val, 0), tl.where(ge, key, BIG),
-                 tl.where(present & (key < mid), key, -1)), 0, _sum_min_max)
+                 tl.where(present & (key < mid), key, ABSENT)), 0, _sum_min_max)
             ok = mass >= target
             lo_key = tl.where(ok, a, lo_key)
             hi_key = tl.where(ok, hi_key, b)
@@ -178,12 +179,12 @@ if triton is not None:
 
     @triton.jit
     def _topk_mask(key, valid, k):
-        """Exactly k (or all valid if fewer) entries with the largest int keys; ties -> lower index."""
-        # int64, shifted to non-negative: absent entries are the only negative keys
-        nkey = tl.where(valid, key.to(tl.int64) + 2147483648, -1)
+        """Exactly k (or all valid if fewer) entries with the largest int32 keys (any value but
+        INT32_MIN); ties -> lower index."""
+        nkey = tl.where(valid, key, -2147483648)
         n_valid = tl.sum(valid.to(tl.int32), 0)
         kk = tl.minimum(k, n_valid)
-        t = _threshold_search(nkey, valid.to(tl.int32), kk, 4611686018427387904)
+        t = _threshold_search(nkey, valid.to(tl.int32), kk, -2147483648, 2147483647)
         above = valid & (nkey > t)
         tie = valid & (nkey == t)
         need = kk - tl.sum(above.to(tl.int32), 0)
@@ -196,7 +197,8 @@ if triton is not None:
         stride_sr, stride_sh, stride_r2t, stride_cr, stride_ch,
         H: tl.constexpr, P: tl.constexpr, K: tl.constexpr, NP_PAD: tl.constexpr,
     ):
-        """One program per (request, kv head): choose pages, write candidate slots + count."""
+        """One program per (request, kv head): choose pages; write their physical ids in
+        ascending logical order (only the last can be partial) and the candidate token count."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -212,14 +214,10 @@ if triton is not None:
             key = _f32_key(s)
             key = tl.where((j == 0) | (j == n_pages - 1), 2147483647, key)
             chosen = _topk_mask(key, valid, K)
-        # ascending page order; page j holds min(P, seq - j*P) valid tokens
+        dest = tl.cumsum(chosen.to(tl.int32), 0) - 1
+        slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=chosen, other=0)
+        tl.store(cand_ptr + r * stride_cr + h * stride_ch + dest, slot // P, mask=chosen)
         ntok = tl.where(chosen, tl.minimum(seq - j * P, P), 0)
-        start = tl.cumsum(ntok, 0) - ntok
-        cbase = cand_ptr + r * stride_cr + h * stride_ch
-        for o in tl.static_range(P):
-            ok = chosen & (o < ntok)
-            slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P + o, mask=ok, other=0)
-            tl.store(cbase + start + o, slot.to(tl.int32), mask=ok)
         tl.store(count_ptr + r * H + h, tl.sum(ntok, 0))
 
 
@@ -250,9 +248,12 @@ def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_
     return out
 
 
-def quest_select_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size,
-                        max_pages=None, scores=None, cand_slots=None, cand_counts=None):
-    """Graph-safe: every shape depends only on (R, budget, max_pages), never on data."""
+def quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget,
+                              page_size, max_pages=None, scores=None, cand_pages=None,
+                              cand_counts=None):
+    """-> (cand_pages int32 [R, Hkv, C // P], cand_counts int32 [R, Hkv]); candidate token n of a
+    row is slot ``cand_pages[n // P] * P + n % P``. Graph-safe: every shape depends only on
+    (R, budget, max_pages), never on data."""
     R, Hq, D = q.shape
     H = kmax.shape[1]
     C = capacity_for(budget, page_size)
@@ -263,17 +264,33 @@ def quest_select_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens,
     if max_pages > K:
         scores = quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens,
                                           page_size, max_pages, out=scores)
-    else:  # every request fits the budget: no scoring needed
-        scores = torch.empty(R, H, 1, dtype=torch.float32, device=q.device) if scores is None else scores
-    if cand_slots is None:
-        cand_slots = torch.zeros(R, H, C, dtype=torch.int32, device=q.device)
+    elif scores is None:  # every request fits the budget: no scoring needed
+        scores = torch.empty(R, H, 1, dtype=torch.float32, device=q.device)
+    if cand_pages is None:
+        cand_pages = torch.zeros(R, H, K, dtype=torch.int32, device=q.device)
     if cand_counts is None:
         cand_counts = torch.empty(R, H, dtype=torch.int32, device=q.device)
     NP_PAD = _next_pow2(max_pages)
     _select_kernel[(R * H,)](
-        scores, req_to_token, req_pool_indices, seq_lens, cand_slots, cand_counts,
-        scores.stride(0), scores.stride(1), req_to_token.stride(0), cand_slots.stride(0),
-        cand_slots.stride(1), H=H, P=page_size, K=K, NP_PAD=NP_PAD,
+        scores, req_to_token, req_pool_indices, seq_lens, cand_pages, cand_counts,
+        scores.stride(0), scores.stride(1), req_to_token.stride(0), cand_pages.stride(0),
+        cand_pages.stride(1), H=H, P=page_size, K=K, NP_PAD=NP_PAD,
         num_warps=4 if NP_PAD <= 1024 else 8,
     )
-    return cand_slots, cand_counts
+    return cand_pages, cand_counts
+
+
+def pages_to_slots(cand_pages, cand_counts, page_size):
+    """Expand page lists to candidate slot lists [R, Hkv, K * P] (0 past the count)."""
+    R, H, K = cand_pages.shape
+    offs = torch.arange(page_size, device=cand_pages.device, dtype=torch.int32)
+    slots = (cand_pages[..., None] * page_size + offs).reshape(R, H, K * page_size)
+    n = torch.arange(K * page_size, device=cand_pages.device)[None, None, :]
+    return torch.where(n < cand_counts[..., None], slots, 0)
+
+
+def quest_select_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size,
+                        max_pages=None):
+    pages, counts = quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices,
+                                              seq_lens, budget, page_size, max_pages=max_pages)
+    return pages_to_slots(pages, counts, page_size), counts

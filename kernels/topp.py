@@ -127,12 +127,21 @@ if triton is not None:
     from .quest import _f32_key, _threshold_search, _topk_mask
 
     @triton.jit
+    def _candidate_slots(base, n, nm, P: tl.constexpr, FROM_PAGES: tl.constexpr):
+        """Slots of candidates n: from a slot list, or from a page list (page n // P, offset n % P)."""
+        if FROM_PAGES:
+            page = tl.load(base + n // P, mask=nm, other=0).to(tl.int64)
+            return page * P + n % P
+        else:
+            return tl.load(base + n, mask=nm, other=0).to(tl.int64)
+
+    @triton.jit
     def _estimate_kernel(
         q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, sm_scale,
         stride_qr, stride_qh, stride_kqs, stride_kqh, stride_ss, stride_sh, stride_cr, stride_ch,
         stride_or, stride_oh, stride_og,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
     ):
         """Grid (R*H, C/BLOCK_N): s = sm_scale * (scale * q.codes + zero * sum(q)).
 
@@ -148,7 +157,7 @@ if triton is not None:
             return
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < count
-        slot = tl.load(cand_ptr + r * stride_cr + h * stride_ch + n, mask=nm, other=0).to(tl.int64)
+        slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, n, nm, P, FROM_PAGES)
         half = tl.arange(0, D // 2)
         packed = tl.load(kq_ptr + slot[:, None] * stride_kqs + h * stride_kqh + half[None, :],
                          mask=nm[:, None], other=0)
@@ -194,10 +203,13 @@ if triton is not None:
         m = tl.max(s, 0)
         e = tl.where(valid, tl.exp(s - m), 0.0)
         tot = tl.sum(e, 0)
-        key = tl.where(valid, e.to(tl.int32, bitcast=True), -1)
         lo = tl.zeros([], tl.int32)
         if p < 1.0:
-            lo = _threshold_search(key, e, p * tot, 2147483647)
+            # entries under (1 - p) * tot / count can never be kept: together they weigh less
+            # than the mass top-p may drop, so the search starts above them
+            floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
+            key = tl.where(valid & (e >= floor), e.to(tl.int32, bitcast=True), -1)
+            lo = _threshold_search(key, e, p * tot, -1, 2147483647)
         tl.store(sp, e, mask=valid)
         tl.store(lo_ptr + pid, lo)
         tl.store(tot_ptr + pid, tot)
@@ -206,7 +218,8 @@ if triton is not None:
     def _union_compact_kernel(
         e_ptr, lo_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr, min_budget,
         max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr, stride_kh,
-        H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
+        H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr, P: tl.constexpr,
+        FROM_PAGES: tl.constexpr,
     ):
         """One program per (request, kv head): union over the group, clamps, compaction."""
         rh = tl.program_id(0)
@@ -238,8 +251,8 @@ if triton is not None:
         else:
             keep = valid
         dest = tl.cumsum(keep.to(tl.int32), 0) - 1
-        slot = tl.load(cand_ptr + r * stride_cr + h * stride_ch + idx, mask=keep, other=0)
-        tl.store(kept_ptr + r * stride_kr + h * stride_kh + dest, slot, mask=keep)
+        slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, keep, P, FROM_PAGES)
+        tl.store(kept_ptr + r * stride_kr + h * stride_kh + dest, slot.to(tl.int32), mask=keep)
         tl.store(kept_count_ptr + r * H + h, tl.sum(keep.to(tl.int32), 0))
 
 
@@ -251,11 +264,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None):
+def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None,
+                       page_size=0):
+    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
     R, Hq, D = q.shape
     H = kq.shape[1]
     G = Hq // H
-    C = cand_slots.shape[-1]
+    C = cand_slots.shape[-1] * max(page_size, 1)
     if out is None:
         out = torch.full((R, H, G, C), float("-inf"), dtype=torch.float32, device=q.device)
     BLOCK_N = 128
@@ -264,7 +279,7 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0), kscale.stride(1),
         cand_slots.stride(0), cand_slots.stride(1), out.stride(0), out.stride(1), out.stride(2),
         H=H, G=G, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_N=BLOCK_N, DOT_F32=_interpreting(),
-        num_warps=4,
+        P=max(page_size, 1), FROM_PAGES=page_size > 0, num_warps=4,
     )
     return out
 
@@ -274,7 +289,7 @@ def _row_warps(c_pad: int) -> int:
 
 
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                             kept_slots=None, kept_counts=None, lo=None, tot=None):
+                             kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0):
     """Top-p per q head, then union / clamps / compaction per KV head. Overwrites ``scores``
     with exp(s - max)."""
     R, H, G, C = scores.shape
@@ -297,14 +312,34 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         scores, lo, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts, int(min_budget),
         int(max_budget or 0), *strides, cand_slots.stride(0), cand_slots.stride(1),
         kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
-        num_warps=_row_warps(C_PAD),
+        P=max(page_size, 1), FROM_PAGES=page_size > 0, num_warps=_row_warps(C_PAD),
     )
     return kept_slots, kept_counts
 
 
+def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None):
+    """Every candidate kept (Quest alone): page lists -> slot lists, same layout as the prune."""
+    R, H, K = cand_pages.shape
+    C = K * page_size
+    if kept_slots is None:
+        kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=cand_pages.device)
+    ones = torch.ones(R, dtype=torch.float32, device=cand_pages.device)
+    C_PAD = _next_pow2(C)
+    # p = 1 rows never read the score buffers: pass the page list as a stand-in pointer
+    _union_compact_kernel[(R * H,)](
+        cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots, cand_counts,
+        0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1), kept_slots.stride(0),
+        kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size, FROM_PAGES=True,
+        num_warps=_row_warps(C_PAD),
+    )
+    return kept_slots, cand_counts
+
+
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
-                          tot=None):
-    scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores)
+                          tot=None, page_size=0):
+    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
+    scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores,
+                                page_size=page_size)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                                    kept_slots, kept_counts, lo, tot)
+                                    kept_slots, kept_counts, lo, tot, page_size)

@@ -126,7 +126,7 @@ class DecodeWorkspace:
     capacity: int
     max_pages: int
     page_scores: torch.Tensor
-    cand_slots: torch.Tensor
+    cand_pages: torch.Tensor
     cand_counts: torch.Tensor
     scores: torch.Tensor
     kept_slots: torch.Tensor
@@ -153,7 +153,7 @@ class DecodeWorkspace:
         return cls(
             max_rows, H, G, head_dim, C, max_pages,
             page_scores=torch.empty(max_rows, H, np_alloc, dtype=torch.float32, **kw),
-            cand_slots=torch.zeros(max_rows, H, C, dtype=torch.int32, **kw),
+            cand_pages=torch.zeros(max_rows, H, C // page_size, dtype=torch.int32, **kw),
             cand_counts=torch.zeros(max_rows, H, dtype=torch.int32, **kw),
             scores=torch.empty(max_rows, H, G, C, dtype=torch.float32, **kw),
             kept_slots=torch.zeros(max_rows, H, C, dtype=torch.int32, **kw),
@@ -167,7 +167,7 @@ class DecodeWorkspace:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
-            self.page_scores, self.cand_slots, self.cand_counts, self.scores, self.kept_slots,
+            self.page_scores, self.cand_pages, self.cand_counts, self.scores, self.kept_slots,
             self.kept_counts, self.head_lo, self.head_tot, self.mid_o, self.mid_lse))
 
 
@@ -218,18 +218,19 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
                                       page_size, max_ctx, q.device)
     elif selector == "none" and ws.capacity < ws.max_pages * page_size:
         raise ValueError("selector 'none' needs a workspace whose capacity covers the max context")
-    cand, cnt = _quest.quest_select_triton(
+    pages, cnt = _quest.quest_select_pages_triton(
         q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, ws.capacity, page_size,
-        max_pages=ws.max_pages, scores=ws.page_scores[:R], cand_slots=ws.cand_slots[:R],
+        max_pages=ws.max_pages, scores=ws.page_scores[:R], cand_pages=ws.cand_pages[:R],
         cand_counts=ws.cand_counts[:R])
-    if _static_keep_all(p):  # Quest alone: attend over the candidates
-        kept, kcnt = cand, cnt
+    if _static_keep_all(p):  # Quest alone: attend over every candidate
+        kept, kcnt = _topp.expand_candidates_triton(pages, cnt, page_size, ws.kept_slots[:R])
     else:
         G = q.shape[1] // kq.shape[1]
+        n_heads = R * kq.shape[1] * G
         kept, kcnt = _topp.twilight_prune_triton(
-            q, kq, kscale, kzero, cand, cnt, pr, sm_scale, min_budget, max_budget,
+            q, kq, kscale, kzero, pages, cnt, pr, sm_scale, min_budget, max_budget,
             scores=ws.scores[:R], kept_slots=ws.kept_slots[:R], kept_counts=ws.kept_counts[:R],
-            lo=ws.head_lo[: R * kq.shape[1] * G], tot=ws.head_tot[: R * kq.shape[1] * G])
+            lo=ws.head_lo[:n_heads], tot=ws.head_tot[:n_heads], page_size=page_size)
     o = _attend.sparse_decode_attention_triton(
         q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
         splits=_attend.attend_splits(R * ws.num_kv_heads, ws.num_sms),
