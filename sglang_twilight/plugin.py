@@ -107,6 +107,12 @@ def register() -> None:
             _SERVER_ARGS_POST_INIT, _server_args_post_init_hook, HookType.AROUND
         )
         _hook_registered = True
+
+    # per-request p (custom_params["top_p_attn"]): HTTP 400 on a bad value, device table
+    # written at admission (idempotent)
+    from sglang_twilight.srt_patches.request_top_p import register_hooks
+
+    register_hooks()
     logger.debug("sglang-twilight: attention backend %r registered", BACKEND_NAME)
 
 
