@@ -1,0 +1,515 @@
+"""The ``twilight`` attention backend: FlashInfer for prefill and dense layers, Twilight sparse
+decode for the rest.
+
+``TwilightAttnBackend`` subclasses SGLang 0.5.17's ``FlashInferAttnBackend`` (see
+docs/SGLANG_SURFACE.md section 1 for every line this relies on):
+
+* ``forward_extend``: FlashInfer prefill (it writes K/V into the pool), then the sidecar (int4 K and
+  Quest page bounds) of every new slot of a sparse layer. Only the slots of this forward are
+  written (``out_cache_loc``), so chunked prefill continues where the last chunk stopped and a
+  prefix-cache hit reuses the prefix's sidecar rows untouched.
+* ``forward_decode``: dense layers (``layer_id < --twilight-dense-layers``) go to FlashInfer.
+  Sparse layers write K/V exactly as FlashInfer does, then the sidecar of the new slot, then
+  ``ops.twilight_decode`` (Quest select -> int4 estimate + top-p -> exact attention over the kept
+  tokens). Requests shorter than ``--twilight-min-seq-len`` keep every token inside that call
+  (dense-equivalent), so one batch mixes both. Device work only, fixed shapes: this is what the
+  decode CUDA graph records.
+* CUDA graphs: ``init_cuda_graph_state`` sizes the fixed-capacity :class:`ops.DecodeWorkspace` for
+  the graphs' ``max_bs``; the FlashInfer plan of the dense layers is still made on the host before
+  each replay by the parent's ``init_forward_metadata_out_graph``; the sparse layers read only
+  static graph buffers (``req_pool_indices``, ``seq_lens``, ``out_cache_loc``) and the per-request
+  p table (gathered on the device).
+
+Unsupported setups are refused when the backend is built, with one line naming the flag
+(:class:`TwilightUnsupportedError`).
+
+The sparse decode itself lives in :class:`TwilightDecoder`, which needs no FlashInfer: the tests
+drive it (and the backend) on CPU with SGLang's real pools.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, List, Optional
+
+import torch
+
+from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from sglang_twilight import ops
+from sglang_twilight.config import FLAGS, TwilightConfig, get_config
+from sglang_twilight.sidecar import TwilightSidecarPool, attach_sidecar
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "twilight"
+
+#: cap on the decode workspace (MiB); a decode batch with more rows than fit runs in chunks
+WORKSPACE_MB_ENV = "SGLANG_TWILIGHT_WORKSPACE_MB"
+DEFAULT_WORKSPACE_MB = 512
+
+_KV_DTYPES = (torch.bfloat16, torch.float16)
+_KV_DTYPE_STRS = ("auto", "bf16", "bfloat16", "fp16", "float16")
+
+
+class TwilightUnsupportedError(ValueError):
+    """A setup the twilight backend cannot serve correctly. ``str()`` is one line that names the
+    flag (or environment variable) to change."""
+
+
+def _refuse(flag: str, msg: str) -> TwilightUnsupportedError:
+    return TwilightUnsupportedError(f"{flag}: {msg} (not supported by --attention-backend twilight)")
+
+
+# --------------------------------------------------------------------------- startup checks
+
+
+def check_server_args(server_args: Any, cfg: Optional[TwilightConfig] = None,
+                      environ: Optional[dict] = None) -> None:
+    """Refuse server setups whose KV writes bypass the sidecar or whose layout it cannot follow.
+
+    Raises :class:`TwilightUnsupportedError`. ``server_args`` is SGLang's ``ServerArgs``.
+    """
+    cfg = cfg or get_config()
+    env = os.environ if environ is None else environ
+
+    prefill, decode = server_args.get_attention_backends()
+    if prefill != BACKEND_NAME or decode != BACKEND_NAME:
+        # prefill through another backend would leave the sidecar unwritten
+        raise _refuse(
+            "--prefill-attention-backend/--decode-attention-backend",
+            f"prefill={prefill}, decode={decode}; twilight must run both (it writes the sidecar "
+            "in prefill and reads it in decode)",
+        )
+    kvd = str(getattr(server_args, "kv_cache_dtype", "auto"))
+    if kvd not in _KV_DTYPE_STRS:
+        raise _refuse("--kv-cache-dtype", f"{kvd}; the sidecar needs a bf16/fp16 KV cache "
+                      "(use auto, bf16 or fp16)")
+    page = getattr(server_args, "page_size", None)
+    if page is not None and int(page) != cfg.page_size:
+        raise _refuse("--page-size", f"{page} != the Twilight page size {cfg.page_size} "
+                      f"({FLAGS['page_size']}); leave --page-size out")
+    if getattr(server_args, "speculative_algorithm", None):
+        raise _refuse("--speculative-algorithm", f"{server_args.speculative_algorithm}; "
+                      "speculative decoding moves KV between slots without the sidecar")
+    if getattr(server_args, "enable_hierarchical_cache", False):
+        raise _refuse("--enable-hierarchical-cache", "HiCache loads KV into new slots "
+                      "without the sidecar")
+    if getattr(server_args, "enable_lmcache", False):
+        raise _refuse("--enable-lmcache", "LMCache loads KV into new slots without the sidecar")
+    if getattr(server_args, "enable_hisparse", False):
+        raise _refuse("--enable-hisparse", "another sparse attention scheme")
+    if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
+        raise _refuse("--disaggregation-mode", f"{server_args.disaggregation_mode}; PD "
+                      "disaggregation transfers KV without the sidecar")
+    if int(getattr(server_args, "dcp_size", 1) or 1) > 1:
+        raise _refuse("--dcp-size", f"{server_args.dcp_size}; decode context parallelism "
+                      "splits the KV of a request across ranks")
+    if str(env.get("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "")).lower() in ("1", "true", "yes"):
+        raise _refuse("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING",
+                      "post-capture KV re-sizing rebuilds the KV pool after the sidecar was "
+                      "attached; unset it")
+    if str(env.get("SGLANG_USE_HND_KVCACHE", "")).lower() in ("1", "true", "yes"):
+        raise _refuse("SGLANG_USE_HND_KVCACHE", "the sidecar needs the NHD (slot-major) KV "
+                      "layout; unset it")
+
+
+def check_model(model_runner: Any) -> None:
+    """Refuse model setups the kernels do not implement (MLA, sliding window, soft-capping,
+    cross attention, non-bf16/fp16 KV, a KV pool other than plain MHA)."""
+    from sglang.srt.configs.model_config import AttentionArch
+
+    mc = model_runner.model_config
+    arch = ",".join(getattr(mc.hf_config, "architectures", None) or ["?"])
+    if getattr(model_runner, "use_mla_backend", False) or getattr(mc, "attention_arch", None) == AttentionArch.MLA:
+        raise _refuse("--model-path", f"{arch} uses MLA attention")
+    if getattr(model_runner, "sliding_window_size", None) is not None:
+        raise _refuse("--model-path", f"{arch} uses sliding-window attention")
+    text_cfg = getattr(mc, "hf_text_config", mc.hf_config)
+    cap = getattr(text_cfg, "attn_logit_softcapping", None)
+    if cap:
+        raise _refuse("--model-path", f"{arch} uses attention logit soft-capping ({cap})")
+    if getattr(mc, "is_encoder_decoder", False):
+        raise _refuse("--model-path", f"{arch} is an encoder-decoder model (cross attention)")
+    kv_dtype = getattr(model_runner, "kv_cache_dtype", None)
+    if kv_dtype is not None and kv_dtype not in _KV_DTYPES:
+        raise _refuse("--kv-cache-dtype", f"KV cache dtype {kv_dtype}; the sidecar needs "
+                      "bf16/fp16")
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    pool = model_runner.token_to_kv_pool
+    if type(pool) is not MHATokenToKVPool:
+        raise _refuse("--model-path", f"{arch} needs KV pool {type(pool).__name__}; twilight "
+                      "supports the plain MHA pool (MHATokenToKVPool) only")
+    model = getattr(model_runner, "model", None)
+    if model is not None and hasattr(model, "modules"):
+        for layer in _radix_layers(model):
+            check_layer(layer)
+
+
+def _radix_layers(model) -> Iterable[Any]:
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    for m in model.modules():
+        if isinstance(m, RadixAttention):
+            yield m
+
+
+def check_layer(layer: Any) -> None:
+    """Refuse an attention layer the sparse path cannot compute exactly like FlashInfer would."""
+    lid = getattr(layer, "layer_id", "?")
+    if float(getattr(layer, "logit_cap", 0.0) or 0.0) > 0:
+        raise _refuse("--model-path", f"layer {lid} uses logit soft-capping ({layer.logit_cap})")
+    sw = getattr(layer, "sliding_window_size", -1)
+    if sw is not None and int(sw) >= 0:
+        raise _refuse("--model-path", f"layer {lid} uses sliding-window attention ({sw})")
+    if getattr(layer, "is_cross_attention", False):
+        raise _refuse("--model-path", f"layer {lid} is a cross-attention layer")
+    vd = getattr(layer, "v_head_dim", None)
+    if vd is not None and int(vd) != int(layer.head_dim):
+        raise _refuse("--model-path", f"layer {lid} has v_head_dim {vd} != head_dim "
+                      f"{layer.head_dim}")
+
+
+# --------------------------------------------------------------------------- workspace sizing
+
+
+def workspace_bytes(rows: int, num_kv_heads: int, group: int, head_dim: int, budget: int,
+                    max_context: int, page_size: int) -> int:
+    """Bytes of an :class:`ops.DecodeWorkspace` of ``rows`` rows, measured on the ``meta`` device
+    from the workspace's own ``allocate``/``nbytes`` (so it follows its layout). The attention
+    split scratch is sized for 8 SMs there; on a GPU it may be a few MiB larger."""
+    return ops.DecodeWorkspace.allocate(int(rows), num_kv_heads, group, head_dim, budget,
+                                        page_size, max_context, "meta").nbytes()
+
+
+def workspace_rows(max_bs: int, num_kv_heads: int, group: int, head_dim: int, budget: int,
+                   max_context: int, page_size: int, limit_bytes: Optional[int] = None) -> int:
+    """Rows to give the decode workspace: ``max_bs``, or fewer if that would take more than
+    ``limit_bytes`` (default ``$SGLANG_TWILIGHT_WORKSPACE_MB`` MiB, 512); larger batches then
+    run in chunks of that many rows. At least 1."""
+    if limit_bytes is None:
+        limit_bytes = int(float(os.environ.get(WORKSPACE_MB_ENV, DEFAULT_WORKSPACE_MB)) * (1 << 20))
+    geo = (num_kv_heads, group, head_dim, budget, max_context, page_size)
+    max_bs = max(1, int(max_bs))
+    if workspace_bytes(max_bs, *geo) <= limit_bytes:
+        return max_bs
+    lo, hi = 1, max_bs - 1  # bytes grow with rows: the largest rows that fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if workspace_bytes(mid, *geo) <= limit_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# --------------------------------------------------------------------------- collaborators
+
+
+class _StaticTopP:
+    """Stand-in for ``sglang_twilight.request_params.RequestTopP`` while that module is missing:
+    every request gets the server's p. Same interface (``.table``, ``.rows``)."""
+
+    def __init__(self, num_req_slots: int, default_p: float, device):
+        self.table = torch.full((int(num_req_slots),), float(default_p), dtype=torch.float32,
+                                device=device)
+
+    def rows(self, req_pool_indices: torch.Tensor) -> torch.Tensor:
+        return self.table.index_select(0, req_pool_indices.to(torch.int64))
+
+
+def _missing(exc: ImportError, module: str) -> bool:
+    return isinstance(exc, ModuleNotFoundError) and exc.name == module
+
+
+def make_request_top_p(num_req_slots: int, default_p: float, device):
+    """``RequestTopP(num_req_slots, default_p, device)`` from ``sglang_twilight.request_params``
+    (the per-request p table the request hook fills), or a static stand-in if not installed."""
+    try:
+        from sglang_twilight.request_params import RequestTopP
+    except ImportError as e:
+        if not _missing(e, "sglang_twilight.request_params"):
+            raise
+        logger.warning("sglang-twilight: request_params module not found; per-request "
+                       "top_p_attn is ignored (every request uses p=%s)", default_p)
+        return _StaticTopP(num_req_slots, default_p, device)
+    return RequestTopP(num_req_slots, default_p, device)
+
+
+def make_kept_stats(layer_ids: List[int], max_rows: int, num_kv_heads: int, device):
+    """``KeptStats`` from ``sglang_twilight.metrics``, or ``None`` if not installed."""
+    try:
+        from sglang_twilight.metrics import KeptStats
+    except ImportError as e:
+        if not _missing(e, "sglang_twilight.metrics"):
+            raise
+        logger.info("sglang-twilight: metrics module not found; kept-token stats are off")
+        return None
+    return KeptStats(layer_ids, max_rows, num_kv_heads, device)
+
+
+# --------------------------------------------------------------------------- the sparse decoder
+
+
+class TwilightDecoder:
+    """Sidecar writes and the sparse decode of the Twilight layers, over SGLang's real pools.
+
+    Needs no FlashInfer: the backend owns one; tests build one on CPU.
+
+    Args:
+        cfg: the Twilight config.
+        kv_pool: SGLang's ``MHATokenToKVPool`` (the sidecar is attached to it).
+        req_to_token: ``req_to_token_pool.req_to_token`` ``[rows, max_ctx]`` int32.
+        num_q_heads, num_kv_heads, head_dim: of this attention-TP rank.
+        max_rows: the largest decode batch this process can see (the eager bound); the
+            workspace built lazily for eager decode is sized for it (capped, see
+            :func:`workspace_rows`).
+        backend: ``ops`` backend for the decode kernels ("triton" in serving).
+    """
+
+    def __init__(self, cfg: TwilightConfig, kv_pool: Any, req_to_token: torch.Tensor, *,
+                 num_q_heads: int, num_kv_heads: int, head_dim: int, max_rows: int,
+                 device: Any = None, backend: str = "triton",
+                 workspace_limit_bytes: Optional[int] = None):
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
+                             f"{num_kv_heads}")
+        self.cfg = cfg
+        self.kv_pool = kv_pool
+        self.sidecar: TwilightSidecarPool = attach_sidecar(kv_pool, cfg)
+        if self.sidecar.head_num != num_kv_heads or self.sidecar.head_dim != head_dim:
+            raise ValueError(
+                f"KV pool has {self.sidecar.head_num} heads x {self.sidecar.head_dim}, the model "
+                f"{num_kv_heads} x {head_dim}")
+        self.req_to_token = req_to_token
+        self.num_q_heads = int(num_q_heads)
+        self.num_kv_heads = int(num_kv_heads)
+        self.group = self.num_q_heads // self.num_kv_heads
+        self.head_dim = int(head_dim)
+        self.page_size = int(cfg.page_size)
+        # every seq_len is <= req_to_token's width (slots are read from it)
+        self.max_context = int(req_to_token.shape[1])
+        self.device = torch.device(device) if device is not None else req_to_token.device
+        self.backend = backend
+        self.max_rows = int(max_rows)
+        self.workspace_limit_bytes = workspace_limit_bytes
+        if cfg.selector == "none":
+            # every token is a candidate: the capacity covers the whole context
+            self.budget = -(-self.max_context // self.page_size) * self.page_size
+        else:
+            self.budget = cfg.capacity
+        self.workspace: Optional[ops.DecodeWorkspace] = None
+        self._retired: List[ops.DecodeWorkspace] = []  # never freed: graphs may point at them
+        self.sparse_layer_ids: List[int] = list(self.sidecar.sparse_layer_ids)
+        self.top_p = make_request_top_p(req_to_token.shape[0], cfg.top_p, self.device)
+        self.kept_stats = make_kept_stats(self.sparse_layer_ids, self.max_rows,
+                                          self.num_kv_heads, self.device)
+        self.last_kept: Optional[torch.Tensor] = None
+
+    # -- workspace
+
+    def rows_for(self, max_bs: int) -> int:
+        return workspace_rows(max_bs, self.num_kv_heads, self.group, self.head_dim, self.budget,
+                              self.max_context, self.page_size, self.workspace_limit_bytes)
+
+    def allocate_workspace(self, max_bs: int) -> ops.DecodeWorkspace:
+        """(Re)size the workspace for batches of up to ``max_bs`` rows. Only grows; call it before
+        any graph is captured (``init_cuda_graph_state``)."""
+        rows = self.rows_for(max_bs)
+        ws = self.workspace
+        if ws is not None and ws.max_rows >= rows:
+            return ws
+        if ws is not None:
+            self._retired.append(ws)
+        self.workspace = ops.DecodeWorkspace.allocate(
+            rows, self.num_kv_heads, self.group, self.head_dim, self.budget, self.page_size,
+            self.max_context, self.device)
+        logger.info("sglang-twilight: decode workspace %d rows x %d candidates, %.1f MiB",
+                    rows, self.workspace.capacity, self.workspace.nbytes() / (1 << 20))
+        return self.workspace
+
+    def ensure_workspace(self) -> ops.DecodeWorkspace:
+        """The workspace, built on first use (eager decode with CUDA graphs off)."""
+        if self.workspace is None:
+            self.allocate_workspace(self.max_rows)
+        return self.workspace
+
+    # -- per layer
+
+    def is_sparse(self, layer_id: int) -> bool:
+        return self.sidecar.has_layer(layer_id)
+
+    def write(self, layer_id: int, loc: torch.Tensor) -> bool:
+        """Sidecar rows for the slots ``loc`` of ``layer_id`` (K already in the pool)."""
+        if loc is None or loc.numel() == 0:
+            return False
+        return self.sidecar.write(layer_id, loc)
+
+    def decode(self, q: torch.Tensor, layer_id: int, sm_scale: float,
+               req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Sparse decode of one layer: ``q [bs, Hq, D]`` -> ``o [bs, Hq, D]``. Device ops only,
+        shapes fixed by ``bs`` and the config (graph-capturable)."""
+        bs = q.shape[0]
+        side = self.sidecar.layer(layer_id)
+        k_buffer = self.kv_pool.get_key_buffer(layer_id)
+        v_buffer = self.kv_pool.get_value_buffer(layer_id)
+        p_rows = self.top_p.rows(req_pool_indices)
+        ws = self.ensure_workspace()
+        out = q.new_empty(bs, self.num_q_heads, self.head_dim)
+        step = ws.max_rows
+        kept = None
+        kw = dict(budget=self.budget, page_size=self.page_size, sm_scale=sm_scale,
+                  min_budget=self.cfg.min_budget, max_budget=self.cfg.max_budget,
+                  min_sparse_len=self.cfg.min_sparse_len, selector=self.cfg.selector,
+                  backend=self.backend, workspace=ws)
+        if bs <= step:
+            _, kept = ops.twilight_decode(
+                q, k_buffer, v_buffer, *side.as_tuple(), self.req_to_token, req_pool_indices,
+                seq_lens, p_rows, out=out, **kw)
+        else:  # more rows than the workspace holds: static chunks (the workspace is reused)
+            kept = torch.empty(bs, self.num_kv_heads, dtype=torch.int32, device=q.device)
+            for s in range(0, bs, step):
+                e = min(bs, s + step)
+                _, kc = ops.twilight_decode(
+                    q[s:e], k_buffer, v_buffer, *side.as_tuple(), self.req_to_token,
+                    req_pool_indices[s:e], seq_lens[s:e], p_rows[s:e], out=out[s:e], **kw)
+                kept[s:e].copy_(kc)
+        if self.kept_stats is not None:
+            # padding rows of a graph batch use req-pool row 0, which no request ever gets
+            valid = (req_pool_indices != 0).sum()
+            self.kept_stats.record(layer_id, kept, bs, num_valid_rows=valid)
+        self.last_kept = kept  # for tests / debugging (device tensor, no sync)
+        return out
+
+    def note_capture(self) -> None:
+        """A CUDA graph is being captured: its warm-up and capture runs record dummy batches."""
+        self._captured = True
+
+    def on_step(self) -> None:
+        """Host side, once per decode step, outside any graph."""
+        if self.kept_stats is None:
+            return
+        if getattr(self, "_captured", False):  # first real step after capture: drop dummy data
+            self._captured = False
+            if hasattr(self.kept_stats, "reset"):
+                self.kept_stats.reset()
+        self.kept_stats.on_step()
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class TwilightAttnBackend(FlashInferAttnBackend):
+    """``--attention-backend twilight``: FlashInfer prefill + Twilight sparse decode."""
+
+    def __init__(self, model_runner: Any, **kwargs: Any):
+        cfg = get_config()
+        # refuse before anything is allocated
+        check_server_args(model_runner.server_args, cfg)
+        check_model(model_runner)
+        super().__init__(model_runner, **kwargs)
+
+        from sglang.srt.runtime_context import get_parallel
+
+        tp = get_parallel().attn_tp_size
+        mc = model_runner.model_config
+        num_q = mc.num_attention_heads // tp
+        num_kv = mc.get_num_kv_heads(tp)
+        self.twilight_cfg = cfg
+        # the parent's per-batch buffers bound every batch this backend sees
+        eager_rows = int(self.kv_indptr[0].shape[0]) - 1
+        self.twilight = TwilightDecoder(
+            cfg, model_runner.token_to_kv_pool, model_runner.req_to_token_pool.req_to_token,
+            num_q_heads=num_q, num_kv_heads=num_kv, head_dim=mc.head_dim, max_rows=eager_rows,
+            backend="triton")
+        self._checked_layers: set = set()
+        logger.info(
+            "sglang-twilight: backend ready: p=%s selector=%s budget=%d page=%d dense layers=%d "
+            "sparse layers=%d min_seq_len=%d clamp=[%d, %s] sidecar=%.1f MiB max_context=%d",
+            cfg.top_p, cfg.selector, self.twilight.budget, cfg.page_size, cfg.dense_layers,
+            len(self.twilight.sparse_layer_ids), cfg.min_sparse_len, cfg.min_budget,
+            cfg.max_budget or "none", self.twilight.sidecar.nbytes() / (1 << 20),
+            self.twilight.max_context)
+
+    # -- host-side hooks
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int,
+                              kv_indices_buf: Optional[torch.Tensor] = None):
+        super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf=kv_indices_buf)
+        self.twilight.allocate_workspace(max_bs)
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        if forward_batch.forward_mode.is_decode():
+            self.twilight.on_step()
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+        if in_capture:
+            self.twilight.note_capture()
+        elif forward_batch.forward_mode.is_decode():
+            self.twilight.on_step()
+
+    # -- forward
+
+    def _check(self, layer) -> None:
+        if layer.layer_id not in self._checked_layers:
+            check_layer(layer)
+            if layer.tp_k_head_num != self.twilight.num_kv_heads or \
+                    layer.tp_q_head_num != self.twilight.num_q_heads:
+                raise TwilightUnsupportedError(
+                    f"--model-path: layer {layer.layer_id} has {layer.tp_q_head_num}/"
+                    f"{layer.tp_k_head_num} q/kv heads, the KV pool "
+                    f"{self.twilight.num_q_heads}/{self.twilight.num_kv_heads}")
+            self._checked_layers.add(layer.layer_id)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        sparse = self.twilight.is_sparse(layer.layer_id)
+        if sparse:
+            self._check(layer)
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache,
+                                   **kwargs)
+        if sparse:
+            # The new slots' K is in the pool now: either the parent wrote it, or the model
+            # wrote it itself (fused rope + KV store, save_kv_cache=False).
+            self.twilight.write(layer.layer_id, forward_batch.out_cache_loc)
+        return o
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if not self.twilight.is_sparse(layer.layer_id):
+            return super().forward_decode(q, k, v, layer, forward_batch,
+                                          save_kv_cache=save_kv_cache, **kwargs)
+        self._check(layer)
+        cache_loc = forward_batch.out_cache_loc
+        if k is not None:
+            assert v is not None
+            if save_kv_cache:  # the same write as FlashInferAttnBackend.forward_decode
+                self.token_to_kv_pool.set_kv_buffer(
+                    layer,
+                    KVWriteLoc(cache_loc, self.forward_metadata.swa_out_cache_loc),
+                    k,
+                    v,
+                    *self._kv_write_scales(layer),
+                )
+        self.twilight.write(layer.layer_id, cache_loc)
+        o = self.twilight.decode(
+            q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim), layer.layer_id,
+            layer.scaling, forward_batch.req_pool_indices, forward_batch.seq_lens)
+        return o.view(-1, layer.tp_q_head_num * layer.head_dim)
+
+
+__all__ = [
+    "TwilightAttnBackend",
+    "TwilightDecoder",
+    "TwilightUnsupportedError",
+    "check_layer",
+    "check_model",
+    "check_server_args",
+    "make_kept_stats",
+    "make_request_top_p",
+    "workspace_bytes",
+    "workspace_rows",
+]

@@ -1,0 +1,213 @@
+"""The sidecar is counted in SGLang's KV pool budget (srt_patches/pool_sizing.py), CPU.
+
+SGLang 0.5.17 sizes the KV pool as ``available_bytes // cell_size``; ``cell_size`` comes from
+``DefaultPoolConfigurator._compute_cell_size``. Here the real ``KVCacheConfigurator`` and
+``DefaultPoolConfigurator`` are built for a Llama-3.1-8B-shaped model (32 layers, 8 KV heads,
+head_dim 128, bf16) the way ``ModelRunner.init_kv_cache_configurator`` builds them, and the cell
+size must grow by exactly the bytes the sidecar allocates per slot -- with the twilight backend
+only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sglang_twilight.config import ENV_VAR, TwilightConfig
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "head_dim": 128,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}
+
+# Llama-8B, bf16, page 16, layers 2..31 sparse: per sparse layer and KV head 64 B int4 K + 4 B
+# scale/zero per token, plus 2 bounds x 128 x 2 B per 16-token page = 32 B per token.
+KV_CELL = 8 * (128 + 128) * 32 * 2  # 131072 B: SGLang's own K+V per token
+SIDECAR = 8 * 30 * (64 + 4 + 32)  # 24000 B
+
+
+@pytest.fixture(scope="module")
+def llama8b(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama8b")
+    (d / "config.json").write_text(json.dumps(LLAMA_8B))
+    return str(d)
+
+
+def _kvc(server_args, model_config, start=0, end=32):
+    """``KVCacheConfigurator`` as ``ModelRunner.init_kv_cache_configurator`` builds it (fields
+    the plain-MHA sizing never reads are None)."""
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.model_executor.model_runner_components.layer_setup import ModelLayerInfo
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    return KVCacheConfigurator(
+        device="cpu", gpu_id=0, ps=None, pp_group=None, model=None, model_config=model_config,
+        server_args=server_args, kv_cache_dtype=torch.bfloat16, kv_cache_dtype_str="auto",
+        model_dtype=torch.bfloat16, page_size=16, sliding_window_size=None,
+        spec_algorithm=SpeculativeAlgorithm.from_string(None), is_draft_worker=False,
+        post_capture_kv_active=False, spec_aux_config=None, is_hybrid_swa=False,
+        is_hybrid_swa_compress=False, use_mla_backend=False,
+        layer_info=ModelLayerInfo(start_layer=start, end_layer=end,
+                                  num_effective_layers=end - start),
+        forward_stream=None, req_to_token_pool=None, token_to_kv_pool_allocator=None,
+        memory_pool_config=None,
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(llama8b):
+    from sglang_twilight import plugin
+
+    plugin.register()  # --attention-backend twilight is a choice
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.server_args import ServerArgs
+
+    tw = ServerArgs(model_path=llama8b, attention_backend="twilight", device="cpu", page_size=16)
+    fi = ServerArgs(model_path=llama8b, attention_backend="flashinfer", device="cpu", page_size=16)
+    return tw, fi, ModelConfig.from_server_args(tw)
+
+
+@pytest.fixture
+def cfg_env(monkeypatch):
+    def set_cfg(**kw):
+        cfg = TwilightConfig(**kw).validate()
+        monkeypatch.setenv(ENV_VAR, json.dumps(cfg.to_dict()))
+        return cfg
+
+    return set_cfg
+
+
+def _cell(kvc):
+    """A real DefaultPoolConfigurator and SGLang's own (unhooked) cell size for ``kvc``."""
+    from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+
+    conf = DefaultPoolConfigurator(kvc)
+    fn = DefaultPoolConfigurator._compute_cell_size
+    own = getattr(fn, "__wrapped__", fn)  # in case some test applied the hooks in this process
+    base = own(conf, kvc, kvc.layer_info.num_effective_layers)
+    conf._cell_size = base
+    return conf, base
+
+
+@pytest.mark.parametrize("tp,start,end,dense,want", [
+    (1, 0, 32, 2, SIDECAR),
+    (2, 0, 32, 2, SIDECAR // 2),  # 4 KV heads per rank
+    (1, 16, 32, 2, 8 * 16 * 100),  # pipeline stage 2: layers 16..31, all sparse
+    (1, 0, 32, 4, 8 * 28 * 100),
+    (1, 0, 32, 40, 0),  # every layer dense: no sidecar
+])
+def test_hook_adds_exactly_the_sidecar(setup, cfg_env, tp, start, end, dense, want):
+    from sglang.srt.runtime_context import get_parallel
+
+    from sglang_twilight.srt_patches.pool_sizing import after_compute_cell_size
+
+    tw, fi, mc = setup
+    cfg_env(dense_layers=dense)
+    with get_parallel().override(attn_tp_size=tp):
+        conf, base = _cell(_kvc(tw, mc, start, end))
+        assert base == KV_CELL // tp * (end - start) // 32
+        kvc = _kvc(tw, mc, start, end)
+        assert after_compute_cell_size(base, conf, kvc, end - start) == base + want
+        # other backends: unchanged
+        kvc_fi = _kvc(fi, mc, start, end)
+        assert after_compute_cell_size(base, conf, kvc_fi, end - start) == base
+
+
+def test_formula_is_what_the_sidecar_allocates(setup, cfg_env):
+    """Bytes per slot of the sidecar attached to a real Llama-8B-shaped KV pool == the hook's."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.runtime_context import get_parallel
+
+    from sglang_twilight.sidecar import attach_sidecar
+    from sglang_twilight.srt_patches.pool_sizing import sidecar_bytes_per_token
+
+    tw, _, mc = setup
+    cfg = cfg_env()
+    kv = MHATokenToKVPool(4 * 16, page_size=16, dtype=torch.bfloat16, head_num=8, head_dim=128,
+                          layer_num=32, device="cpu", enable_memory_saver=False)
+    side = attach_sidecar(kv, cfg)
+    with get_parallel().override(attn_tp_size=1):
+        per_token = sidecar_bytes_per_token(_kvc(tw, mc))
+    assert per_token == SIDECAR
+    assert side.nbytes() == side.num_slots * per_token  # slots = 5 pages (incl. padding page)
+    kv_bytes = kv.get_kv_size_bytes()
+    kv_bytes = sum(kv_bytes) if isinstance(kv_bytes, tuple) else kv_bytes
+    assert kv_bytes == side.num_slots * KV_CELL
+
+
+def test_pool_shrinks_by_the_sidecar(setup, cfg_env):
+    """calculate_pool_sizes: the token count follows the grown cell size (page aligned)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    from sglang_twilight.srt_patches.pool_sizing import after_compute_cell_size
+
+    tw, _, mc = setup
+    cfg_env()
+    avail = 60 * (1 << 30)
+    with get_parallel().override(attn_tp_size=1):
+        conf, base = _cell(_kvc(tw, mc))
+        dense_tokens = conf.calculate_pool_sizes(avail, 16).max_total_num_tokens
+        conf._cell_size = after_compute_cell_size(base, conf, _kvc(tw, mc), 32)
+        tokens = conf.calculate_pool_sizes(avail, 16).max_total_num_tokens
+    assert dense_tokens == avail // KV_CELL // 16 * 16
+    assert tokens == avail // (KV_CELL + SIDECAR) // 16 * 16
+    # KV pool + sidecar of that many tokens stay inside the budget
+    assert tokens * (KV_CELL + SIDECAR) <= avail
+
+
+def test_hook_registered_through_sglang_plugins(llama8b):
+    """Fresh process, the way SGLang's scheduler starts: load_plugins() runs our entry point,
+    which registers the AFTER hook; apply_hooks() patches DefaultPoolConfigurator. The real
+    constructor then computes the grown cell size for twilight and SGLang's own for flashinfer."""
+    code = textwrap.dedent(
+        """
+        import json, sys, torch
+        sys.path.insert(0, sys.argv[2])
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.plugins.hook_registry import HookRegistry
+        from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.server_args import ServerArgs
+        from sglang.srt.runtime_context import get_parallel
+        from sglang_twilight.srt_patches.pool_sizing import TARGET
+        from tests.test_pool_sizing import _kvc
+        out = {"registered": TARGET in HookRegistry._hooks, "patched": TARGET in HookRegistry._patched}
+        tw = ServerArgs(model_path=sys.argv[1], attention_backend="twilight", device="cpu")
+        fi = ServerArgs(model_path=sys.argv[1], attention_backend="flashinfer", device="cpu",
+                        page_size=16)
+        mc = ModelConfig.from_server_args(tw)
+        out["page_size"] = tw.page_size
+        with get_parallel().override(attn_tp_size=1):
+            out["twilight"] = DefaultPoolConfigurator(_kvc(tw, mc))._cell_size
+            out["flashinfer"] = DefaultPoolConfigurator(_kvc(fi, mc))._cell_size
+        print(json.dumps(out))
+        """
+    )
+    env = dict(os.environ)
+    env.pop(ENV_VAR, None)
+    env.pop("SGLANG_PLUGINS", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code, llama8b, root], capture_output=True,
+                       text=True, env=env, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"registered": True, "patched": True, "page_size": 16,
+                   "twilight": KV_CELL + SIDECAR, "flashinfer": KV_CELL}
