@@ -583,3 +583,22 @@ def test_step_hooks_and_stats(sglang_env, twilight_cfg, stub_parent, monkeypatch
     for lay in drv.layers:
         b.forward_decode(drv.rand(3, HQ * D), drv.rand(3, HKV, D), drv.rand(3, HKV, D), lay, fb)
     assert Rec.records == [(1, (3, HKV), 3, 2), (2, (3, HKV), 3, 2)]
+
+
+def test_warm_up_runs_every_store_specialization(sglang_env, twilight_cfg, monkeypatch):
+    """The backend compiles the store kernel for 1, a multiple of 16 and other token counts when
+    it is built (not in the first long prefill), and leaves the row counters at zero."""
+    seen = []
+    real = ops.store_sidecar
+
+    def spy(k_buffer, loc, *a, **kw):
+        seen.append(int(loc.numel()))
+        return real(k_buffer, loc, *a, **kw)
+
+    monkeypatch.setattr(ops, "store_sidecar", spy)
+    twilight_cfg(budget=64, min_sparse_len=32, min_budget=8, dense_layers=1)
+    from sglang_twilight.backend import TwilightAttnBackend
+
+    b = TwilightAttnBackend(_runner(sglang_env))
+    assert seen == [1, 16, 17]
+    assert b.twilight.sidecar.rows_written() == {1: 0, 2: 0}
