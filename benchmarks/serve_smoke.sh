@@ -105,6 +105,12 @@ def sh(cmd):
         return f"? ({e})"
 
 
+def _commit():
+    """HEAD, or $TWILIGHT_COMMIT where the device copy carries no .git."""
+    c = sh("git rev-parse HEAD 2>/dev/null")
+    return c if re.fullmatch(r"[0-9a-f]{40}", c or "") else os.environ.get("TWILIGHT_COMMIT", "unknown")
+
+
 def versions():
     from importlib.metadata import PackageNotFoundError, version
     out = {}
@@ -122,7 +128,7 @@ RESULT = {
     "script": "benchmarks/serve_smoke.sh",
     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(T0)),
     "card": sh("nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader"),
-    "git": {"commit": sh("git rev-parse HEAD"), "dirty": bool(sh("git status --porcelain -uno"))},
+    "git": {"commit": _commit(), "dirty": bool(sh("git status --porcelain -uno"))},
     "versions": versions(),
     "config": {
         "model": "Llama-3.1-8B shape (.gpubundle/llama8b-dummy), --load-format dummy",
