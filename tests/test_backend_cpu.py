@@ -33,6 +33,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.runtime_context import get_context, get_parallel, publish
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+from tests.models import write_tiny_llama
 
 P = 16
 HKV, G, D = 2, 2, 64
@@ -44,20 +45,8 @@ MAX_CTX = 512
 DTYPE = torch.bfloat16
 SM = 1.0 / math.sqrt(D)
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": HQ * D,
-    "intermediate_size": 128,
-    "num_attention_heads": HQ,
-    "num_key_value_heads": HKV,
-    "head_dim": D,
-    "num_hidden_layers": LAYERS,
-    "vocab_size": 256,
-    "max_position_embeddings": MAX_CTX,
-    "rms_norm_eps": 1e-5,
-    "torch_dtype": "bfloat16",
-}
+MODEL_CONFIG = dict(hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HKV,
+                    head_dim=D, num_hidden_layers=LAYERS, max_position_embeddings=MAX_CTX)
 
 _PARALLEL = dict(attn_tp_size=1, attn_tp_rank=0, tp_size=1, tp_rank=0, attn_cp_size=1,
                  attn_cp_rank=0, dcp_size=1, pp_size=1, pp_rank=0)
@@ -85,9 +74,8 @@ def sglang_env(tmp_path_factory):
     from sglang_twilight import plugin
 
     plugin.register()  # the --attention-backend choice
-    d = tmp_path_factory.mktemp("tiny-llama")
-    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
-    sa = ServerArgs(model_path=str(d), attention_backend="twilight", device="cpu", page_size=P)
+    d = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), **MODEL_CONFIG)
+    sa = ServerArgs(model_path=d, attention_backend="twilight", device="cpu", page_size=P)
     mc = ModelConfig.from_server_args(sa)
     with get_context().preserve_config():
         publish(sa, role="scheduler")

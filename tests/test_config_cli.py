@@ -16,6 +16,7 @@ import pytest
 
 import sglang_twilight
 from sglang_twilight import config as C
+from tests.models import write_tiny_llama
 from sglang_twilight import launch_server as L
 from sglang_twilight.config import (
     ENV_VAR,
@@ -338,9 +339,7 @@ def test_cli_passes_everything_else_to_sglang(tmp_path):
     """The full launcher path up to (not including) SGLang's run_server, with a tiny model
     config on CPU: the ServerArgs SGLang builds carry the twilight backend, the Twilight
     page size and the untouched pass-through flags; the config is in the environment."""
-    model = tmp_path / "tiny-llama"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+    model = write_tiny_llama(tmp_path / "tiny-llama")
     code = textwrap.dedent(
         """
         import json, os, sys
@@ -375,19 +374,6 @@ def test_cli_passes_everything_else_to_sglang(tmp_path):
     assert res["env"]["top_p"] == 0.85 and res["env"]["page_size"] == 32
 
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_hidden_layers": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "torch_dtype": "bfloat16",
-}
 
 
 # --------------------------------------------------------------------------- README / CI

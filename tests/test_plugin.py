@@ -15,28 +15,13 @@ from importlib.metadata import entry_points
 import pytest
 
 from sglang_twilight.config import ENV_VAR, TwilightConfig
+from tests.models import write_tiny_llama
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_hidden_layers": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "torch_dtype": "bfloat16",
-}
 
 
 @pytest.fixture
 def tiny_model(tmp_path):
-    d = tmp_path / "tiny-llama"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
-    return str(d)
+    return write_tiny_llama(tmp_path / "tiny-llama")
 
 
 def _env(**extra):
