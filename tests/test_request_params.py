@@ -76,7 +76,7 @@ def test_admit_reads_custom_params_and_falls_back(table):
         return SimpleNamespace(req_pool_idx=slot, sampling_params=SimpleNamespace(custom_params=cp))
 
     table.set(4, 0.3)  # a previous request's p in slot 4 must not survive
-    n = admit_requests([
+    n = table.admit([
         req(1, {"top_p_attn": 0.5, "__req__": object()}),
         req(2, None),
         req(3, {"top_p_attn": "0.7"}),
@@ -87,6 +87,10 @@ def test_admit_reads_custom_params_and_falls_back(table):
     assert n == 5
     exp = torch.tensor([0.95, 0.5, 0.95, 0.7, 0.95, 0.95, 0.95, 0.95, 0.95])
     assert torch.allclose(table.table, exp)
+    # the scheduler hook writes every live table of the process, this one included (other tests'
+    # tables may still be alive, so count at least one write per request)
+    assert admit_requests([req(6, {"top_p_attn": 0.2})]) >= 1
+    assert float(table.table[6]) == pytest.approx(0.2)
 
 
 def test_registry_is_weak():
