@@ -231,7 +231,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         stages["select+prune.fraction_of_bound"] = bound_ms / (stages["select"] + stages["prune"])
         stage_rows.append(dict(base, method="twilight", **stages))
         print(json.dumps(stage_rows[-1]), flush=True)
-    del inp
+    inp.clear()  # free this case's KV before the next one
     torch.cuda.empty_cache()
 
 

@@ -8,9 +8,9 @@ plan() whose work partition is made on the host from host-side lengths.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._launch import interpreting, next_pow2
 
 try:
     import triton
@@ -110,15 +110,12 @@ if triton is not None:
         tl.store(o_ptr + r * stride_or + (h * G + g) * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
 
 def attend_splits(num_rows: int, num_sms: int = 132) -> int:
     """Splits per row: enough programs to fill the GPU four times (gathers need many loads in
     flight), at most 16 (a power of two)."""
     want = max(1, -(-4 * num_sms // max(num_rows, 1)))
-    return min(16, _next_pow2(want))
+    return min(16, next_pow2(want))
 
 
 def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale,
@@ -126,7 +123,7 @@ def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_count
     R, Hq, D = q.shape
     H = k_buffer.shape[1]
     G = Hq // H
-    G_PAD = max(16, _next_pow2(G))
+    G_PAD = max(16, next_pow2(G))
     if splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
         splits = attend_splits(R * H, sms)
@@ -142,7 +139,7 @@ def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_count
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0),
         v_buffer.stride(1), kept_slots.stride(0), kept_slots.stride(1),
         H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, BLOCK_N=BLOCK_N,
-        DOT_F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4, num_stages=2,
+        DOT_F32=interpreting(), num_warps=4, num_stages=2,
     )
     _attend_reduce_kernel[(R * H, G)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1),

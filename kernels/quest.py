@@ -9,9 +9,9 @@ are the valid tokens of the chosen pages in ascending logical order.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._launch import interpreting, next_pow2
 
 try:
     import triton
@@ -221,12 +221,6 @@ if triton is not None:
         tl.store(count_ptr + r * H + h, tl.sum(ntok, 0))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, page_size,
@@ -242,8 +236,8 @@ def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_
         q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, out,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), req_to_token.stride(0),
         out.stride(0), out.stride(1),
-        H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, G_PAD=max(16, _next_pow2(G)),
-        DOT_F32=_interpreting(), num_warps=4,
+        H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, G_PAD=max(16, next_pow2(G)),
+        DOT_F32=interpreting(), num_warps=4,
     )
     return out
 
@@ -270,7 +264,7 @@ def quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq
         cand_pages = torch.zeros(R, H, K, dtype=torch.int32, device=q.device)
     if cand_counts is None:
         cand_counts = torch.empty(R, H, dtype=torch.int32, device=q.device)
-    NP_PAD = _next_pow2(max_pages)
+    NP_PAD = next_pow2(max_pages)
     _select_kernel[(R * H,)](
         scores, req_to_token, req_pool_indices, seq_lens, cand_pages, cand_counts,
         scores.stride(0), scores.stride(1), req_to_token.stride(0), cand_pages.stride(0),

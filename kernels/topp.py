@@ -2,16 +2,18 @@
 
 Top-p is found the way the paper's Algorithm 1 does it - a bisection on the threshold, no sort -
 but over the *bit pattern* of the fp32 weights: for non-negative floats the int32 bits are ordered
-like the values, so 31 integer halvings land exactly on the largest threshold ``t`` with
-``sum(w[w >= t]) >= target`` (no epsilon, no iteration count to tune). The kept set ``w >= t`` is
-the smallest set reaching the target; values tied at ``t`` are all kept.
+like the values, so integer halvings land exactly on the largest threshold ``t`` with
+``sum(w[w >= t]) >= target`` (no epsilon, no iteration count to tune). The reference halves the
+whole bit range (31 steps); the kernel halves between the smallest and largest keys still possible
+and stops when one is left (``quest._threshold_search``) - the same ``t``. The kept set ``w >= t``
+is the smallest set reaching the target; values tied at ``t`` are all kept.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._launch import interpreting, next_pow2
 
 try:
     import triton
@@ -256,12 +258,6 @@ if triton is not None:
         tl.store(kept_count_ptr + r * H + h, tl.sum(keep.to(tl.int32), 0))
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None,
@@ -278,7 +274,7 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
         q, kq, kscale, kzero, cand_slots, cand_counts, out, float(sm_scale),
         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0), kscale.stride(1),
         cand_slots.stride(0), cand_slots.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        H=H, G=G, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_N=BLOCK_N, DOT_F32=_interpreting(),
+        H=H, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_N=BLOCK_N, DOT_F32=interpreting(),
         P=max(page_size, 1), FROM_PAGES=page_size > 0, num_warps=4,
     )
     return out
@@ -302,7 +298,7 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         lo = torch.empty(R * H * G, dtype=torch.int32, device=scores.device)
     if tot is None:
         tot = torch.empty(R * H * G, dtype=torch.float32, device=scores.device)
-    C_PAD = _next_pow2(C)
+    C_PAD = next_pow2(C)
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
     _topp_head_kernel[(R * H * G,)](
         scores, cand_counts, pr, lo, tot, *strides, H=H, G=G, C_PAD=C_PAD,
@@ -324,7 +320,7 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
     if kept_slots is None:
         kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=cand_pages.device)
     ones = torch.ones(R, dtype=torch.float32, device=cand_pages.device)
-    C_PAD = _next_pow2(C)
+    C_PAD = next_pow2(C)
     # p = 1 rows never read the score buffers: pass the page list as a stand-in pointer
     _union_compact_kernel[(R * H,)](
         cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots, cand_counts,

@@ -16,6 +16,7 @@ from sglang_twilight.kernels import attend as _attend
 from sglang_twilight.kernels import int4 as _int4
 from sglang_twilight.kernels import quest as _quest
 from sglang_twilight.kernels import topp as _topp
+from sglang_twilight.kernels._launch import next_pow2
 
 __all__ = [
     "quantize_int4",
@@ -148,7 +149,7 @@ class DecodeWorkspace:
                if torch.device(device).type == "cuda" else 8)
         # the split count depends on R only; size the scratch for the worst R
         mid_rows = max(r * H * _attend.attend_splits(r * H, sms) for r in range(1, max_rows + 1))
-        g_pad = max(16, _attend._next_pow2(G))
+        g_pad = max(16, next_pow2(G))
         kw = dict(device=device)
         return cls(
             max_rows, H, G, head_dim, C, max_pages,
