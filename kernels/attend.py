@@ -110,7 +110,6 @@ if triton is not None:
         tl.store(o_ptr + r * stride_or + (h * G + g) * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-
 def attend_splits(num_rows: int, num_sms: int = 132) -> int:
     """Splits per row: enough programs to fill the GPU four times (gathers need many loads in
     flight), at most 16 (a power of two)."""

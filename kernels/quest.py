@@ -221,8 +221,6 @@ if triton is not None:
         tl.store(count_ptr + r * H + h, tl.sum(ntok, 0))
 
 
-
-
 def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, page_size,
                              max_pages, out=None):
     R, Hq, D = q.shape

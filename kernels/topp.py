@@ -258,8 +258,6 @@ if triton is not None:
         tl.store(kept_count_ptr + r * H + h, tl.sum(keep.to(tl.int32), 0))
 
 
-
-
 def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None,
                        page_size=0):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""

@@ -40,6 +40,8 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_twilight import ops
 from sglang_twilight.config import FLAGS, TwilightConfig, get_config
+from sglang_twilight.metrics import KeptStats
+from sglang_twilight.request_params import RequestTopP
 from sglang_twilight.sidecar import TwilightSidecarPool, attach_sidecar
 
 logger = logging.getLogger(__name__)
@@ -206,51 +208,6 @@ def workspace_rows(max_bs: int, num_kv_heads: int, group: int, head_dim: int, bu
     return lo
 
 
-# --------------------------------------------------------------------------- collaborators
-
-
-class _StaticTopP:
-    """Stand-in for ``sglang_twilight.request_params.RequestTopP`` while that module is missing:
-    every request gets the server's p. Same interface (``.table``, ``.rows``)."""
-
-    def __init__(self, num_req_slots: int, default_p: float, device):
-        self.table = torch.full((int(num_req_slots),), float(default_p), dtype=torch.float32,
-                                device=device)
-
-    def rows(self, req_pool_indices: torch.Tensor) -> torch.Tensor:
-        return self.table.index_select(0, req_pool_indices.to(torch.int64))
-
-
-def _missing(exc: ImportError, module: str) -> bool:
-    return isinstance(exc, ModuleNotFoundError) and exc.name == module
-
-
-def make_request_top_p(num_req_slots: int, default_p: float, device):
-    """``RequestTopP(num_req_slots, default_p, device)`` from ``sglang_twilight.request_params``
-    (the per-request p table the request hook fills), or a static stand-in if not installed."""
-    try:
-        from sglang_twilight.request_params import RequestTopP
-    except ImportError as e:
-        if not _missing(e, "sglang_twilight.request_params"):
-            raise
-        logger.warning("sglang-twilight: request_params module not found; per-request "
-                       "top_p_attn is ignored (every request uses p=%s)", default_p)
-        return _StaticTopP(num_req_slots, default_p, device)
-    return RequestTopP(num_req_slots, default_p, device)
-
-
-def make_kept_stats(layer_ids: List[int], max_rows: int, num_kv_heads: int, device):
-    """``KeptStats`` from ``sglang_twilight.metrics``, or ``None`` if not installed."""
-    try:
-        from sglang_twilight.metrics import KeptStats
-    except ImportError as e:
-        if not _missing(e, "sglang_twilight.metrics"):
-            raise
-        logger.info("sglang-twilight: metrics module not found; kept-token stats are off")
-        return None
-    return KeptStats(layer_ids, max_rows, num_kv_heads, device)
-
-
 # --------------------------------------------------------------------------- the sparse decoder
 
 
@@ -304,10 +261,11 @@ class TwilightDecoder:
         self.workspace: Optional[ops.DecodeWorkspace] = None
         self._retired: List[ops.DecodeWorkspace] = []  # never freed: graphs may point at them
         self.sparse_layer_ids: List[int] = list(self.sidecar.sparse_layer_ids)
-        self.top_p = make_request_top_p(req_to_token.shape[0], cfg.top_p, self.device)
-        self.kept_stats = make_kept_stats(self.sparse_layer_ids, self.max_rows,
-                                          self.num_kv_heads, self.device)
+        self.top_p = RequestTopP(req_to_token.shape[0], cfg.top_p, self.device)
+        self.kept_stats = KeptStats(self.sparse_layer_ids, self.max_rows, self.num_kv_heads,
+                                    self.device)
         self.last_kept: Optional[torch.Tensor] = None
+        self._captured = False  # a graph capture ran since the last real decode step
 
     # -- workspace
 
@@ -391,10 +349,9 @@ class TwilightDecoder:
                     q[s:e], k_buffer, v_buffer, *side.as_tuple(), self.req_to_token,
                     req_pool_indices[s:e], seq_lens[s:e], p_rows[s:e], out=out[s:e], **kw)
                 kept[s:e].copy_(kc)
-        if self.kept_stats is not None:
-            # padding rows of a graph batch use req-pool row 0, which no request ever gets
-            valid = (req_pool_indices != 0).sum()
-            self.kept_stats.record(layer_id, kept, bs, num_valid_rows=valid)
+        # padding rows of a graph batch use req-pool row 0, which no request ever gets
+        valid = (req_pool_indices != 0).sum()
+        self.kept_stats.record(layer_id, kept, bs, num_valid_rows=valid)
         self.last_kept = kept  # for tests / debugging (device tensor, no sync)
         return out
 
@@ -404,12 +361,9 @@ class TwilightDecoder:
 
     def on_step(self) -> None:
         """Host side, once per decode step, outside any graph."""
-        if self.kept_stats is None:
-            return
-        if getattr(self, "_captured", False):  # first real step after capture: drop dummy data
+        if self._captured:  # first real step after capture: drop the dummy batches' data
             self._captured = False
-            if hasattr(self.kept_stats, "reset"):
-                self.kept_stats.reset()
+            self.kept_stats.reset()
         self.kept_stats.on_step()
 
 
@@ -523,8 +477,6 @@ __all__ = [
     "check_layer",
     "check_model",
     "check_server_args",
-    "make_kept_stats",
-    "make_request_top_p",
     "workspace_bytes",
     "workspace_rows",
 ]
