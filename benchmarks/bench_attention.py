@@ -95,6 +95,16 @@ def flashinfer_dense(inp, H, G, D, dtype, sm):
     return lambda: w.run(inp["q"], (kc, vc), out=out), out
 
 
+def flat_rows(kept, kcnt, H):
+    """Kept slots as one row per (request, KV head) over the KV buffer viewed [slots * H, 1, D]
+    (token t, head h -> t * H + h): (indptr int32 [rows + 1], indices int32). Host-sized."""
+    indptr = torch.zeros(kcnt.numel() + 1, dtype=torch.int32, device=kept.device)
+    indptr[1:] = torch.cumsum(kcnt.reshape(-1), 0)
+    h = torch.arange(H, device=kept.device)[None, :, None]
+    valid = torch.arange(kept.shape[-1], device=kept.device)[None, None, :] < kcnt[:, :, None]
+    return indptr, (kept.long() * H + h)[valid].to(torch.int32)
+
+
 def flashinfer_sparse_attend(inp, kept, kcnt, H, G, D, dtype, sm):
     """Eager-only candidate for the attend stage: FlashInfer over (request, KV head) rows with
     page_size=1 views. Its plan() needs the counts on the host, so it cannot sit in a graph."""
@@ -103,13 +113,7 @@ def flashinfer_sparse_attend(inp, kept, kcnt, H, G, D, dtype, sm):
     bs = inp["q"].shape[0]
     ws = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
-    cnt = kcnt.reshape(-1)
-    indptr = torch.zeros(bs * H + 1, dtype=torch.int32, device="cuda")
-    indptr[1:] = torch.cumsum(cnt, 0)
-    h = torch.arange(H, device="cuda")[None, :, None]
-    idx_full = kept.long() * H + h  # token t, head h -> t*H + h
-    valid = torch.arange(kept.shape[-1], device="cuda")[None, None, :] < kcnt[:, :, None]
-    indices = idx_full[valid].to(torch.int32)
+    indptr, indices = flat_rows(kept, kcnt, H)
     last = torch.ones(bs * H, dtype=torch.int32, device="cuda")
     w.plan(indptr, indices, last, G, 1, D, 1, q_data_type=dtype, kv_data_type=dtype, sm_scale=sm)
     kc = inp["k"].view(-1, 1, 1, D)
@@ -128,12 +132,7 @@ def sglang_triton_attend(inp, kept, kcnt, H, G, D, dtype, sm):
 
     bs = inp["q"].shape[0]
     rows = bs * H
-    cnt = kcnt.reshape(-1)
-    indptr = torch.zeros(rows + 1, dtype=torch.int32, device="cuda")
-    indptr[1:] = torch.cumsum(cnt, 0)
-    h = torch.arange(H, device="cuda")[None, :, None]
-    valid = torch.arange(kept.shape[-1], device="cuda")[None, None, :] < kcnt[:, :, None]
-    indices = (kept.long() * H + h)[valid].to(torch.int32)
+    indptr, indices = flat_rows(kept, kcnt, H)
     splits = 8
     logits = torch.empty(rows, G, splits, D, dtype=torch.float32, device="cuda")
     lse = torch.empty(rows, G, splits, dtype=torch.float32, device="cuda")
