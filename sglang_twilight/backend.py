@@ -40,7 +40,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_twilight import ops
 from sglang_twilight.config import FLAGS, TwilightConfig, get_config
-from sglang_twilight.metrics import KeptStats
+from sglang_twilight.metrics import KeptStats, PrefillRowCounter
 from sglang_twilight.request_params import RequestTopP
 from sglang_twilight.sidecar import TwilightSidecarPool, attach_sidecar
 
@@ -230,7 +230,7 @@ class TwilightDecoder:
     def __init__(self, cfg: TwilightConfig, kv_pool: Any, req_to_token: torch.Tensor, *,
                  num_q_heads: int, num_kv_heads: int, head_dim: int, max_rows: int,
                  device: Any = None, backend: str = "triton",
-                 workspace_limit_bytes: Optional[int] = None):
+                 workspace_limit_bytes: Optional[int] = None, tp_rank: int = 0):
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
                              f"{num_kv_heads}")
@@ -263,7 +263,8 @@ class TwilightDecoder:
         self.sparse_layer_ids: List[int] = list(self.sidecar.sparse_layer_ids)
         self.top_p = RequestTopP(req_to_token.shape[0], cfg.top_p, self.device)
         self.kept_stats = KeptStats(self.sparse_layer_ids, self.max_rows, self.num_kv_heads,
-                                    self.device)
+                                    self.device, tp_rank=tp_rank)
+        self.prefill_rows = PrefillRowCounter(tp_rank=tp_rank)
         self.last_kept: Optional[torch.Tensor] = None
         self._captured = False  # a graph capture ran since the last real decode step
 
@@ -314,10 +315,13 @@ class TwilightDecoder:
             self.sidecar.write(lid, loc)
         self.sidecar.reset_counters()
 
-    def write(self, layer_id: int, loc: torch.Tensor) -> bool:
-        """Sidecar rows for the slots ``loc`` of ``layer_id`` (K already in the pool)."""
+    def write(self, layer_id: int, loc: torch.Tensor, extend: bool = False) -> bool:
+        """Sidecar rows for the slots ``loc`` of ``layer_id`` (K already in the pool).
+        ``extend``: a prefill/extend batch; the first sparse layer's rows are counted."""
         if loc is None or loc.numel() == 0:
             return False
+        if extend and layer_id == self.sparse_layer_ids[0]:
+            self.prefill_rows.add(loc.numel())  # a host-side shape: no sync
         return self.sidecar.write(layer_id, loc)
 
     def decode(self, q: torch.Tensor, layer_id: int, sm_scale: float,
@@ -382,7 +386,8 @@ class TwilightAttnBackend(FlashInferAttnBackend):
 
         from sglang.srt.runtime_context import get_parallel
 
-        tp = get_parallel().attn_tp_size
+        par = get_parallel()
+        tp = par.attn_tp_size
         mc = model_runner.model_config
         num_q = mc.num_attention_heads // tp
         num_kv = mc.get_num_kv_heads(tp)
@@ -392,7 +397,7 @@ class TwilightAttnBackend(FlashInferAttnBackend):
         self.twilight = TwilightDecoder(
             cfg, model_runner.token_to_kv_pool, model_runner.req_to_token_pool.req_to_token,
             num_q_heads=num_q, num_kv_heads=num_kv, head_dim=mc.head_dim, max_rows=eager_rows,
-            backend="triton")
+            backend="triton", tp_rank=int(par.tp_rank))
         self.twilight.warm_up()
         self._checked_layers: set = set()
         logger.info(
@@ -444,7 +449,7 @@ class TwilightAttnBackend(FlashInferAttnBackend):
         if sparse:
             # The new slots' K is in the pool now: either the parent wrote it, or the model
             # wrote it itself (fused rope + KV store, save_kv_cache=False).
-            self.twilight.write(layer.layer_id, forward_batch.out_cache_loc)
+            self.twilight.write(layer.layer_id, forward_batch.out_cache_loc, extend=True)
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

@@ -57,18 +57,25 @@ def bin_edges(exact_below: int = EXACT_BELOW, per_octave: int = BINS_PER_OCTAVE,
     return edges
 
 
-_GAUGES: dict[int, Any] = {}  # id(registry) or 0 (default registry) -> Gauge, once per process
+ROWS_GAUGE_NAME = "sglang_twilight_sidecar_prefill_rows"
+ROWS_GAUGE_DOC = (
+    "Sidecar rows (int4 key + scale/zero) written by prefill/extend batches since start, in the "
+    "first sparse layer: one per new KV slot, none for slots of a cached prefix"
+)
+
+# (name, id(registry) or 0 for the default registry) -> Gauge, once per process
+_GAUGES: dict[tuple[str, int], Any] = {}
 
 
-def _gauge(registry: Any = None) -> Any:
-    key = 0 if registry is None else id(registry)
+def _gauge(registry: Any = None, name: str = GAUGE_NAME, doc: str = GAUGE_DOC,
+           labels: tuple[str, ...] = ("tp_rank", "layer", "stat")) -> Any:
+    key = (name, 0 if registry is None else id(registry))
     g = _GAUGES.get(key)
     if g is None:
         from prometheus_client import Gauge
 
         kw = {} if registry is None else {"registry": registry}
-        g = Gauge(GAUGE_NAME, GAUGE_DOC, labelnames=("tp_rank", "layer", "stat"),
-                  multiprocess_mode="mostrecent", **kw)
+        g = Gauge(name, doc, labelnames=labels, multiprocess_mode="mostrecent", **kw)
         _GAUGES[key] = g
     return g
 
@@ -226,6 +233,24 @@ class KeptStats:
                     self._gauge.labels(tp_rank=self.tp_rank, layer=str(lid), stat=stat).set(s[stat])
 
 
+class PrefillRowCounter:
+    """Sidecar rows written by prefill/extend batches (host-side count of new slots, exact: an
+    extend's ``out_cache_loc`` length is known on the host). Published as the gauge
+    ``sglang_twilight_sidecar_prefill_rows{tp_rank}`` when metrics are on, so a client can see
+    that a prefix-cache hit writes rows only for the request's new tokens."""
+
+    def __init__(self, *, metrics: Optional[bool] = None, registry: Any = None, tp_rank: int = 0):
+        self.total = 0
+        self.tp_rank = str(tp_rank)
+        on = metrics_enabled() if metrics is None else bool(metrics)
+        self._gauge = _gauge(registry, ROWS_GAUGE_NAME, ROWS_GAUGE_DOC, ("tp_rank",)) if on else None
+
+    def add(self, n: int) -> None:
+        self.total += int(n)
+        if self._gauge is not None:
+            self._gauge.labels(tp_rank=self.tp_rank).set(self.total)
+
+
 def stats_from_histogram(hist: torch.Tensor, totals: torch.Tensor,
                          edges: Sequence[int]) -> list[Optional[dict[str, float]]]:
     """Per row of ``hist [L, bins]`` (counts over ``edges``) and its exact sum ``totals [L]``:
@@ -260,4 +285,4 @@ def stats_from_histogram(hist: torch.Tensor, totals: torch.Tensor,
     return out
 
 
-__all__ = ["GAUGE_NAME", "KeptStats", "bin_edges", "metrics_enabled", "stats_from_histogram"]
+__all__ = ["GAUGE_NAME", "KeptStats", "PrefillRowCounter", "ROWS_GAUGE_NAME", "bin_edges", "metrics_enabled", "stats_from_histogram"]

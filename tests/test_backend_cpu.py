@@ -521,6 +521,7 @@ def test_extend_writes_only_new_slots(sglang_env, twilight_cfg, stub_parent):
     for lay in drv.layers:
         b.forward_extend(drv.rand(20, HQ * D), drv.rand(20, HKV, D), drv.rand(20, HKV, D), lay, fb)
     assert side.rows_written() == {1: 84, 2: 84}  # dense layer 0 has no sidecar
+    assert b.twilight.prefill_rows.total == 84  # what the server's prefill-rows gauge shows
     after = side.layer(1).as_tuple()
     s = shared.long()
     assert torch.equal(after[0][s], before[0][s]) and torch.equal(after[1][s], before[1][s])

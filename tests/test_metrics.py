@@ -14,7 +14,8 @@ import textwrap
 import pytest
 import torch
 
-from sglang_twilight.metrics import GAUGE_NAME, KeptStats, bin_edges, stats_from_histogram
+from sglang_twilight.metrics import (GAUGE_NAME, ROWS_GAUGE_NAME, KeptStats, PrefillRowCounter,
+                                     bin_edges, stats_from_histogram)
 
 
 def nearest_rank(values, q):
@@ -243,3 +244,17 @@ def test_record_inside_cuda_graph():
     assert report[2]["count"] == len(fed) and report[3]["count"] == len(fed)
     assert report[2]["mean"] == pytest.approx(sum(fed) / len(fed))
     assert report[2]["p50"] == nearest_rank(fed, 0.5) and report[2]["p99"] == nearest_rank(fed, 0.99)
+
+
+def test_prefill_row_counter_gauge():
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    c = PrefillRowCounter(metrics=True, registry=reg, tp_rank=1)
+    c.add(4096)
+    c.add(300)
+    assert c.total == 4396
+    assert reg.get_sample_value(ROWS_GAUGE_NAME, {"tp_rank": "1"}) == 4396
+    off = PrefillRowCounter(metrics=False)
+    off.add(5)
+    assert off.total == 5 and off._gauge is None

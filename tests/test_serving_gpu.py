@@ -7,7 +7,8 @@ Needs CUDA (marked ``gpu``) and ``TWILIGHT_TEST_MODEL``: a model folder, e.g. th
 ``/tmp/llama8b-dummy`` (copy of ``.gpubundle/llama8b-dummy``; served with ``--load-format dummy``,
 the default of ``TWILIGHT_TEST_LOAD_FORMAT``) or a real checkpoint with
 ``TWILIGHT_TEST_LOAD_FORMAT=auto``. Knobs: ``TWILIGHT_TEST_PORT`` (30100),
-``TWILIGHT_TEST_MEM_FRACTION`` (0.8), ``TWILIGHT_TEST_START_TIMEOUT`` (600 s). Server logs go to
+``TWILIGHT_TEST_MEM_FRACTION`` (0.8), ``TWILIGHT_TEST_START_TIMEOUT`` (600 s). The twilight server's KV
+pool is capped at ``POOL_TOKENS`` so that a few long prompts evict cached prefixes. Server logs go to
 ``$OUT`` (or the pytest tmp dir).
 
 Dense vs twilight with dummy weights: prefill is FlashInfer in both backends, so the first
@@ -42,6 +43,8 @@ LOAD_FORMAT = os.environ.get("TWILIGHT_TEST_LOAD_FORMAT", "dummy")
 MEM = os.environ.get("TWILIGHT_TEST_MEM_FRACTION", "0.8")
 START_TIMEOUT = float(os.environ.get("TWILIGHT_TEST_START_TIMEOUT", "600"))
 CTX = 8192
+POOL_TOKENS = 40960  # twilight server: small enough that ~6 distinct 7k prompts evict the cache
+ROWS_GAUGE = "sglang_twilight_sidecar_prefill_rows"
 
 if not MODEL:
     pytest.skip("set TWILIGHT_TEST_MODEL to a model folder (e.g. /tmp/llama8b-dummy)",
@@ -171,7 +174,8 @@ def _twilight_argv(port, tmpl, *extra):
     # p = 1 and B0 >= context: every token kept, so decode must equal dense attention
     return [sys.executable, "-m", "sglang_twilight.launch_server"] + _common(port, tmpl) + [
         "--top-p-attn", "1.0", "--twilight-budget", str(CTX), "--twilight-min-seq-len", "0",
-        "--twilight-min-budget", "1"] + list(extra)
+        "--twilight-min-budget", "1", "--max-total-tokens", str(POOL_TOKENS),
+        "--enable-metrics"] + list(extra)
 
 
 def _dense_argv(port, tmpl):
@@ -265,7 +269,19 @@ def test_greedy_matches_dense(servers):
     assert not bad, bad
 
 
+def _prefill_rows(srv) -> float:
+    """The sidecar rows written by prefill/extend so far (first sparse layer), from /metrics."""
+    with urllib.request.urlopen(srv.base + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    vals = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(ROWS_GAUGE + "{")]
+    assert vals, f"{ROWS_GAUGE} not in /metrics"
+    return sum(vals)
+
+
 def test_shared_prefix_reuses_cache_and_matches_no_hit(servers):
+    """The second of two requests sharing a 4k prefix hits the radix cache, writes sidecar rows
+    only for its own new tokens, and decodes like the same request with no cache hit."""
     tw = servers[0]
     rng = random.Random(11)
     prefix = [rng.randrange(1000, 30000) for _ in range(4096)]
@@ -273,8 +289,13 @@ def test_shared_prefix_reuses_cache_and_matches_no_hit(servers):
     b = prefix + [rng.randrange(1000, 30000) for _ in range(300)]
     assert tw.post("/flush_cache", {})[0] == 200
     tw.generate(a, n=4, logprobs=False)
+    rows0 = _prefill_rows(tw)
     hit = tw.generate(b, n=N_NEW)
-    assert hit["meta_info"].get("cached_tokens", 0) >= 4096 - 16, hit["meta_info"]
+    cached = hit["meta_info"].get("cached_tokens", 0)
+    assert cached >= 4096 - 16, hit["meta_info"]
+    rows1 = _prefill_rows(tw)
+    print(f"prefix hit: cached {cached} of {len(b)}, sidecar rows written {rows1 - rows0:.0f}")
+    assert rows1 - rows0 == len(b) - cached, (rows0, rows1, cached)
     assert tw.post("/flush_cache", {})[0] == 200
     miss = tw.generate(b, n=N_NEW)
     assert miss["meta_info"].get("cached_tokens", 0) == 0
@@ -354,3 +375,24 @@ def test_eager_equals_graph(servers, tmp_path):
             assert abs(_lps(g)[j] - _lps(e)[j]) < 0.05 + 0.02 * abs(_lps(e)[j])
         if n < 8:
             log.warning("graph vs eager diverge at token %d: %s vs %s", n, _top(g, n), _top(e, n))
+
+
+def test_evicted_slots_serve_no_stale_sidecar(servers):
+    """Under eviction pressure, a prompt whose slots were freed and handed to other requests is
+    served exactly as on its first run. p = 0.5 makes the kept set depend on the sidecar's int4
+    keys, so stale rows in reused slots would change it."""
+    tw = servers[0]
+    rng = random.Random(23)
+    x = [rng.randrange(1000, 30000) for _ in range(6000)]
+    sp = {"custom_params": {"top_p_attn": 0.5}}
+    assert tw.post("/flush_cache", {})[0] == 200
+    first = tw.generate(x, n=N_NEW, **sp)
+    assert first["meta_info"].get("cached_tokens", 0) == 0
+    for _ in range(POOL_TOKENS // 7000 + 2):  # distinct prompts: the pool must recycle x's slots
+        tw.generate([rng.randrange(1000, 30000) for _ in range(7000)], n=4, logprobs=False, **sp)
+    again = tw.generate(x, n=N_NEW, **sp)
+    assert again["meta_info"].get("cached_tokens", 0) < 16, "x was not evicted; raise the pressure"
+    assert _ids(again) == _ids(first)
+    diff = max(abs(u - v) for u, v in zip(_lps(again), _lps(first)))
+    print(f"after eviction: same {N_NEW} tokens, max logprob diff {diff:.2e}")
+    assert diff < 1e-3

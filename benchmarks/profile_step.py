@@ -1,0 +1,89 @@
+"""Per-kernel GPU time of one Twilight decode step (one layer), from the CUDA profiler.
+
+Same inputs as ``bench_attention.py`` (Llama-3.1-8B layer shapes, its key law); the step runs
+eagerly under ``torch.profiler`` and every kernel's device time is averaged over the steps, so
+the stage totals of ``bench_attention.py`` can be split into kernels (the graph replay time is
+printed beside them).
+
+Usage: python benchmarks/profile_step.py --batches 8,64 --context 32768 --out prof.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import PAGE, graph_ms, make_inputs  # noqa: E402
+
+from sglang_twilight import ops  # noqa: E402
+
+
+def profile_case(bs, ctx, steps, top_p, budget, H=8, G=4, D=128, dtype=torch.bfloat16):
+    inp = make_inputs(bs, ctx, H, G, D, dtype, "cuda")
+    sm = 1 / math.sqrt(D)
+    ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
+    pr = torch.full((bs,), top_p, dtype=torch.float32, device="cuda")
+    out = torch.empty_like(inp["q"])
+    sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"])
+    loc = inp["slots"][:, -1].contiguous()
+
+    def step():
+        ops.store_sidecar(inp["k"], loc, *sc, PAGE, backend="triton")
+        ops.twilight_decode(inp["q"], inp["k"], inp["v"], *sc, inp["r2t"], inp["rpi"], inp["seq"],
+                            pr, budget=budget, page_size=PAGE, sm_scale=sm, min_budget=1,
+                            max_budget=0, backend="triton", workspace=ws, out=out)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    graph = graph_ms(step)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    calls = defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            calls[ev.name] += 1
+    kernels = sorted(((n, t / steps, calls[n] // steps) for n, t in per.items()), key=lambda x: -x[1])
+    kept = float(ws.kept_counts[:bs].float().mean())
+    inp.clear()
+    torch.cuda.empty_cache()
+    return dict(batch=bs, context=ctx, graph_ms=graph, kept_tokens=kept,
+                kernels=[dict(name=n, us=round(u, 2), calls=c) for n, u, c in kernels])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="8,64")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--budget", type=int, default=8192)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    res = []
+    for bs in map(int, args.batches.split(",")):
+        r = profile_case(bs, args.context, args.steps, args.top_p, args.budget)
+        res.append(r)
+        print(f"batch {bs} x {args.context}: graph {r['graph_ms']:.4f} ms, kept {r['kept_tokens']:.0f}")
+        for k in r["kernels"]:
+            print(f"  {k['us']:9.2f} us  x{k['calls']}  {k['name'][:90]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(), command="python " + " ".join(sys.argv),
+                           commit=os.environ.get("TWILIGHT_COMMIT", "unknown"), cases=res), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
