@@ -105,43 +105,45 @@ if triton is not None:
         q_ptr, kmax_ptr, kmin_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, out_ptr,
         stride_qr, stride_qh, stride_bp, stride_bh, stride_r2t, stride_or, stride_oh,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-        BLOCK_P: tl.constexpr, G_PAD: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_P: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, G_PAD: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
-        """One program: one (request, kv head) x BLOCK_P logical pages -> scores (-inf past end).
+        """One program: one (request, kv head) x ITERS blocks of BLOCK_P logical pages -> scores
+        (-inf past end), the blocks software-pipelined (STAGES).
 
         sum_d max(q_d M_d, q_d m_d) = relu(q) . M + min(q, 0) . m: two tensor-core dots.
         """
         rh = tl.program_id(0)
-        pb = tl.program_id(1)
+        start = tl.program_id(1) * (BLOCK_P * ITERS)
         r = rh // H
         h = rh % H
         seq = tl.load(seqlen_ptr + r)
         n_pages = (seq + P - 1) // P
-        j = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-        if pb * BLOCK_P >= n_pages:
+        if start >= n_pages:
             return
-        jm = j < n_pages
         rpi = tl.load(rpi_ptr + r).to(tl.int64)
-        slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=jm, other=0).to(tl.int64)
-        page = slot // P
         d = tl.arange(0, D)
         g = tl.arange(0, G_PAD)
         gm = g < G
-        bp = page[:, None] * stride_bp + h * stride_bh + d[None, :]
-        bmax = tl.load(kmax_ptr + bp, mask=jm[:, None], other=0.0)  # [BP, D]
-        bmin = tl.load(kmin_ptr + bp, mask=jm[:, None], other=0.0)
         qv = tl.load(q_ptr + r * stride_qr + (h * G + g)[:, None] * stride_qh + d[None, :],
                      mask=gm[:, None], other=0.0)  # [G_PAD, D]
         if DOT_F32:  # the CPU interpreter has no bf16 dot
-            bmax = bmax.to(tl.float32)
-            bmin = bmin.to(tl.float32)
             qv = qv.to(tl.float32)
-        qpos = tl.maximum(qv, 0.0).to(bmax.dtype)  # exact: relu of a bf16/fp16 value
-        qneg = tl.minimum(qv, 0.0).to(bmax.dtype)
-        s = tl.dot(bmax, tl.trans(qpos)) + tl.dot(bmin, tl.trans(qneg))  # [BP, G_PAD] fp32
-        s = tl.where(gm[None, :], s, float("-inf"))
-        best = tl.max(s, 1)
-        tl.store(out_ptr + r * stride_or + h * stride_oh + j, best, mask=jm)
+        qposT = tl.trans(tl.maximum(qv, 0.0).to(qv.dtype))  # exact: relu of a bf16/fp16 value
+        qnegT = tl.trans(tl.minimum(qv, 0.0).to(qv.dtype))
+        for it in tl.range(0, ITERS, num_stages=STAGES):
+            j = start + it * BLOCK_P + tl.arange(0, BLOCK_P)
+            jm = j < n_pages
+            slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=jm, other=0).to(tl.int64)
+            bp = (slot // P)[:, None] * stride_bp + h * stride_bh + d[None, :]
+            bmax = tl.load(kmax_ptr + bp, mask=jm[:, None], other=0.0)  # [BP, D]
+            bmin = tl.load(kmin_ptr + bp, mask=jm[:, None], other=0.0)
+            if DOT_F32:
+                bmax = bmax.to(tl.float32)
+                bmin = bmin.to(tl.float32)
+            s = tl.dot(bmax, qposT) + tl.dot(bmin, qnegT)  # [BP, G_PAD] fp32
+            s = tl.where(gm[None, :], s, float("-inf"))
+            tl.store(out_ptr + r * stride_or + h * stride_oh + j, tl.max(s, 1), mask=jm)
 
     @triton.jit
     def _f32_key(x):
@@ -226,18 +228,22 @@ def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_
     R, Hq, D = q.shape
     H = kmax.shape[1]
     G = Hq // H
-    BLOCK_P = 64
-    NP = -(-max_pages // BLOCK_P) * BLOCK_P
+    cfg = PAGE_SCORES_CONFIG
+    BLOCK_P, ITERS = cfg["BLOCK_P"], cfg["ITERS"]
     if out is None:
-        out = torch.empty(R, H, NP, dtype=torch.float32, device=q.device)
-    _page_scores_kernel[(R * H, NP // BLOCK_P)](
+        out = torch.empty(R, H, max_pages, dtype=torch.float32, device=q.device)
+    _page_scores_kernel[(R * H, triton.cdiv(max_pages, BLOCK_P * ITERS))](
         q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, out,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), req_to_token.stride(0),
         out.stride(0), out.stride(1),
-        H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, G_PAD=max(16, next_pow2(G)),
-        DOT_F32=interpreting(), num_warps=4,
+        H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, ITERS=ITERS, STAGES=cfg["STAGES"],
+        G_PAD=max(16, next_pow2(G)), DOT_F32=interpreting(), num_warps=cfg["num_warps"],
     )
     return out
+
+
+# launch shape of the page scores (tuned on the H100 by benchmarks/tune_kernels.py)
+PAGE_SCORES_CONFIG = dict(BLOCK_P=64, ITERS=1, STAGES=1, num_warps=4)
 
 
 def quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget,
@@ -267,9 +273,14 @@ def quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq
         scores, req_to_token, req_pool_indices, seq_lens, cand_pages, cand_counts,
         scores.stride(0), scores.stride(1), req_to_token.stride(0), cand_pages.stride(0),
         cand_pages.stride(1), H=H, P=page_size, K=K, NP_PAD=NP_PAD,
-        num_warps=4 if NP_PAD <= 1024 else 8,
+        num_warps=SELECT_WARPS.get(NP_PAD, 4 if NP_PAD <= 1024 else 8),
     )
     return cand_pages, cand_counts
+
+
+# warps of the top-K page kernel by padded page count (tuned on the H100 by
+# benchmarks/tune_kernels.py); others: 4 up to 1024 pages, else 8
+SELECT_WARPS: dict[int, int] = {}
 
 
 def pages_to_slots(cand_pages, cand_counts, page_size):

@@ -126,7 +126,7 @@ def twilight_prune_ref(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scal
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
-    from .quest import _f32_key, _threshold_search, _topk_mask
+    from .quest import _f32_key, _sum_min_max, _threshold_search, _topk_mask
 
     @triton.jit
     def _candidate_slots(base, n, nm, P: tl.constexpr, FROM_PAGES: tl.constexpr):
@@ -143,26 +143,25 @@ if triton is not None:
         stride_qr, stride_qh, stride_kqs, stride_kqh, stride_ss, stride_sh, stride_cr, stride_ch,
         stride_or, stride_oh, stride_og,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
+        BLOCK_N: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, SZ_PAIRED: tl.constexpr,
+        DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
     ):
-        """Grid (R*H, C/BLOCK_N): s = sm_scale * (scale * q.codes + zero * sum(q)).
+        """Grid (R*H, C/(BLOCK_N*ITERS)): s = sm_scale * (scale * q.codes + zero * sum(q)).
 
         q.codes = codes_lo . q_even + codes_hi . q_odd: two tensor-core dots over the group's heads
-        (codes 0..15 are exact in bf16/fp16, products accumulate in fp32).
+        (codes 0..15 are exact in bf16/fp16, products accumulate in fp32). A program walks ITERS
+        blocks of BLOCK_N candidates, software-pipelined (STAGES), so the next block's gathers are
+        in flight while this one is converted and multiplied. ``SZ_PAIRED``: zero is stored right
+        after scale (the sidecar's interleaved buffer), read as one 32-bit word.
         """
         rh = tl.program_id(0)
-        nb = tl.program_id(1)
+        start = tl.program_id(1) * (BLOCK_N * ITERS)
         r = rh // H
         h = rh % H
         count = tl.load(count_ptr + r * H + h)
-        if nb * BLOCK_N >= count:
+        if start >= count:
             return
-        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = n < count
-        slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, n, nm, P, FROM_PAGES)
         half = tl.arange(0, D // 2)
-        packed = tl.load(kq_ptr + slot[:, None] * stride_kqs + h * stride_kqh + half[None, :],
-                         mask=nm[:, None], other=0)
         g = tl.arange(0, G_PAD)
         gm = g < G
         qb = q_ptr + r * stride_qr + (h * G + g)[:, None] * stride_qh
@@ -172,25 +171,91 @@ if triton is not None:
         if DOT_F32:  # the CPU interpreter has no bf16 dot
             qe = qe.to(tl.float32)
             qo = qo.to(tl.float32)
-        lo = (packed & 0x0F).to(qe.dtype)
-        hi = (packed >> 4).to(qe.dtype)
-        dot = tl.dot(lo, tl.trans(qe)) + tl.dot(hi, tl.trans(qo))  # [BLOCK_N, G_PAD] fp32
-        sc = tl.load(ks_ptr + slot * stride_ss + h * stride_sh, mask=nm, other=0.0).to(tl.float32)
-        zr = tl.load(kz_ptr + slot * stride_ss + h * stride_sh, mask=nm, other=0.0).to(tl.float32)
-        s = (sc[:, None] * dot + zr[:, None] * qsum[None, :]) * sm_scale
-        optr = out_ptr + r * stride_or + h * stride_oh + g[None, :] * stride_og + n[:, None]
-        tl.store(optr, s, mask=nm[:, None] & gm[None, :])
+        qeT = tl.trans(qe)
+        qoT = tl.trans(qo)
+        cbase = cand_ptr + r * stride_cr + h * stride_ch
+        obase = out_ptr + r * stride_or + h * stride_oh + g[None, :] * stride_og
+        for it in tl.range(0, ITERS, num_stages=STAGES):
+            n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
+            nm = n < count
+            slot = _candidate_slots(cbase, n, nm, P, FROM_PAGES)
+            packed = tl.load(kq_ptr + slot[:, None] * stride_kqs + h * stride_kqh + half[None, :],
+                             mask=nm[:, None], other=0)
+            szp = slot * stride_ss + h * stride_sh
+            if SZ_PAIRED:
+                w = tl.load((ks_ptr + szp).to(tl.pointer_type(tl.int32)), mask=nm, other=0)
+                sc = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                zr = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            else:
+                sc = tl.load(ks_ptr + szp, mask=nm, other=0.0).to(tl.float32)
+                zr = tl.load(kz_ptr + szp, mask=nm, other=0.0).to(tl.float32)
+            lo = (packed & 0x0F).to(qe.dtype)
+            hi = (packed >> 4).to(qe.dtype)
+            dot = tl.dot(lo, qeT) + tl.dot(hi, qoT)  # [BLOCK_N, G_PAD] fp32
+            s = (sc[:, None] * dot + zr[:, None] * qsum[None, :]) * sm_scale
+            tl.store(obase + n[:, None], s, mask=nm[:, None] & gm[None, :])
+
+    @triton.jit
+    def _streaming_search(buf, n, target, CHUNK: tl.constexpr):
+        """``_threshold_search`` over the non-negative fp32 values ``buf[:n]`` (every entry
+        present, key = its bits), read in chunks from global memory at each step instead of held
+        in registers: for rows with too many entries above the floor to keep on chip."""
+        c = tl.arange(0, CHUNK)
+        lo_key = tl.full([], 2147483647, tl.int32)
+        hi_key = tl.full([], -1, tl.int32)
+        for st in range(0, n, CHUNK):
+            m = st + c < n
+            k = tl.load(buf + st + c, mask=m, other=0.0).to(tl.int32, bitcast=True)
+            lo_key = tl.minimum(lo_key, tl.min(tl.where(m, k, 2147483647), 0))
+            hi_key = tl.maximum(hi_key, tl.max(tl.where(m, k, -1), 0))
+        while lo_key < hi_key:
+            lo64 = lo_key.to(tl.int64)
+            mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 1) // 2).to(tl.int32)
+            mass = tl.zeros([], tl.float32)
+            a = tl.full([], 2147483647, tl.int32)
+            b = tl.full([], -1, tl.int32)
+            for st in range(0, n, CHUNK):
+                m = st + c < n
+                v = tl.load(buf + st + c, mask=m, other=0.0)
+                k = v.to(tl.int32, bitcast=True)
+                ge = m & (k >= mid)
+                ms, aa, bb = tl.reduce(
+                    (tl.where(ge, v, 0.0), tl.where(ge, k, 2147483647),
+                     tl.where(m & (k < mid), k, -1)), 0, _sum_min_max)
+                mass += ms
+                a = tl.minimum(a, aa)
+                b = tl.maximum(b, bb)
+            ok = mass >= target
+            lo_key = tl.where(ok, a, lo_key)
+            hi_key = tl.where(ok, hi_key, b)
+        return lo_key
+
+    @triton.jit
+    def _block_search(buf, n, target, W: tl.constexpr):
+        """``_threshold_search`` over the ``n <= W`` non-negative fp32 values ``buf[:n]``, held
+        in registers."""
+        k = tl.arange(0, W)
+        km = k < n
+        v = tl.load(buf + k, mask=km, other=0.0)
+        return _threshold_search(tl.where(km, v.to(tl.int32, bitcast=True), -1), v, target, -1,
+                                 2147483647)
 
     @triton.jit
     def _topp_head_kernel(
-        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, stride_sr, stride_sh, stride_sg,
-        H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
+        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, scratch_ptr, stride_sr, stride_sh, stride_sg,
+        H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
+        MID: tl.constexpr, SCRATCH: tl.constexpr,
     ):
         """One program per (request, q head): e = exp(s - max) in place, then the top-p threshold.
 
         Bisection over the int32 bits of e (non-negative floats order like their bits): ends on
         the largest threshold whose kept mass reaches p * sum(e), exactly; ``lo`` is written per
-        head.
+        head. Only entries above the droppable floor can be kept: they are compacted into the
+        head's scratch (SCRATCH values) as e is written, and searched there in registers, in a
+        block of SMALL or (when more) MID values; a head with more than that searches its whole
+        row chunk by chunk (slow, each step re-reads the row: for nearly flat rows only). The
+        row itself is read in CHUNK pieces, so no full row sits in registers (that kept one
+        program per SM).
         """
         pid = tl.program_id(0)
         r = pid // (H * G)
@@ -198,21 +263,39 @@ if triton is not None:
         g = pid % G
         count = tl.load(count_ptr + r * H + h)
         p = tl.load(p_ptr + r)
-        idx = tl.arange(0, C_PAD)
-        valid = idx < count
-        sp = s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx
-        s = tl.load(sp, mask=valid, other=float("-inf"))
-        m = tl.max(s, 0)
-        e = tl.where(valid, tl.exp(s - m), 0.0)
-        tot = tl.sum(e, 0)
+        row = s_ptr + r * stride_sr + h * stride_sh + g * stride_sg
+        c = tl.arange(0, CHUNK)
+        m = tl.full([], float("-inf"), tl.float32)
+        for st in range(0, count, CHUNK):
+            s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+            m = tl.maximum(m, tl.max(s, 0))
+        tot = tl.zeros([], tl.float32)
+        for st in range(0, count, CHUNK):
+            s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+            tot += tl.sum(tl.exp(s - m), 0)
+        # entries under (1 - p) * tot / count can never be kept: together they weigh less than
+        # the mass top-p may drop, so the search only looks at the ones above
+        floor = tl.where(p < 1.0, (1.0 - p) * tot / count.to(tl.float32) * 0.999, float("inf"))
+        buf = scratch_ptr + pid.to(tl.int64) * SCRATCH
+        n_surv = tl.zeros([], tl.int32)
+        for st in range(0, count, CHUNK):
+            msk = st + c < count
+            e = tl.exp(tl.load(row + st + c, mask=msk, other=float("-inf")) - m)
+            tl.store(row + st + c, e, mask=msk)
+            surv = msk & (e >= floor)
+            pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
+            tl.store(buf + pos, e, mask=surv & (pos < SCRATCH))
+            n_surv += tl.sum(surv.to(tl.int32), 0)
         lo = tl.zeros([], tl.int32)
         if p < 1.0:
-            # entries under (1 - p) * tot / count can never be kept: together they weigh less
-            # than the mass top-p may drop, so the search starts above them
-            floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
-            key = tl.where(valid & (e >= floor), e.to(tl.int32, bitcast=True), -1)
-            lo = _threshold_search(key, e, p * tot, -1, 2147483647)
-        tl.store(sp, e, mask=valid)
+            tl.debug_barrier()  # this program's stores are visible to all its threads
+            target = p * tot
+            if n_surv <= SMALL:
+                lo = _block_search(buf, n_surv, target, SMALL)
+            elif n_surv <= MID:
+                lo = _block_search(buf, n_surv, target, MID)
+            else:
+                lo = _streaming_search(row, count, target, CHUNK)
         tl.store(lo_ptr + pid, lo)
         tl.store(tot_ptr + pid, tot)
 
@@ -267,25 +350,69 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
     C = cand_slots.shape[-1] * max(page_size, 1)
     if out is None:
         out = torch.full((R, H, G, C), float("-inf"), dtype=torch.float32, device=q.device)
-    BLOCK_N = 128
-    _estimate_kernel[(R * H, triton.cdiv(C, BLOCK_N))](
+    cfg = ESTIMATE_CONFIG
+    BLOCK_N, ITERS = cfg["BLOCK_N"], cfg["ITERS"]
+    _estimate_kernel[(R * H, triton.cdiv(C, BLOCK_N * ITERS))](
         q, kq, kscale, kzero, cand_slots, cand_counts, out, float(sm_scale),
         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0), kscale.stride(1),
         cand_slots.stride(0), cand_slots.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        H=H, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_N=BLOCK_N, DOT_F32=interpreting(),
-        P=max(page_size, 1), FROM_PAGES=page_size > 0, num_warps=4,
+        H=H, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_N=BLOCK_N, ITERS=ITERS,
+        STAGES=cfg["STAGES"], SZ_PAIRED=_scale_zero_paired(kscale, kzero),
+        DOT_F32=interpreting(), P=max(page_size, 1), FROM_PAGES=page_size > 0,
+        num_warps=cfg["num_warps"],
     )
     return out
 
 
+# launch shape of the estimate (tuned on the H100 by benchmarks/tune_kernels.py)
+ESTIMATE_CONFIG = dict(BLOCK_N=128, ITERS=1, STAGES=1, num_warps=4)
+
+
+def _scale_zero_paired(kscale: torch.Tensor, kzero: torch.Tensor) -> bool:
+    """zero sits right after scale in memory for every (slot, head), 4-byte aligned (the
+    sidecar's interleaved buffer from ``int4.scale_zero_buffers``)."""
+    return (kscale.dtype == kzero.dtype == torch.float16 and kscale.stride() == kzero.stride()
+            and kzero.data_ptr() - kscale.data_ptr() == 2 and kscale.data_ptr() % 4 == 0
+            and kscale.stride(-1) % 2 == 0 and kscale.stride(0) % 2 == 0)
+
+
+# warps of the per-(request, KV head) union/compaction kernel by padded row (tuned on the H100
+# by benchmarks/tune_kernels.py); rows not listed: 4 up to 2048, else 8
+UNION_WARPS: dict[int, int] = {}
+
+
 def _row_warps(c_pad: int) -> int:
-    return 4 if c_pad <= 2048 else 8
+    return UNION_WARPS.get(c_pad, 4 if c_pad <= 2048 else 8)
+
+
+
+def topp_scratch_width(capacity: int) -> int:
+    """Per q head scratch of the top-p kernel (fp32 values): half the padded row."""
+    return max(16, next_pow2(capacity) // 2)
+
+
+# top-p kernel launch shape (tuned on the H100 by benchmarks/tune_kernels.py): the row is read
+# in CHUNK pieces; a head with at most SMALL (else MID) entries above the floor is searched in a
+# register block of that size; MID is capped at the scratch width
+TOPP_CONFIG = dict(CHUNK=1024, SMALL=1024, MID=4096, num_warps=8)
+
+
+def _topp_launch(c_pad: int) -> dict:
+    cfg = dict(TOPP_CONFIG)
+    width = topp_scratch_width(c_pad)
+    cfg["CHUNK"] = min(cfg["CHUNK"], c_pad)
+    cfg["MID"] = min(cfg["MID"], width)
+    cfg["SMALL"] = min(cfg["SMALL"], cfg["MID"])
+    if c_pad <= 256:
+        cfg["num_warps"] = min(cfg["num_warps"], 4)
+    return cfg
 
 
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                             kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0):
+                             kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
+                             scratch=None):
     """Top-p per q head, then union / clamps / compaction per KV head. Overwrites ``scores``
-    with exp(s - max)."""
+    with exp(s - max). ``scratch``: fp32, ``R*H*G*topp_scratch_width(C)`` values or more."""
     R, H, G, C = scores.shape
     pr = _rows_p(p, R, scores.device)
     if kept_slots is None:
@@ -297,10 +424,15 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     if tot is None:
         tot = torch.empty(R * H * G, dtype=torch.float32, device=scores.device)
     C_PAD = next_pow2(C)
+    width = topp_scratch_width(C)
+    if scratch is None:
+        scratch = torch.empty(R * H * G * width, dtype=torch.float32, device=scores.device)
+    elif scratch.numel() < R * H * G * width:
+        raise ValueError(f"top-p scratch holds {scratch.numel()} values, needs {R * H * G * width}")
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
     _topp_head_kernel[(R * H * G,)](
-        scores, cand_counts, pr, lo, tot, *strides, H=H, G=G, C_PAD=C_PAD,
-        num_warps=_row_warps(C_PAD),
+        scores, cand_counts, pr, lo, tot, scratch, *strides, H=H, G=G, SCRATCH=width,
+        **_topp_launch(C_PAD),
     )
     _union_compact_kernel[(R * H,)](
         scores, lo, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts, int(min_budget),
@@ -331,9 +463,9 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
 
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
-                          tot=None, page_size=0):
+                          tot=None, page_size=0, scratch=None):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
     scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores,
                                 page_size=page_size)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                                    kept_slots, kept_counts, lo, tot, page_size)
+                                    kept_slots, kept_counts, lo, tot, page_size, scratch)

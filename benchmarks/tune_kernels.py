@@ -1,0 +1,142 @@
+"""Launch-shape sweep of the decode kernels on one GPU: which block sizes, pipelining depths and
+warp counts are fastest at Llama-3.1-8B layer shapes (the inputs and key law of
+``bench_attention.py``). Every variant is timed in a CUDA graph (median) and checked against the
+variant in use; the JSON backs the defaults in ``kernels/`` (``*_CONFIG`` / ``*_WARPS``).
+
+Usage: python benchmarks/tune_kernels.py --batches 8,64 --context 32768 --out tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import PAGE, graph_ms, make_inputs  # noqa: E402
+
+from sglang_twilight import ops  # noqa: E402
+from sglang_twilight.kernels import quest as Q  # noqa: E402
+from sglang_twilight.kernels import topp as T  # noqa: E402
+
+ESTIMATE = [dict(BLOCK_N=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
+    (128, 1, 1, 4), (64, 1, 1, 4), (128, 1, 1, 8), (64, 4, 2, 4), (64, 8, 3, 4), (128, 2, 2, 4),
+    (128, 4, 2, 4), (128, 4, 3, 4), (128, 4, 3, 8), (64, 4, 3, 2), (256, 2, 2, 8), (32, 8, 3, 2)]]
+PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
+    (64, 1, 1, 4), (32, 1, 1, 4), (128, 1, 1, 8), (32, 4, 2, 4), (64, 2, 2, 4), (64, 4, 3, 4),
+    (32, 8, 3, 4), (64, 4, 2, 8), (128, 2, 2, 8), (16, 8, 3, 2)]]
+TOPP = [dict(CHUNK=c, SMALL=s, MID=m, num_warps=w) for c, s, m, w in [
+    (1024, 1024, 4096, 8), (1024, 1024, 4096, 16), (2048, 1024, 4096, 16), (1024, 4096, 4096, 16),
+    (1024, 2048, 4096, 8), (1024, 512, 4096, 8), (512, 1024, 4096, 4), (2048, 2048, 4096, 16)]]
+UNION = [4, 8, 16, 32]
+SELECT = [4, 8, 16]
+
+
+def same_sets(k1, n1, k2, n2):
+    """Rows whose kept sets differ (near-ties of fp32 summation order may flip one entry)."""
+    bad = 0
+    for r in range(n1.shape[0]):
+        for h in range(n1.shape[1]):
+            a = set(k1[r, h, : int(n1[r, h])].tolist())
+            b = set(k2[r, h, : int(n2[r, h])].tolist())
+            bad += a != b
+    return bad
+
+
+def sweep(bs, ctx, rows, H=8, G=4, D=128):
+    inp = make_inputs(bs, ctx, H, G, D, torch.bfloat16, "cuda")
+    sm = 1 / math.sqrt(D)
+    ws = ops.DecodeWorkspace.allocate(bs, H, G, D, 8192, PAGE, ctx, "cuda")
+    pr = torch.full((bs,), 0.95, dtype=torch.float32, device="cuda")
+    base = dict(batch=bs, context=ctx)
+
+    def log(kind, cfg, ms, **kw):
+        rows.append(dict(base, kernel=kind, config=cfg, ms=ms, **kw))
+        print(f"{bs}x{ctx} {kind:11s} {ms * 1e3:8.2f} us  {cfg} {kw or ''}", flush=True)
+
+    # select: page scores, then the top-K kernel
+    ps = lambda: Q.quest_page_scores_triton(inp["q"], inp["kmax"], inp["kmin"], inp["r2t"],
+                                            inp["rpi"], inp["seq"], PAGE, ws.max_pages,
+                                            out=ws.page_scores[:bs])
+    ref = ps().clone()
+    default = dict(Q.PAGE_SCORES_CONFIG)
+    for cfg in PAGE_SCORES:
+        Q.PAGE_SCORES_CONFIG = cfg
+        ms = graph_ms(ps)
+        err = float((ps()[..., : ws.max_pages] - ref[..., : ws.max_pages]).abs().max())
+        log("page_scores", cfg, ms, max_abs_diff=err)
+    Q.PAGE_SCORES_CONFIG = default
+    sel = lambda: Q.quest_select_pages_triton(
+        inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], 8192, PAGE,
+        max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
+        cand_counts=ws.cand_counts[:bs])
+    np_pad = 1 << (ws.max_pages - 1).bit_length()
+    for w in SELECT:
+        Q.SELECT_WARPS[np_pad] = w
+        log("select", dict(num_warps=w), graph_ms(sel))
+    Q.SELECT_WARPS.pop(np_pad)
+    cand, cnt = sel()
+    # estimate
+    est = lambda: T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
+                                       out=ws.scores[:bs], page_size=PAGE)
+    ref = est().clone()
+    valid = torch.isfinite(ref)
+    default = dict(T.ESTIMATE_CONFIG)
+    for cfg in ESTIMATE:
+        T.ESTIMATE_CONFIG = cfg
+        ms = graph_ms(est)
+        err = float((est()[valid] - ref[valid]).abs().max())
+        log("estimate", cfg, ms, max_abs_diff=err)
+    T.ESTIMATE_CONFIG = default
+    est_ms = graph_ms(est)
+    # top-p and union: timed with the estimate in front (the kernels overwrite the scores)
+    prune = lambda: T.twilight_prune_triton(
+        inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, 0,
+        scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
+        lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
+        scratch=ws.topp_scratch)
+    k0, n0 = [t.clone() for t in prune()]
+    default = dict(T.TOPP_CONFIG)
+    for cfg in TOPP:
+        T.TOPP_CONFIG = cfg
+        ms = graph_ms(prune)
+        k1, n1 = prune()
+        log("topp+union", cfg, ms, minus_estimate_ms=ms - est_ms,
+            rows_differing=same_sets(k0, n0, k1, n1))
+    T.TOPP_CONFIG = default
+    for w in UNION:
+        T.UNION_WARPS[8192] = w
+        ms = graph_ms(prune)
+        k1, n1 = prune()
+        log("union", dict(num_warps=w), ms, minus_estimate_ms=ms - est_ms,
+            rows_differing=same_sets(k0, n0, k1, n1))
+    T.UNION_WARPS.pop(8192)
+    inp.clear()
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="8,64")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for bs in map(int, args.batches.split(",")):
+        sweep(bs, args.context, rows)
+    if args.out:
+        import triton
+
+        with open(args.out, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(),
+                           versions=dict(torch=torch.__version__, triton=triton.__version__),
+                           commit=os.environ.get("TWILIGHT_COMMIT", "unknown"),
+                           command="python " + " ".join(sys.argv), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
