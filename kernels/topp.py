@@ -244,7 +244,7 @@ if triton is not None:
     def _topp_head_kernel(
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, scratch_ptr, stride_sr, stride_sh, stride_sg,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
-        MID: tl.constexpr, SCRATCH: tl.constexpr,
+        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
     ):
         """One program per (request, q head): e = exp(s - max) in place, then the top-p threshold.
 
@@ -254,8 +254,8 @@ if triton is not None:
         head's scratch (SCRATCH values) as e is written, and searched there in registers, in a
         block of SMALL or (when more) MID values; a head with more than that searches its whole
         row chunk by chunk (slow, each step re-reads the row: for nearly flat rows only). The
-        row itself is read in CHUNK pieces, so no full row sits in registers (that kept one
-        program per SM).
+        row itself is read in CHUNK pieces (at most twice), so a long row never sits in
+        registers whole (that held the kernel to one program per SM).
         """
         pid = tl.program_id(0)
         r = pid // (H * G)
@@ -265,20 +265,21 @@ if triton is not None:
         p = tl.load(p_ptr + r)
         row = s_ptr + r * stride_sr + h * stride_sh + g * stride_sg
         c = tl.arange(0, CHUNK)
+        # pass 1: max and sum of exp (online); one load when the row fits one CHUNK
         m = tl.full([], float("-inf"), tl.float32)
-        for st in range(0, count, CHUNK):
-            s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
-            m = tl.maximum(m, tl.max(s, 0))
         tot = tl.zeros([], tl.float32)
-        for st in range(0, count, CHUNK):
+        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
             s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
-            tot += tl.sum(tl.exp(s - m), 0)
+            m_new = tl.maximum(m, tl.max(s, 0))
+            tot = tot * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
+            m = m_new
         # entries under (1 - p) * tot / count can never be kept: together they weigh less than
         # the mass top-p may drop, so the search only looks at the ones above
         floor = tl.where(p < 1.0, (1.0 - p) * tot / count.to(tl.float32) * 0.999, float("inf"))
         buf = scratch_ptr + pid.to(tl.int64) * SCRATCH
         n_surv = tl.zeros([], tl.int32)
-        for st in range(0, count, CHUNK):
+        # pass 2: e in place, survivors compacted into the scratch
+        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
             msk = st + c < count
             e = tl.exp(tl.load(row + st + c, mask=msk, other=float("-inf")) - m)
             tl.store(row + st + c, e, mask=msk)
@@ -394,7 +395,7 @@ def topp_scratch_width(capacity: int) -> int:
 # top-p kernel launch shape (tuned on the H100 by benchmarks/tune_kernels.py): the row is read
 # in CHUNK pieces; a head with at most SMALL (else MID) entries above the floor is searched in a
 # register block of that size; MID is capped at the scratch width
-TOPP_CONFIG = dict(CHUNK=1024, SMALL=1024, MID=4096, num_warps=8)
+TOPP_CONFIG = dict(CHUNK=8192, SMALL=1024, MID=4096, STAGES=1, num_warps=8)
 
 
 def _topp_launch(c_pad: int) -> dict:
