@@ -30,9 +30,9 @@ PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in
     (64, 1, 1, 4), (32, 4, 2, 4), (32, 1, 1, 4), (32, 4, 3, 2), (16, 8, 3, 2), (32, 8, 3, 2),
     (16, 4, 2, 1), (32, 2, 2, 4)]]
 TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w) for c, s, m, st, w in [
-    (8192, 1024, 4096, 1, 8), (8192, 1024, 4096, 1, 16), (8192, 2048, 4096, 1, 8),
-    (8192, 512, 4096, 1, 8), (8192, 1024, 4096, 1, 4), (4096, 1024, 4096, 2, 8),
-    (2048, 1024, 4096, 3, 8), (1024, 1024, 4096, 3, 8), (8192, 4096, 4096, 1, 16)]]
+    (1024, 1024, 4096, 3, 8), (1024, 1024, 4096, 3, 4), (1024, 512, 4096, 3, 4),
+    (1024, 2048, 4096, 3, 8), (2048, 1024, 4096, 3, 8), (1024, 512, 2048, 3, 4),
+    (8192, 1024, 4096, 1, 8), (512, 512, 4096, 3, 4)]]
 UNION = [8, 16]
 SELECT = [4, 8]
 
@@ -48,7 +48,7 @@ def same_sets(k1, n1, k2, n2):
     return bad
 
 
-def sweep(bs, ctx, rows, H=8, G=4, D=128):
+def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     inp = make_inputs(bs, ctx, H, G, D, torch.bfloat16, "cuda")
     sm = 1 / math.sqrt(D)
     ws = ops.DecodeWorkspace.allocate(bs, H, G, D, 8192, PAGE, ctx, "cuda")
@@ -65,7 +65,7 @@ def sweep(bs, ctx, rows, H=8, G=4, D=128):
                                             out=ws.page_scores[:bs])
     ref = ps().clone()
     default = dict(Q.PAGE_SCORES_CONFIG)
-    for cfg in PAGE_SCORES:
+    for cfg in PAGE_SCORES if not only or "page_scores" in only else []:
         Q.PAGE_SCORES_CONFIG = cfg
         ms = graph_ms(ps)
         err = float((ps()[..., : ws.max_pages] - ref[..., : ws.max_pages]).abs().max())
@@ -76,7 +76,7 @@ def sweep(bs, ctx, rows, H=8, G=4, D=128):
         max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
         cand_counts=ws.cand_counts[:bs])
     np_pad = 1 << (ws.max_pages - 1).bit_length()
-    for w in SELECT:
+    for w in SELECT if not only or "select" in only else []:
         Q.SELECT_WARPS[np_pad] = w
         log("select", dict(num_warps=w), graph_ms(sel))
     Q.SELECT_WARPS.pop(np_pad)
@@ -87,7 +87,7 @@ def sweep(bs, ctx, rows, H=8, G=4, D=128):
     ref = est().clone()
     valid = torch.isfinite(ref)
     default = dict(T.ESTIMATE_CONFIG)
-    for cfg in ESTIMATE:
+    for cfg in ESTIMATE if not only or "estimate" in only else []:
         T.ESTIMATE_CONFIG = cfg
         ms = graph_ms(est)
         err = float((est()[valid] - ref[valid]).abs().max())
@@ -102,14 +102,14 @@ def sweep(bs, ctx, rows, H=8, G=4, D=128):
         scratch=ws.topp_scratch)
     k0, n0 = [t.clone() for t in prune()]
     default = dict(T.TOPP_CONFIG)
-    for cfg in TOPP:
+    for cfg in TOPP if not only or "topp" in only else []:
         T.TOPP_CONFIG = cfg
         ms = graph_ms(prune)
         k1, n1 = prune()
         log("topp+union", cfg, ms, minus_estimate_ms=ms - est_ms,
             rows_differing=same_sets(k0, n0, k1, n1))
     T.TOPP_CONFIG = default
-    for w in UNION:
+    for w in UNION if not only or "union" in only else []:
         T.UNION_WARPS[8192] = w
         ms = graph_ms(prune)
         k1, n1 = prune()
@@ -124,11 +124,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--only", default="", help="comma list: page_scores,select,estimate,topp,union")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
+    only = [x for x in args.only.split(",") if x]
     for bs in map(int, args.batches.split(",")):
-        sweep(bs, args.context, rows)
+        sweep(bs, args.context, rows, only)
     if args.out:
         import triton
 

@@ -156,27 +156,42 @@ if triton is not None:
         return v1 + v2, tl.minimum(a1, a2), tl.maximum(b1, b2)
 
     @triton.jit
-    def _threshold_search(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr):
+    def _threshold_search(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr,
+                          WAYS: tl.constexpr = 8):
         """Largest present key t with sum(val[key >= t]) >= target; keys equal to ABSENT are
         not present, BIG exceeds every key. Needs sum(val[present]) >= target > 0.
 
-        A bisection over the threshold whose midpoints fall between the smallest and largest
-        keys still possible: one fused (sum, min, max) reduction a step, and it stops as soon as
-        a single key value is left (about log2 of the distinct values instead of 32 steps).
+        A WAYS-ary search over the threshold whose cut points fall between the smallest and
+        largest keys still possible: each step evaluates WAYS - 1 cut points (independent fused
+        (sum, min, max) reductions, which overlap) and keeps the last one whose mass still
+        reaches the target, so a step shrinks the range WAYS-fold; it stops as soon as a single
+        key value is left. The step count, not the reduction width, is what a program waits on.
+        Masses over nested sets come from the same reduction tree, so they are monotone in the
+        cut point even in fp32, and the result is the exact t.
         """
         present = key > ABSENT
         lo_key = tl.min(tl.where(present, key, BIG), 0)
         hi_key = tl.max(tl.where(present, key, ABSENT), 0)
         while lo_key < hi_key:
             lo64 = lo_key.to(tl.int64)
-            mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 1) // 2).to(tl.int32)
-            ge = key >= mid
-            mass, a, b = tl.reduce(
-                (tl.where(ge, val, 0), tl.where(ge, key, BIG),
-                 tl.where(present & (key < mid), key, ABSENT)), 0, _sum_min_max)
-            ok = mass >= target
-            lo_key = tl.where(ok, a, lo_key)
-            hi_key = tl.where(ok, hi_key, b)
+            n = hi_key.to(tl.int64) - lo64 + 1
+            new_lo = lo_key
+            new_hi = hi_key
+            failed = lo_key != lo_key  # False, as a tensor
+            for i in tl.static_range(1, WAYS):
+                # cut i in (lo, hi]: ceil(i * n / WAYS) >= 1 past lo, capped at hi (no overflow
+                # when hi is the largest int32)
+                mid = tl.minimum(lo64 + (n * i + WAYS - 1) // WAYS, lo64 + n - 1).to(tl.int32)
+                ge = key >= mid
+                mass, a, b = tl.reduce(
+                    (tl.where(ge, val, 0), tl.where(ge, key, BIG),
+                     tl.where(present & (key < mid), key, ABSENT)), 0, _sum_min_max)
+                ok = mass >= target
+                new_lo = tl.where(ok, a, new_lo)  # masses fall with i: the last ok cut wins
+                new_hi = tl.where(ok | failed, new_hi, b)  # the first failing cut bounds t
+                failed = failed | (~ok)
+            lo_key = new_lo
+            hi_key = new_hi
         return lo_key
 
     @triton.jit
@@ -243,7 +258,7 @@ def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_
 
 
 # launch shape of the page scores (tuned on the H100 by benchmarks/tune_kernels.py)
-PAGE_SCORES_CONFIG = dict(BLOCK_P=64, ITERS=1, STAGES=1, num_warps=4)
+PAGE_SCORES_CONFIG = dict(BLOCK_P=32, ITERS=2, STAGES=2, num_warps=4)
 
 
 def quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget,

@@ -366,7 +366,7 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
 
 
 # launch shape of the estimate (tuned on the H100 by benchmarks/tune_kernels.py)
-ESTIMATE_CONFIG = dict(BLOCK_N=128, ITERS=1, STAGES=1, num_warps=4)
+ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=3, num_warps=2)
 
 
 def _scale_zero_paired(kscale: torch.Tensor, kzero: torch.Tensor) -> bool:
@@ -379,7 +379,7 @@ def _scale_zero_paired(kscale: torch.Tensor, kzero: torch.Tensor) -> bool:
 
 # warps of the per-(request, KV head) union/compaction kernel by padded row (tuned on the H100
 # by benchmarks/tune_kernels.py); rows not listed: 4 up to 2048, else 8
-UNION_WARPS: dict[int, int] = {}
+UNION_WARPS: dict[int, int] = {8192: 16}
 
 
 def _row_warps(c_pad: int) -> int:
@@ -395,7 +395,7 @@ def topp_scratch_width(capacity: int) -> int:
 # top-p kernel launch shape (tuned on the H100 by benchmarks/tune_kernels.py): the row is read
 # in CHUNK pieces; a head with at most SMALL (else MID) entries above the floor is searched in a
 # register block of that size; MID is capped at the scratch width
-TOPP_CONFIG = dict(CHUNK=8192, SMALL=1024, MID=4096, STAGES=1, num_warps=8)
+TOPP_CONFIG = dict(CHUNK=1024, SMALL=1024, MID=4096, STAGES=3, num_warps=8)
 
 
 def _topp_launch(c_pad: int) -> dict:

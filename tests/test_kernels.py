@@ -204,3 +204,38 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch):
         ref = T.topp_mask_ref(probs.view(3, C), p)
         got = e.view(3, C).view(torch.int32) >= lo[:, None]
         assert torch.equal(got, ref), (p, surv, (got ^ ref).sum(-1).tolist())
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from sglang_twilight.kernels.quest import _topk_mask  # noqa: E402
+
+
+@triton.jit
+def _topk_probe(key_ptr, out_ptr, n, k, N: tl.constexpr):
+    i = tl.arange(0, N)
+    valid = i < n
+    key = tl.load(key_ptr + i, mask=valid, other=0)
+    tl.store(out_ptr + i, _topk_mask(key, valid, k).to(tl.int32), mask=valid)
+
+
+def test_topk_mask_extreme_keys(device):
+    """The multi-way threshold search behind every top-K / top-p: exact on int32 keys at both
+    ends of the range, with duplicates and ranges narrower than the number of ways."""
+    rng = random.Random()
+    big, small = 2**31 - 1, -(2**31) + 1
+    pools = [[big, big - 1, small, 0, -1, 1], [5, 6, 7], list(range(-3, 4)), None]
+    for trial in range(24 if device == "cpu" else 200):
+        n = rng.choice([1, 2, 5, 64, 300])
+        pool = pools[trial % 4]
+        keys = [rng.choice(pool) if pool else rng.randint(small, big) for _ in range(n)]
+        k = rng.randint(1, n + 2)
+        kt = torch.tensor(keys, dtype=torch.int32, device=device)
+        out = torch.zeros(n, dtype=torch.int32, device=device)
+        _topk_probe[(1,)](kt, out, n, k, N=512, num_warps=4)
+        order = sorted(range(n), key=lambda j: (-keys[j], j))  # ties -> lower index
+        want = [0] * n
+        for j in order[:k]:
+            want[j] = 1
+        assert out.tolist() == want, (keys, k)
