@@ -157,7 +157,7 @@ if triton is not None:
 
     @triton.jit
     def _threshold_search(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr,
-                          WAYS: tl.constexpr = 8):
+                          WAYS: tl.constexpr = 2):
         """Largest present key t with sum(val[key >= t]) >= target; keys equal to ABSENT are
         not present, BIG exceeds every key. Needs sum(val[present]) >= target > 0.
 
