@@ -256,39 +256,39 @@ def test_generate_and_openai_endpoints(servers):
     assert st == 200 and info.get("attention_backend") == "twilight" and info.get("page_size") == 16
 
 
-def _compare_greedy(got, ref, what):
-    """Greedy outputs against the dense reference: the same first token (prefill is FlashInfer in
-    both), the same logprobs while the tokens agree, and a divergence only at a near-tie of the
-    reference's top-2 logprobs. Returns the report lines."""
+def _compare_greedy(got, ref, what, first_exact=True):
+    """Greedy outputs against a reference: the same logprobs while the tokens agree, and a
+    divergence only at a near-tie of the reference's top-2 logprobs. ``first_exact``: the first
+    token must be equal outright (the same prefill computation in both). Returns the failures."""
     report, bad = [], []
     for i, (a, b) in enumerate(zip(got, ref)):
         ia, ib = _ids(a), _ids(b)
         la, lb = _lps(a), _lps(b)
-        if ia[0] != ib[0]:
-            bad.append(f"prompt {i}: first token {ia[0]} != dense {ib[0]}")
+        if first_exact and ia[0] != ib[0]:
+            bad.append(f"prompt {i}: first token {ia[0]} != reference {ib[0]}")
         agree = next((j for j in range(min(len(ia), len(ib))) if ia[j] != ib[j]), len(ia))
         for j in range(min(agree, len(la), len(lb))):
             if abs(la[j] - lb[j]) > 0.05 + 0.02 * abs(lb[j]):
-                bad.append(f"prompt {i} token {j}: logprob {la[j]:.4f} vs dense {lb[j]:.4f}")
+                bad.append(f"prompt {i} token {j}: logprob {la[j]:.4f} vs reference {lb[j]:.4f}")
                 break
         if agree < len(ia):
             top = _top(b, agree)
             gap = top[0][0] - top[1][0] if top and len(top) > 1 else float("inf")
-            line = (f"prompt {i} (len {len(_prompts()[i])}): diverges at token {agree}: {what} "
-                    f"{ia[agree]} top2 {_top(a, agree)} | dense {ib[agree]} top2 {top}")
+            line = (f"prompt {i}: diverges at token {agree}: {what} {ia[agree]} top2 "
+                    f"{_top(a, agree)} | reference {ib[agree]} top2 {top}")
             report.append(line)
             if gap > NEAR_TIE:
-                bad.append(line + f" (dense top-2 gap {gap:.3f} > {NEAR_TIE}: not a near-tie)")
+                bad.append(line + f" (reference top-2 gap {gap:.3f} > {NEAR_TIE}: not a near-tie)")
     for line in report:
         log.warning("greedy divergence at a near-tie: %s", line)
-    print(f"{what} vs dense, {N_NEW} greedy tokens x {len(ref)} prompts: "
+    print(f"{what}, {N_NEW} greedy tokens x {len(ref)} prompts: "
           + ("; ".join(report) or "all equal"))
     return bad
 
 
 def test_greedy_matches_dense(servers):
     tw, dense_out = servers[0], servers[1]
-    bad = _compare_greedy(_run_prompts(tw), dense_out, "twilight")
+    bad = _compare_greedy(_run_prompts(tw), dense_out, "twilight vs dense")
     assert not bad, bad
 
 
@@ -307,7 +307,7 @@ def test_tp2_matches_tp1(setup, dense_out):
         assert st == 200 and r["usage"]["completion_tokens"] > 0
     finally:
         tp2.stop()
-    bad = _compare_greedy(got, dense_out, "twilight tp2")
+    bad = _compare_greedy(got, dense_out, "twilight tp2 vs dense tp1")
     assert not bad, bad
 
 
@@ -341,13 +341,10 @@ def test_shared_prefix_reuses_cache_and_matches_no_hit(servers):
     assert tw.post("/flush_cache", {})[0] == 200
     miss = tw.generate(b, n=N_NEW)
     assert miss["meta_info"].get("cached_tokens", 0) == 0
-    assert _ids(hit)[0] == _ids(miss)[0]
-    n = next((j for j in range(N_NEW) if _ids(hit)[j] != _ids(miss)[j]), N_NEW)
-    if n < N_NEW:
-        log.warning("prefix hit vs miss diverge at token %d: %s vs %s", n, _top(hit, n),
-                    _top(miss, n))
-    for j in range(n):
-        assert abs(_lps(hit)[j] - _lps(miss)[j]) < 0.05 + 0.02 * abs(_lps(miss)[j])
+    # the hit's prefill attends over the cached prefix through another FlashInfer path than the
+    # miss's one-pass prefill, so even its first token may flip - at a near-tie only
+    bad = _compare_greedy([hit], [miss], "prefix hit vs miss", first_exact=False)
+    assert not bad, bad
 
 
 def test_concurrent_mixed_lengths_and_abort(servers):
