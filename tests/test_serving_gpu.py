@@ -219,6 +219,31 @@ def dense_out(setup):
 
 
 @pytest.fixture(scope="module")
+def dense_spread(setup, dense_out):
+    """How far SGLang's two dense backends (FlashInfer, Triton) drift apart on ``_prompts()``:
+    the largest logprob difference while their greedy tokens agree, and the largest top-2 gap at
+    which their greedy tokens part. Two correct bf16 attention kernels differ by rounding, and a
+    deep model amplifies it; the sparse decode at p = 1 is held to the same spread."""
+    out, tmpl, port = setup
+    argv = [a if a != "flashinfer" else "triton" for a in _dense_argv(port, tmpl)]
+    srv = Server("dense_triton", argv, out, port).start()
+    try:
+        got = _run_prompts(srv)
+    finally:
+        srv.stop()
+    lp, gap = 0.0, 0.0
+    for a, b in zip(got, dense_out):
+        ia, ib = _ids(a), _ids(b)
+        agree = next((j for j in range(min(len(ia), len(ib))) if ia[j] != ib[j]), len(ia))
+        for j in range(min(agree, len(_lps(a)), len(_lps(b)))):
+            lp = max(lp, abs(_lps(a)[j] - _lps(b)[j]))
+        if agree < len(ia) and _top(b, agree) and len(_top(b, agree)) > 1:
+            gap = max(gap, _top(b, agree)[0][0] - _top(b, agree)[1][0])
+    print(f"dense triton vs flashinfer: max logprob diff {lp:.4f}, divergence top-2 gap {gap:.4f}")
+    return lp, gap
+
+
+@pytest.fixture(scope="module")
 def servers(setup, dense_out):
     """The twilight server (after the dense reference outputs)."""
     out, tmpl, port = setup
@@ -256,10 +281,11 @@ def test_generate_and_openai_endpoints(servers):
     assert st == 200 and info.get("attention_backend") == "twilight" and info.get("page_size") == 16
 
 
-def _compare_greedy(got, ref, what, first_exact=True):
-    """Greedy outputs against a reference: the same logprobs while the tokens agree, and a
-    divergence only at a near-tie of the reference's top-2 logprobs. ``first_exact``: the first
-    token must be equal outright (the same prefill computation in both). Returns the failures."""
+def _compare_greedy(got, ref, what, first_exact=True, tol=0.0, near_tie=NEAR_TIE):
+    """Greedy outputs against a reference: the same logprobs while the tokens agree (within
+    0.05 + 2 %, or ``tol``), and a divergence only at a near-tie of the reference's top-2
+    logprobs (gap <= ``near_tie``). ``first_exact``: the first token must be equal outright (the
+    same prefill computation in both). Returns the failures."""
     report, bad = [], []
     for i, (a, b) in enumerate(zip(got, ref)):
         ia, ib = _ids(a), _ids(b)
@@ -268,7 +294,7 @@ def _compare_greedy(got, ref, what, first_exact=True):
             bad.append(f"prompt {i}: first token {ia[0]} != reference {ib[0]}")
         agree = next((j for j in range(min(len(ia), len(ib))) if ia[j] != ib[j]), len(ia))
         for j in range(min(agree, len(la), len(lb))):
-            if abs(la[j] - lb[j]) > 0.05 + 0.02 * abs(lb[j]):
+            if abs(la[j] - lb[j]) > max(0.05 + 0.02 * abs(lb[j]), tol):
                 bad.append(f"prompt {i} token {j}: logprob {la[j]:.4f} vs reference {lb[j]:.4f}")
                 break
         if agree < len(ia):
@@ -277,8 +303,8 @@ def _compare_greedy(got, ref, what, first_exact=True):
             line = (f"prompt {i}: diverges at token {agree}: {what} {ia[agree]} top2 "
                     f"{_top(a, agree)} | reference {ib[agree]} top2 {top}")
             report.append(line)
-            if gap > NEAR_TIE:
-                bad.append(line + f" (reference top-2 gap {gap:.3f} > {NEAR_TIE}: not a near-tie)")
+            if gap > near_tie:
+                bad.append(line + f" (reference top-2 gap {gap:.3f} > {near_tie:.3f}: not a near-tie)")
     for line in report:
         log.warning("greedy divergence at a near-tie: %s", line)
     print(f"{what}, {N_NEW} greedy tokens x {len(ref)} prompts: "
@@ -286,13 +312,17 @@ def _compare_greedy(got, ref, what, first_exact=True):
     return bad
 
 
-def test_greedy_matches_dense(servers):
+def test_greedy_matches_dense(servers, dense_spread):
+    """p = 1, B0 >= context: the sparse decode attends every token, so its greedy output is the
+    dense one's up to the spread between SGLang's own dense backends (x 1.5)."""
     tw, dense_out = servers[0], servers[1]
-    bad = _compare_greedy(_run_prompts(tw), dense_out, "twilight vs dense")
+    lp, gap = dense_spread
+    bad = _compare_greedy(_run_prompts(tw), dense_out, "twilight vs dense", tol=1.5 * lp,
+                          near_tie=max(NEAR_TIE, 1.5 * gap))
     assert not bad, bad
 
 
-def test_tp2_matches_tp1(setup, dense_out):
+def test_tp2_matches_tp1(setup, dense_out, dense_spread):
     """``--tp 2`` on two GPUs serves, and at p = 1 (B0 >= context) gives the TP=1 dense output."""
     import torch
 
@@ -307,7 +337,9 @@ def test_tp2_matches_tp1(setup, dense_out):
         assert st == 200 and r["usage"]["completion_tokens"] > 0
     finally:
         tp2.stop()
-    bad = _compare_greedy(got, dense_out, "twilight tp2 vs dense tp1")
+    lp, gap = dense_spread
+    bad = _compare_greedy(got, dense_out, "twilight tp2 vs dense tp1", tol=1.5 * lp,
+                          near_tie=max(NEAR_TIE, 1.5 * gap))
     assert not bad, bad
 
 
