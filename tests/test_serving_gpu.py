@@ -244,8 +244,8 @@ def dense_spread(setup, dense_out):
 
 
 @pytest.fixture(scope="module")
-def servers(setup, dense_out):
-    """The twilight server (after the dense reference outputs)."""
+def servers(setup, dense_out, dense_spread):
+    """The twilight server (after the dense reference servers have stopped)."""
     out, tmpl, port = setup
     tw = Server("twilight", _twilight_argv(port, tmpl), out, port).start()
     try:
@@ -322,14 +322,15 @@ def test_greedy_matches_dense(servers, dense_spread):
     assert not bad, bad
 
 
-def test_tp2_matches_tp1(setup, dense_out, dense_spread):
+def test_tp2_matches_tp1(servers, dense_spread):
     """``--tp 2`` on two GPUs serves, and at p = 1 (B0 >= context) gives the TP=1 dense output."""
     import torch
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    out, tmpl, port = setup
-    tp2 = Server("twilight_tp2", _twilight_argv(port, tmpl, "--tp", "2"), out, port).start()
+    tw, dense_out, out, tmpl = servers
+    tw.stop()  # its GPU memory is needed
+    tp2 = Server("twilight_tp2", _twilight_argv(tw.port, tmpl, "--tp", "2"), out, tw.port).start()
     try:
         got = _run_prompts(tp2)
         st, r = tp2.post("/v1/completions", {"model": "default", "prompt": "Hello", "max_tokens": 4,
@@ -337,6 +338,7 @@ def test_tp2_matches_tp1(setup, dense_out, dense_spread):
         assert st == 200 and r["usage"]["completion_tokens"] > 0
     finally:
         tp2.stop()
+        tw.start()
     lp, gap = dense_spread
     bad = _compare_greedy(got, dense_out, "twilight tp2 vs dense tp1", tol=1.5 * lp,
                           near_tie=max(NEAR_TIE, 1.5 * gap))
