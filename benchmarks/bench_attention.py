@@ -265,14 +265,23 @@ def main():
     print("wrote", args.out)
 
 
+def source_commit() -> str:
+    """The commit measured: ``$TWILIGHT_COMMIT`` when set (the device copy of the tree may carry
+    stale or no git metadata; a run there once recorded an older HEAD), else ``git rev-parse``."""
+    env = os.environ.get("TWILIGHT_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
 def write_results(args, rows, stage_rows, H, G, D):
     import flashinfer
 
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001 - the device copy may carry no .git
-        commit = os.environ.get("TWILIGHT_COMMIT", "unknown")
+    commit = source_commit()
     res = dict(
         card=torch.cuda.get_device_name(),
         versions=dict(torch=torch.__version__, triton=triton.__version__,

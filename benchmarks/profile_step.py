@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, graph_ms, make_inputs  # noqa: E402
+from bench_attention import PAGE, graph_ms, make_inputs, source_commit  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
 
@@ -81,7 +81,7 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(card=torch.cuda.get_device_name(), command="python " + " ".join(sys.argv),
-                           commit=os.environ.get("TWILIGHT_COMMIT", "unknown"), cases=res), f,
+                           commit=source_commit(), cases=res), f,
                       indent=1)
 
 

@@ -106,9 +106,11 @@ def sh(cmd):
 
 
 def _commit():
-    """HEAD, or $TWILIGHT_COMMIT where the device copy carries no .git."""
+    """$TWILIGHT_COMMIT when set (the device copy's git metadata may be stale), else HEAD."""
+    if os.environ.get("TWILIGHT_COMMIT"):
+        return os.environ["TWILIGHT_COMMIT"]
     c = sh("git rev-parse HEAD 2>/dev/null")
-    return c if re.fullmatch(r"[0-9a-f]{40}", c or "") else os.environ.get("TWILIGHT_COMMIT", "unknown")
+    return c if re.fullmatch(r"[0-9a-f]{40}", c or "") else "unknown"
 
 
 def versions():

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, graph_ms, make_inputs  # noqa: E402
+from bench_attention import PAGE, graph_ms, make_inputs, source_commit  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
 from sglang_twilight.kernels import quest as Q  # noqa: E402
@@ -137,7 +137,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(dict(card=torch.cuda.get_device_name(),
                            versions=dict(torch=torch.__version__, triton=triton.__version__),
-                           commit=os.environ.get("TWILIGHT_COMMIT", "unknown"),
+                           commit=source_commit(),
                            command="python " + " ".join(sys.argv), rows=rows), f, indent=1)
 
 
