@@ -237,9 +237,6 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--topp-grouped", type=int, choices=(0, 1), default=None,
-                    help="top-p kernel: one program per KV head (1) or per q head (0); "
-                         "default: the kernels' setting")
     ap.add_argument("--batches", default="1,8,16,32,64")
     ap.add_argument("--contexts", default="8192,16384,32768")
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -248,8 +245,6 @@ def main():
     ap.add_argument("--page-locality", type=float, default=1.0, help="per-page logit spread")
     ap.add_argument("--out", default="benchmarks/results/bench_attention.json")
     args = ap.parse_args()
-    if args.topp_grouped is not None:
-        _topp.TOPP_GROUPED = bool(args.topp_grouped)
     H, G, D, dtype = 8, 4, 128, torch.bfloat16
     rows, stage_rows = [], []
     free = torch.cuda.mem_get_info()[0]
@@ -298,7 +293,6 @@ def write_results(args, rows, stage_rows, H, G, D):
         keys=("k_t = noise + c_t * qhat, c_t = %g * N(0,1) per page + %g * Exp(1) per token; "
               "q heads of a group share qhat" % (args.page_locality, args.tail)),
         timing="median of CUDA-graph replays (triton.testing.do_bench_cudagraph)",
-        topp_kernel="per KV head (grouped)" if _topp.TOPP_GROUPED else "per q head",
         rows=rows,
         stages=stage_rows,
     )

@@ -30,11 +30,9 @@ PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in
     (64, 1, 1, 4), (32, 4, 2, 4), (32, 1, 1, 4), (32, 4, 3, 2), (16, 8, 3, 2), (32, 8, 3, 2),
     (16, 4, 2, 1), (32, 2, 2, 4)]]
 TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w) for c, s, m, st, w in [
-    (1024, 1024, 4096, 3, 8), (1024, 2048, 4096, 3, 8)]]
-# one program per (request, KV head) for its G q heads: (CHUNK, SMALL, MID, STAGES, warps)
-TOPP_GROUP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w) for c, s, m, st, w in [
-    (1024, 1024, 2048, 3, 8), (1024, 1024, 2048, 1, 8), (512, 512, 1024, 1, 4),
-    (1024, 1024, 2048, 1, 16), (1024, 512, 2048, 1, 8), (1024, 1024, 4096, 1, 16)]]
+    (1024, 1024, 4096, 3, 8), (1024, 1024, 4096, 3, 4), (1024, 512, 4096, 3, 4),
+    (1024, 2048, 4096, 3, 8), (2048, 1024, 4096, 3, 8), (1024, 512, 2048, 3, 4),
+    (8192, 1024, 4096, 1, 8), (512, 512, 4096, 3, 4)]]
 UNION = [8, 16]
 SELECT = [4, 8]
 
@@ -103,22 +101,14 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
         scratch=ws.topp_scratch)
     k0, n0 = [t.clone() for t in prune()]
-    default = dict(T.TOPP_CONFIG), dict(T.GROUP_CONFIG), T.TOPP_GROUPED
-    T.TOPP_GROUPED = False
+    default = dict(T.TOPP_CONFIG)
     for cfg in TOPP if not only or "topp" in only else []:
         T.TOPP_CONFIG = cfg
         ms = graph_ms(prune)
         k1, n1 = prune()
         log("topp+union", cfg, ms, minus_estimate_ms=ms - est_ms,
             rows_differing=same_sets(k0, n0, k1, n1))
-    T.TOPP_GROUPED = True
-    for cfg in TOPP_GROUP if not only or "topp" in only else []:
-        T.GROUP_CONFIG = {k: v for k, v in cfg.items()}
-        ms = graph_ms(prune)
-        k1, n1 = prune()
-        log("topp_group+union", cfg, ms, minus_estimate_ms=ms - est_ms,
-            rows_differing=same_sets(k0, n0, k1, n1))
-    T.TOPP_CONFIG, T.GROUP_CONFIG, T.TOPP_GROUPED = default
+    T.TOPP_CONFIG = default
     for w in UNION if not only or "union" in only else []:
         T.UNION_WARPS[8192] = w
         ms = graph_ms(prune)

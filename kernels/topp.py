@@ -301,92 +301,6 @@ if triton is not None:
         tl.store(tot_ptr + pid, tot)
 
     @triton.jit
-    def _rows_threshold_search(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr):
-        """``_threshold_search`` of every row of ``key``/``val`` [ROWS, W] at once (bisection, one
-        2-D reduction a step serves all rows; a row with no present key returns BIG)."""
-        present = key > ABSENT
-        lo_key = tl.min(tl.where(present, key, BIG), 1)
-        hi_key = tl.max(tl.where(present, key, ABSENT), 1)
-        while tl.max(hi_key - lo_key, 0) > 0:
-            active = lo_key < hi_key
-            lo64 = lo_key.to(tl.int64)
-            mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 1) // 2).to(tl.int32)
-            ge = key >= mid[:, None]
-            mass, a, b = tl.reduce(
-                (tl.where(ge, val, 0.0), tl.where(ge, key, BIG),
-                 tl.where(present & (key < mid[:, None]), key, ABSENT)), 1, _sum_min_max)
-            ok = mass >= target
-            lo_key = tl.where(active & ok, a, lo_key)
-            hi_key = tl.where(active & (~ok), b, hi_key)
-        return lo_key
-
-    @triton.jit
-    def _topp_group_kernel(
-        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, scratch_ptr, stride_sr, stride_sh, stride_sg,
-        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr,
-        SMALL: tl.constexpr, MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
-    ):
-        """``_topp_head_kernel`` for all G q heads of a (request, KV head) in one program: every
-        pass works on a [G_PAD, CHUNK] block, so one reduction serves the whole group (the
-        per-head kernel's time is a chain of block reductions, ~0.4 us each on the H100)."""
-        rh = tl.program_id(0)
-        r = rh // H
-        h = rh % H
-        count = tl.load(count_ptr + r * H + h)
-        p = tl.load(p_ptr + r)
-        g = tl.arange(0, G_PAD)
-        gm = g < G
-        c = tl.arange(0, CHUNK)
-        row = s_ptr + r * stride_sr + h * stride_sh + g[:, None] * stride_sg  # [G_PAD, 1]
-        m = tl.full([G_PAD], float("-inf"), tl.float32)
-        tot = tl.zeros([G_PAD], tl.float32)
-        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-            msk = gm[:, None] & (st + c < count)[None, :]
-            s = tl.load(row + st + c[None, :], mask=msk, other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(gm, m_new, 0.0)  # padding rows stay finite
-            tot = tot * tl.exp(tl.where(gm, m, 0.0) - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-            m = m_new
-        m = tl.where(gm, m, 0.0)
-        floor = tl.where(p < 1.0, (1.0 - p) * tot / count.to(tl.float32) * 0.999, float("inf"))
-        buf = scratch_ptr + (rh * G + g).to(tl.int64)[:, None] * SCRATCH  # [G_PAD, 1]
-        n_surv = tl.zeros([G_PAD], tl.int32)
-        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-            msk = gm[:, None] & (st + c < count)[None, :]
-            e = tl.exp(tl.load(row + st + c[None, :], mask=msk, other=float("-inf")) - m[:, None])
-            tl.store(row + st + c[None, :], e, mask=msk)
-            surv = msk & (e >= floor[:, None])
-            pos = n_surv[:, None] + tl.cumsum(surv.to(tl.int32), 1) - 1
-            tl.store(buf + pos, e, mask=surv & (pos < SCRATCH))
-            n_surv += tl.sum(surv.to(tl.int32), 1)
-        lo = tl.zeros([G_PAD], tl.int32)
-        if p < 1.0:
-            tl.debug_barrier()  # this program's stores are visible to all its threads
-            target = p * tot
-            most = tl.max(n_surv, 0)
-            if most <= SMALL:
-                ks = tl.arange(0, SMALL)
-                ksm = ks[None, :] < n_surv[:, None]
-                vs = tl.load(buf + ks[None, :], mask=ksm, other=0.0)
-                lo = _rows_threshold_search(tl.where(ksm, vs.to(tl.int32, bitcast=True), -1), vs,
-                                            target, -1, 2147483647)
-            else:  # heads over MID (nearly flat) are absent here and searched below
-                k = tl.arange(0, MID)
-                km = (k[None, :] < n_surv[:, None]) & (n_surv <= MID)[:, None]
-                v = tl.load(buf + k[None, :], mask=km, other=0.0)
-                lo = _rows_threshold_search(tl.where(km, v.to(tl.int32, bitcast=True), -1), v,
-                                            target, -1, 2147483647)
-                if most > MID:  # each such head's whole row, chunk by chunk
-                    for gg in tl.static_range(G):
-                        if tl.sum(tl.where(g == gg, n_surv, 0), 0) > MID:
-                            lo_g = _streaming_search(
-                                s_ptr + r * stride_sr + h * stride_sh + gg * stride_sg, count,
-                                tl.sum(tl.where(g == gg, target, 0.0), 0), CHUNK)
-                            lo = tl.where(g == gg, lo_g, lo)
-        tl.store(lo_ptr + rh * G + g, lo, mask=gm)
-        tl.store(tot_ptr + rh * G + g, tot, mask=gm)
-
-    @triton.jit
     def _union_compact_kernel(
         e_ptr, lo_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr, min_budget,
         max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr, stride_kh,
@@ -484,12 +398,6 @@ def topp_scratch_width(capacity: int) -> int:
 TOPP_CONFIG = dict(CHUNK=1024, SMALL=1024, MID=4096, STAGES=3, num_warps=8)
 
 
-# one program per (request, KV head) for all its q heads (``_topp_group_kernel``) instead of one
-# per q head, and its launch shape
-TOPP_GROUPED = True
-GROUP_CONFIG: dict = dict(CHUNK=1024, SMALL=1024, MID=2048, STAGES=1, num_warps=8)
-
-
 def _topp_launch(c_pad: int) -> dict:
     cfg = dict(TOPP_CONFIG)
     width = topp_scratch_width(c_pad)
@@ -523,22 +431,10 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     elif scratch.numel() < R * H * G * width:
         raise ValueError(f"top-p scratch holds {scratch.numel()} values, needs {R * H * G * width}")
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
-    if TOPP_GROUPED and G > 1:
-        cfg = _topp_launch(C_PAD)
-        cfg.update(GROUP_CONFIG)
-        cfg.setdefault("STAGES", 1)
-        cfg["CHUNK"] = min(cfg["CHUNK"], C_PAD)
-        cfg["MID"] = min(cfg["MID"], width)
-        cfg["SMALL"] = min(cfg["SMALL"], cfg["MID"])
-        _topp_group_kernel[(R * H,)](
-            scores, cand_counts, pr, lo, tot, scratch, *strides, H=H, G=G,
-            G_PAD=next_pow2(G), SCRATCH=width, **cfg,
-        )
-    else:
-        _topp_head_kernel[(R * H * G,)](
-            scores, cand_counts, pr, lo, tot, scratch, *strides, H=H, G=G, SCRATCH=width,
-            **_topp_launch(C_PAD),
-        )
+    _topp_head_kernel[(R * H * G,)](
+        scores, cand_counts, pr, lo, tot, scratch, *strides, H=H, G=G, SCRATCH=width,
+        **_topp_launch(C_PAD),
+    )
     _union_compact_kernel[(R * H,)](
         scores, lo, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts, int(min_budget),
         int(max_budget or 0), *strides, cand_slots.stride(0), cand_slots.stride(1),
