@@ -5,10 +5,12 @@
   user already set is kept.
 * Tests marked ``gpu`` are skipped without CUDA, each with the reason shown (``-rs``); they
   never pass silently.
+* ``twilight_cfg``: sets the process's Twilight config for one test.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -48,3 +50,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def twilight_cfg(monkeypatch):
+    """Set the process's Twilight config (what the launcher puts in the environment):
+    ``twilight_cfg(**fields)`` -> the validated ``TwilightConfig``."""
+    from sglang_twilight.config import ENV_VAR, TwilightConfig
+
+    def set_cfg(**kw):
+        cfg = TwilightConfig(**kw).validate()
+        monkeypatch.setenv(ENV_VAR, json.dumps(cfg.to_dict()))
+        return cfg
+
+    return set_cfg

@@ -14,7 +14,6 @@ attention). The Twilight kernels run as Triton kernels through Triton's interpre
 from __future__ import annotations
 
 import copy
-import json
 import math
 import types
 
@@ -22,7 +21,6 @@ import pytest
 import torch
 
 from sglang_twilight import ops
-from sglang_twilight.config import ENV_VAR, TwilightConfig
 
 import sglang.srt.layers.attention.flashinfer_backend as fib
 from sglang.srt.configs.model_config import AttentionArch, ModelConfig
@@ -82,18 +80,6 @@ def sglang_env(tmp_path_factory):
         with get_parallel().override(**_PARALLEL):
             yield types.SimpleNamespace(server_args=sa, model_config=mc)
     mp.undo()
-
-
-@pytest.fixture
-def twilight_cfg(monkeypatch):
-    """Set the process's Twilight config (what the launcher puts in the environment)."""
-
-    def set_cfg(**kw):
-        cfg = TwilightConfig(**kw).validate()
-        monkeypatch.setenv(ENV_VAR, json.dumps(cfg.to_dict()))
-        return cfg
-
-    return set_cfg
 
 
 def _sa(env, **changes):

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from sglang_twilight.config import ENV_VAR, TwilightConfig
+from sglang_twilight.config import ENV_VAR
 
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"],
@@ -84,16 +84,6 @@ def setup(llama8b):
     return tw, fi, ModelConfig.from_server_args(tw)
 
 
-@pytest.fixture
-def cfg_env(monkeypatch):
-    def set_cfg(**kw):
-        cfg = TwilightConfig(**kw).validate()
-        monkeypatch.setenv(ENV_VAR, json.dumps(cfg.to_dict()))
-        return cfg
-
-    return set_cfg
-
-
 def _cell(kvc):
     """A real DefaultPoolConfigurator and SGLang's own (unhooked) cell size for ``kvc``."""
     from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
@@ -113,13 +103,13 @@ def _cell(kvc):
     (1, 0, 32, 4, 8 * 28 * 100),
     (1, 0, 32, 40, 0),  # every layer dense: no sidecar
 ])
-def test_hook_adds_exactly_the_sidecar(setup, cfg_env, tp, start, end, dense, want):
+def test_hook_adds_exactly_the_sidecar(setup, twilight_cfg, tp, start, end, dense, want):
     from sglang.srt.runtime_context import get_parallel
 
     from sglang_twilight.srt_patches.pool_sizing import after_compute_cell_size
 
     tw, fi, mc = setup
-    cfg_env(dense_layers=dense)
+    twilight_cfg(dense_layers=dense)
     with get_parallel().override(attn_tp_size=tp):
         conf, base = _cell(_kvc(tw, mc, start, end))
         assert base == KV_CELL // tp * (end - start) // 32
@@ -130,7 +120,7 @@ def test_hook_adds_exactly_the_sidecar(setup, cfg_env, tp, start, end, dense, wa
         assert after_compute_cell_size(base, conf, kvc_fi, end - start) == base
 
 
-def test_formula_is_what_the_sidecar_allocates(setup, cfg_env):
+def test_formula_is_what_the_sidecar_allocates(setup, twilight_cfg):
     """Bytes per slot of the sidecar attached to a real Llama-8B-shaped KV pool == the hook's."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
     from sglang.srt.runtime_context import get_parallel
@@ -139,7 +129,7 @@ def test_formula_is_what_the_sidecar_allocates(setup, cfg_env):
     from sglang_twilight.srt_patches.pool_sizing import sidecar_bytes_per_token
 
     tw, _, mc = setup
-    cfg = cfg_env()
+    cfg = twilight_cfg()
     kv = MHATokenToKVPool(4 * 16, page_size=16, dtype=torch.bfloat16, head_num=8, head_dim=128,
                           layer_num=32, device="cpu", enable_memory_saver=False)
     side = attach_sidecar(kv, cfg)
@@ -152,14 +142,14 @@ def test_formula_is_what_the_sidecar_allocates(setup, cfg_env):
     assert kv_bytes == side.num_slots * KV_CELL
 
 
-def test_pool_shrinks_by_the_sidecar(setup, cfg_env):
+def test_pool_shrinks_by_the_sidecar(setup, twilight_cfg):
     """calculate_pool_sizes: the token count follows the grown cell size (page aligned)."""
     from sglang.srt.runtime_context import get_parallel
 
     from sglang_twilight.srt_patches.pool_sizing import after_compute_cell_size
 
     tw, _, mc = setup
-    cfg_env()
+    twilight_cfg()
     avail = 60 * (1 << 30)
     with get_parallel().override(attn_tp_size=1):
         conf, base = _cell(_kvc(tw, mc))
