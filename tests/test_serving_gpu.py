@@ -233,11 +233,10 @@ def dense_spread(setup, dense_out):
         srv.stop()
     lp, gap = 0.0, 0.0
     for a, b in zip(got, dense_out):
-        ia, ib = _ids(a), _ids(b)
-        agree = next((j for j in range(min(len(ia), len(ib))) if ia[j] != ib[j]), len(ia))
+        agree = _agree(a, b)
         for j in range(min(agree, len(_lps(a)), len(_lps(b)))):
             lp = max(lp, abs(_lps(a)[j] - _lps(b)[j]))
-        if agree < len(ia) and _top(b, agree) and len(_top(b, agree)) > 1:
+        if agree < len(_ids(a)) and _top(b, agree) and len(_top(b, agree)) > 1:
             gap = max(gap, _top(b, agree)[0][0] - _top(b, agree)[1][0])
     print(f"dense triton vs flashinfer: max logprob diff {lp:.4f}, divergence top-2 gap {gap:.4f}")
     return lp, gap
@@ -267,6 +266,12 @@ def _top(r, i):
     return [(round(x[0], 4), x[1]) for x in tops[i]] if i < len(tops) and tops[i] else None
 
 
+def _agree(a, b) -> int:
+    """How many leading output tokens two responses share (``a``'s length when all)."""
+    ia, ib = _ids(a), _ids(b)
+    return next((j for j in range(min(len(ia), len(ib))) if ia[j] != ib[j]), len(ia))
+
+
 def test_generate_and_openai_endpoints(servers):
     tw = servers[0]
     r = tw.generate(list(range(1000, 3000)), n=8, logprobs=False)
@@ -292,7 +297,7 @@ def _compare_greedy(got, ref, what, first_exact=True, tol=0.0, near_tie=NEAR_TIE
         la, lb = _lps(a), _lps(b)
         if first_exact and ia[0] != ib[0]:
             bad.append(f"prompt {i}: first token {ia[0]} != reference {ib[0]}")
-        agree = next((j for j in range(min(len(ia), len(ib))) if ia[j] != ib[j]), len(ia))
+        agree = _agree(a, b)
         for j in range(min(agree, len(la), len(lb))):
             if abs(la[j] - lb[j]) > max(0.05 + 0.02 * abs(lb[j]), tol):
                 bad.append(f"prompt {i} token {j}: logprob {la[j]:.4f} vs reference {lb[j]:.4f}")
@@ -443,7 +448,7 @@ def test_eager_equals_graph(servers, tmp_path):
         eager.stop()
         tw.start()  # leave the module's server running for any test after this one
     for g, e in zip(graph, got):
-        n = next((j for j in range(8) if _ids(g)[j] != _ids(e)[j]), 8)
+        n = _agree(g, e)
         for j in range(n):
             assert abs(_lps(g)[j] - _lps(e)[j]) < 0.05 + 0.02 * abs(_lps(e)[j])
         if n < 8:
