@@ -179,9 +179,14 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch):
     width = T.topp_scratch_width(C)
     assert width == C // 2
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
-    rows = []
-    for spread in (12.0, 3.0, 0.01):  # peaked, medium, flat logits
-        rows.append(torch.randn(C, generator=gen) * spread)
+    small, mid = T._topp_launch(C)["SMALL"], T._topp_launch(C)["MID"]
+    # medium: (SMALL + MID) / 2 random logits carry the mass, the rest sit e^-20 below (under
+    # the floor), so that head takes the middle path whatever the draw
+    n_mid = (small + mid) // 2
+    medium = torch.randn(C, generator=gen) * 0.5
+    medium[torch.randperm(C, generator=gen)[n_mid:]] -= 20.0
+    rows = [torch.randn(C, generator=gen) * 12.0, medium,  # peaked, medium,
+            torch.randn(C, generator=gen) * 0.01]  # flat logits
     scores = torch.stack(rows).view(1, 1, 3, C).to(device)
     cand = torch.arange(C, dtype=torch.int32, device=device).view(1, 1, C)
     cnt = torch.tensor([[C]], dtype=torch.int32, device=device)
