@@ -194,7 +194,6 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch):
         probs = torch.softmax(scores.float(), -1)
         floor = (1 - p) / C
         surv = (probs >= floor * 0.999).sum(-1).view(-1).tolist()
-        small, mid = T._topp_launch(C)["SMALL"], T._topp_launch(C)["MID"]
         assert mid == width
         assert surv[0] <= small and surv[2] > mid, surv  # the tiers are exercised
         assert p < 0.9 or small < surv[1] <= mid, surv
@@ -226,8 +225,8 @@ def _topk_probe(key_ptr, out_ptr, n, k, N: tl.constexpr):
 
 
 def test_topk_mask_extreme_keys(device):
-    """The multi-way threshold search behind every top-K / top-p: exact on int32 keys at both
-    ends of the range, with duplicates and ranges narrower than the number of ways."""
+    """The threshold search behind every top-K / top-p: exact on int32 keys at both ends of the
+    range (the forced pages' key is the largest int32), with duplicates and narrow ranges."""
     rng = random.Random()
     big, small = 2**31 - 1, -(2**31) + 1
     pools = [[big, big - 1, small, 0, -1, 1], [5, 6, 7], list(range(-3, 4)), None]
