@@ -328,7 +328,13 @@ def test_greedy_matches_dense(servers, dense_spread):
 
 
 def test_tp2_matches_tp1(servers, dense_spread):
-    """``--tp 2`` on two GPUs serves, and at p = 1 (B0 >= context) gives the TP=1 dense output."""
+    """``--tp 2`` on two GPUs serves, and at p = 1 (B0 >= context) gives the TP=1 dense output.
+
+    Needs a model with informative logits (dummy weights give a flat distribution: every greedy
+    token is a tie) whose head counts split in two; SmolLM2-135M (9 q / 3 KV heads) padded with
+    zero heads to 12 / 4 (``python -m tests.models pad``) computes exactly SmolLM2's outputs.
+    Sharded matmuls and the all-reduce change the prefill's rounding too, so even the first token
+    may flip at a near-tie."""
     import torch
 
     if torch.cuda.device_count() < 2:
@@ -345,8 +351,8 @@ def test_tp2_matches_tp1(servers, dense_spread):
         tp2.stop()
         tw.start()
     lp, gap = dense_spread
-    bad = _compare_greedy(got, dense_out, "twilight tp2 vs dense tp1", tol=1.5 * lp,
-                          near_tie=max(NEAR_TIE, 1.5 * gap))
+    bad = _compare_greedy(got, dense_out, "twilight tp2 vs dense tp1", first_exact=False,
+                          tol=1.5 * lp, near_tie=max(NEAR_TIE, 1.5 * gap))
     assert not bad, bad
 
 
