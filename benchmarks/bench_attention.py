@@ -66,7 +66,7 @@ def make_inputs(bs, ctx, H, G, D, dtype, device, tail=1.3, page_locality=1.0, se
     ks, kz = _int4.scale_zero_buffers(S, H, device)
     kmax = torch.empty(total_pages, H, D, dtype=dtype, device=device)
     kmin = torch.empty(total_pages, H, D, dtype=dtype, device=device)
-    ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, PAGE, backend="triton")
+    ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, PAGE, backend=("triton" if device != "cpu" else "torch"))
     return dict(q=q, k=k, v=v, kq=kq, ks=ks, kz=kz, kmax=kmax, kmin=kmin, r2t=req_to_token,
                 rpi=rpi, seq=seq_lens, slots=slots)
 

@@ -7,7 +7,8 @@
 #     && bash benchmarks/serve_smoke.sh
 #
 # 1. Twilight server (python -m sglang_twilight.launch_server) on the Llama-3.1-8B-shaped dummy model
-#    (.gpubundle/llama8b-dummy copied to /tmp), --load-format dummy, --mem-fraction-static 0.85,
+#    (.gpubundle/llama8b-dummy copied to /tmp), --load-format dummy, --mem-fraction-static 0.85
+#    (SMOKE_MEM_FRACTION; 0.92 gives the twilight pool room for 12 x 32000-token requests),
 #    --context-length 33000, --max-running-requests 12, --chunked-prefill-size 8192, CUDA graphs on,
 #    --twilight-max-budget 512: dummy weights give nearly flat attention, so top-p alone would keep
 #    almost every candidate; the clamp stands in for the pruning real weights give (say so with the
@@ -24,7 +25,7 @@
 # tokens than the dense one (Llama-8B: +24000 B on 131072 B per token). Both runs use the same
 # length, min(32000, 97% of the twilight pool / 12 - new tokens), so that all 12 requests fit at once
 # in both (12 x 32k fits only the dense pool). Knobs (env): SMOKE_BUDGET_S=500 SMOKE_INPUT_LEN
-# SMOKE_NEW_TOKENS=128 SMOKE_CONCURRENCY=12 SMOKE_TWILIGHT_ARGS="..." SMOKE_ONLY=twilight|dense PORT=30000
+# SMOKE_NEW_TOKENS=128 SMOKE_CONCURRENCY=12 SMOKE_MEM_FRACTION=0.85 SMOKE_TWILIGHT_ARGS="..." SMOKE_ONLY=twilight|dense PORT=30000
 set -o pipefail
 T0=$(date +%s)
 OUT="${OUT:-/tmp/serve_smoke_out}"; mkdir -p "$OUT"
@@ -77,7 +78,8 @@ with open(TEMPLATE, "w") as f:
     f.write("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 
-COMMON = ["--model-path", MODEL, "--load-format", "dummy", "--mem-fraction-static", "0.85",
+MEM = os.environ.get("SMOKE_MEM_FRACTION", "0.85")
+COMMON = ["--model-path", MODEL, "--load-format", "dummy", "--mem-fraction-static", MEM,
           "--context-length", str(CTX), "--max-running-requests", str(CONC),
           "--chunked-prefill-size", "8192", "--cuda-graph-max-bs-decode", "16",
           "--page-size", "16", "--chat-template", TEMPLATE, "--decode-log-interval", "8",
