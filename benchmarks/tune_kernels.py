@@ -25,7 +25,8 @@ from sglang_twilight.kernels import topp as T  # noqa: E402
 
 ESTIMATE = [dict(BLOCK_N=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (128, 1, 1, 4), (64, 4, 3, 2), (128, 4, 3, 4), (64, 2, 3, 2), (64, 8, 3, 2), (64, 4, 4, 2),
-    (128, 4, 3, 2), (32, 4, 3, 1), (64, 4, 3, 1), (64, 8, 4, 2), (32, 8, 3, 2), (128, 2, 3, 2)]]
+    (128, 4, 3, 2), (32, 4, 3, 1), (64, 4, 3, 1), (64, 8, 4, 2), (32, 8, 3, 2), (128, 2, 3, 2),
+    (64, 8, 3, 4), (64, 4, 3, 4)]]
 PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (64, 1, 1, 4), (32, 4, 2, 4), (32, 1, 1, 4), (32, 4, 3, 2), (16, 8, 3, 2), (32, 8, 3, 2),
     (16, 4, 2, 1), (32, 2, 2, 4)]]
@@ -83,7 +84,8 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     cand, cnt = sel()
     # estimate
     est = lambda: T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
-                                       out=ws.scores[:bs], page_size=PAGE)
+                                       out=ws.scores[:bs], page_size=PAGE,
+                                       parts=ws.score_parts)
     ref = est().clone()
     valid = torch.isfinite(ref)
     default = dict(T.ESTIMATE_CONFIG)
@@ -93,13 +95,28 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         err = float((est()[valid] - ref[valid]).abs().max())
         log("estimate", cfg, ms, max_abs_diff=err)
     T.ESTIMATE_CONFIG = default
+    if not only or "layout" in only:
+        # the sidecar's int4 codes and scale/zero stored slot-major ([S, H, ...]) instead of
+        # head-major (int4.code_buffer / scale_zero_buffers): same values, other strides
+        kq_s = inp["kq"].contiguous()
+        sz_s = torch.stack([inp["ks"], inp["kz"]], -1).contiguous()
+        for name, kq, ks, kz in (("slot-major", kq_s, sz_s[..., 0], sz_s[..., 1]),
+                                 ("head-major", inp["kq"], inp["ks"], inp["kz"])):
+            f = lambda: T.int4_scores_triton(inp["q"], kq, ks, kz, cand, cnt, sm,
+                                             out=ws.scores[:bs], page_size=PAGE,
+                                             parts=ws.score_parts)
+            ms = graph_ms(f)
+            log("estimate_layout", dict(layout=name), ms,
+                max_abs_diff=float((f()[valid] - ref[valid]).abs().max()))
+        del kq_s, sz_s
     est_ms = graph_ms(est)
-    # top-p and union: timed with the estimate in front (the kernels overwrite the scores)
+    # top-p and union: timed with the estimate in front (they read its partials)
     prune = lambda: T.twilight_prune_triton(
         inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, 0,
         scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
         lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-        scratch=ws.topp_scratch)
+        scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G],
+        parts=ws.score_parts)
     k0, n0 = [t.clone() for t in prune()]
     default = dict(T.TOPP_CONFIG)
     for cfg in TOPP if not only or "topp" in only else []:
@@ -116,6 +133,15 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         log("union", dict(num_warps=w), ms, minus_estimate_ms=ms - est_ms,
             rows_differing=same_sets(k0, n0, k1, n1))
     T.UNION_WARPS.pop(8192)
+    default = T.PRUNE_PARTS
+    for parts in ([False, True] if not only or "parts" in only else []):
+        # softmax max/sum from the estimate's partials, or from a pass of the top-p kernel
+        T.PRUNE_PARTS = parts
+        ms = graph_ms(prune)
+        k1, n1 = prune()
+        log("prune_parts", dict(PRUNE_PARTS=parts), ms, minus_estimate_ms=ms - est_ms,
+            rows_differing=same_sets(k0, n0, k1, n1))
+    T.PRUNE_PARTS = default
     inp.clear()
     torch.cuda.empty_cache()
 
@@ -124,7 +150,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--only", default="", help="comma list: page_scores,select,estimate,topp,union")
+    ap.add_argument("--only", default="",
+                    help="comma list: page_scores,select,estimate,layout,topp,union,parts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

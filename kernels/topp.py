@@ -138,13 +138,19 @@ if triton is not None:
             return tl.load(base + n, mask=nm, other=0).to(tl.int64)
 
     @triton.jit
+    def _shifted_exp(s, m):
+        """exp(s - m): the one expression every kernel uses for a weight, so that a threshold
+        found on one kernel's weights selects the same entries in another's."""
+        return tl.exp(s - m)
+
+    @triton.jit
     def _estimate_kernel(
-        q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, sm_scale,
+        q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, part_ptr, sm_scale, NBLK,
         stride_qr, stride_qh, stride_kqs, stride_kqh, stride_ss, stride_sh, stride_cr, stride_ch,
         stride_or, stride_oh, stride_og,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, SZ_PAIRED: tl.constexpr,
-        DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
+        DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr, PARTS: tl.constexpr,
     ):
         """Grid (R*H, C/(BLOCK_N*ITERS)): s = sm_scale * (scale * q.codes + zero * sum(q)).
 
@@ -152,7 +158,9 @@ if triton is not None:
         (codes 0..15 are exact in bf16/fp16, products accumulate in fp32). A program walks ITERS
         blocks of BLOCK_N candidates, software-pipelined (STAGES), so the next block's gathers are
         in flight while this one is converted and multiplied. ``SZ_PAIRED``: zero is stored right
-        after scale (the sidecar's interleaved buffer), read as one 32-bit word.
+        after scale (the sidecar's interleaved buffer), read as one 32-bit word. ``PARTS``: each
+        program also writes its candidates' max and sum of exp(s - max) per q head (online, per
+        element, one reduction at the end), so the top-p kernel needs no pass for the softmax.
         """
         rh = tl.program_id(0)
         start = tl.program_id(1) * (BLOCK_N * ITERS)
@@ -175,6 +183,8 @@ if triton is not None:
         qoT = tl.trans(qo)
         cbase = cand_ptr + r * stride_cr + h * stride_ch
         obase = out_ptr + r * stride_or + h * stride_oh + g[None, :] * stride_og
+        acc_m = tl.full([BLOCK_N, G_PAD], -1e30, tl.float32)  # finite: no inf - inf
+        acc_l = tl.zeros([BLOCK_N, G_PAD], tl.float32)
         for it in tl.range(0, ITERS, num_stages=STAGES):
             n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
             nm = n < count
@@ -194,18 +204,30 @@ if triton is not None:
             dot = tl.dot(lo, qeT) + tl.dot(hi, qoT)  # [BLOCK_N, G_PAD] fp32
             s = (sc[:, None] * dot + zr[:, None] * qsum[None, :]) * sm_scale
             tl.store(obase + n[:, None], s, mask=nm[:, None] & gm[None, :])
+            if PARTS:
+                sv = tl.where(nm[:, None], s, float("-inf"))
+                m_new = tl.maximum(acc_m, sv)
+                acc_l = acc_l * tl.exp(acc_m - m_new) + tl.exp(sv - m_new)
+                acc_m = m_new
+        if PARTS:
+            bm = tl.max(acc_m, 0)  # [G_PAD]
+            bl = tl.sum(acc_l * tl.exp(acc_m - bm[None, :]), 0)
+            pp = part_ptr + ((rh * G + g) * NBLK + tl.program_id(1)) * 2
+            tl.store(pp, bm, mask=gm)
+            tl.store(pp + 1, bl, mask=gm)
 
     @triton.jit
-    def _streaming_search(buf, n, target, CHUNK: tl.constexpr):
-        """``_threshold_search`` over the non-negative fp32 values ``buf[:n]`` (every entry
-        present, key = its bits), read in chunks from global memory at each step instead of held
-        in registers: for rows with too many entries above the floor to keep on chip."""
+    def _streaming_search(row, n, target, mx, CHUNK: tl.constexpr):
+        """``_threshold_search`` over the weights ``exp(row[:n] - mx)`` (every entry present,
+        key = its bits), recomputed from the scores in chunks at each step instead of held in
+        registers: for rows with too many entries above the floor to keep on chip."""
         c = tl.arange(0, CHUNK)
         lo_key = tl.full([], 2147483647, tl.int32)
         hi_key = tl.full([], -1, tl.int32)
         for st in range(0, n, CHUNK):
             m = st + c < n
-            k = tl.load(buf + st + c, mask=m, other=0.0).to(tl.int32, bitcast=True)
+            k = _shifted_exp(tl.load(row + st + c, mask=m, other=float("-inf")), mx).to(
+                tl.int32, bitcast=True)
             lo_key = tl.minimum(lo_key, tl.min(tl.where(m, k, 2147483647), 0))
             hi_key = tl.maximum(hi_key, tl.max(tl.where(m, k, -1), 0))
         while lo_key < hi_key:
@@ -216,7 +238,7 @@ if triton is not None:
             b = tl.full([], -1, tl.int32)
             for st in range(0, n, CHUNK):
                 m = st + c < n
-                v = tl.load(buf + st + c, mask=m, other=0.0)
+                v = _shifted_exp(tl.load(row + st + c, mask=m, other=float("-inf")), mx)
                 k = v.to(tl.int32, bitcast=True)
                 ge = m & (k >= mid)
                 ms, aa, bb = tl.reduce(
@@ -242,20 +264,23 @@ if triton is not None:
 
     @triton.jit
     def _topp_head_kernel(
-        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, scratch_ptr, stride_sr, stride_sh, stride_sg,
+        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, mx_ptr, part_ptr, scratch_ptr, NBLK, BLK,
+        stride_sr, stride_sh, stride_sg,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
-        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
+        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, NB_PAD: tl.constexpr,
+        PARTS: tl.constexpr,
     ):
-        """One program per (request, q head): e = exp(s - max) in place, then the top-p threshold.
+        """One program per (request, q head): the row's max and sum of e = exp(s - max), then the
+        top-p threshold; writes ``lo``, ``tot`` and ``mx`` per head, never the row.
 
-        Bisection over the int32 bits of e (non-negative floats order like their bits): ends on
-        the largest threshold whose kept mass reaches p * sum(e), exactly; ``lo`` is written per
-        head. Only entries above the droppable floor can be kept: they are compacted into the
-        head's scratch (SCRATCH values) as e is written, and searched there in registers, in a
-        block of SMALL or (when more) MID values; a head with more than that searches its whole
-        row chunk by chunk (slow, each step re-reads the row: for nearly flat rows only). The
-        row itself is read in CHUNK pieces (at most twice), so a long row never sits in
-        registers whole (that held the kernel to one program per SM).
+        ``PARTS``: max and sum come from the estimate kernel's per-block partials (no pass over
+        the row); else from one online pass (per element, one reduction at the end). Bisection
+        over the int32 bits of e (non-negative floats order like their bits): ends on the largest
+        threshold whose kept mass reaches p * sum(e), exactly. Only entries above the droppable
+        floor can be kept: one pass over the row (CHUNK values at a time) compacts their e into
+        the head's scratch (SCRATCH values), searched there in registers, in a block of SMALL or
+        (when more) MID values; a head with more than that searches its whole row chunk by chunk
+        (slow, each step re-reads the row: for nearly flat rows only). p >= 1 reads nothing more.
         """
         pid = tl.program_id(0)
         r = pid // (H * G)
@@ -265,30 +290,38 @@ if triton is not None:
         p = tl.load(p_ptr + r)
         row = s_ptr + r * stride_sr + h * stride_sh + g * stride_sg
         c = tl.arange(0, CHUNK)
-        # pass 1: max and sum of exp (online); one load when the row fits one CHUNK
-        m = tl.full([], float("-inf"), tl.float32)
-        tot = tl.zeros([], tl.float32)
-        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-            s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            tot = tot * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
-            m = m_new
-        # entries under (1 - p) * tot / count can never be kept: together they weigh less than
-        # the mass top-p may drop, so the search only looks at the ones above
-        floor = tl.where(p < 1.0, (1.0 - p) * tot / count.to(tl.float32) * 0.999, float("inf"))
-        buf = scratch_ptr + pid.to(tl.int64) * SCRATCH
-        n_surv = tl.zeros([], tl.int32)
-        # pass 2: e in place, survivors compacted into the scratch
-        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-            msk = st + c < count
-            e = tl.exp(tl.load(row + st + c, mask=msk, other=float("-inf")) - m)
-            tl.store(row + st + c, e, mask=msk)
-            surv = msk & (e >= floor)
-            pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
-            tl.store(buf + pos, e, mask=surv & (pos < SCRATCH))
-            n_surv += tl.sum(surv.to(tl.int32), 0)
+        if PARTS:
+            b = tl.arange(0, NB_PAD)
+            bmask = b < (count + BLK - 1) // BLK
+            pp = part_ptr + (pid * NBLK + b) * 2
+            bm = tl.load(pp, mask=bmask, other=-1e30)
+            bl = tl.load(pp + 1, mask=bmask, other=0.0)
+            m = tl.max(bm, 0)
+            tot = tl.sum(bl * tl.exp(bm - m), 0)
+        else:
+            am = tl.full([CHUNK], -1e30, tl.float32)
+            al = tl.zeros([CHUNK], tl.float32)
+            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+                sv = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+                m_new = tl.maximum(am, sv)
+                al = al * tl.exp(am - m_new) + tl.exp(sv - m_new)
+                am = m_new
+            m = tl.max(am, 0)
+            tot = tl.sum(al * tl.exp(am - m), 0)
         lo = tl.zeros([], tl.int32)
         if p < 1.0:
+            # entries under (1 - p) * tot / count can never be kept: together they weigh less
+            # than the mass top-p may drop, so the search only looks at the ones above
+            floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
+            buf = scratch_ptr + pid.to(tl.int64) * SCRATCH
+            n_surv = tl.zeros([], tl.int32)
+            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+                msk = st + c < count
+                e = _shifted_exp(tl.load(row + st + c, mask=msk, other=float("-inf")), m)
+                surv = msk & (e >= floor)
+                pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
+                tl.store(buf + pos, e, mask=surv & (pos < SCRATCH))
+                n_surv += tl.sum(surv.to(tl.int32), 0)
             tl.debug_barrier()  # this program's stores are visible to all its threads
             target = p * tot
             if n_surv <= SMALL:
@@ -296,18 +329,20 @@ if triton is not None:
             elif n_surv <= MID:
                 lo = _block_search(buf, n_surv, target, MID)
             else:
-                lo = _streaming_search(row, count, target, CHUNK)
+                lo = _streaming_search(row, count, target, m, CHUNK)
         tl.store(lo_ptr + pid, lo)
         tl.store(tot_ptr + pid, tot)
+        tl.store(mx_ptr + pid, m)
 
     @triton.jit
     def _union_compact_kernel(
-        e_ptr, lo_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr, min_budget,
-        max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr, stride_kh,
+        s_ptr, lo_ptr, tot_ptr, mx_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
+        min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr, stride_kh,
         H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr, P: tl.constexpr,
         FROM_PAGES: tl.constexpr,
     ):
-        """One program per (request, kv head): union over the group, clamps, compaction."""
+        """One program per (request, kv head): union over the group (each head's weights
+        recomputed from its scores exactly as the top-p kernel did), clamps, compaction."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -319,8 +354,9 @@ if triton is not None:
             union = idx == count - 1  # the newest token is always kept
             w = tl.zeros([C_PAD], tl.float32)
             for g in tl.static_range(G):
-                e = tl.load(e_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
-                            mask=valid, other=0.0)
+                sv = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
+                             mask=valid, other=float("-inf"))
+                e = _shifted_exp(sv, tl.load(mx_ptr + rh * G + g))
                 lo = tl.load(lo_ptr + rh * G + g)
                 tot = tl.load(tot_ptr + rh * G + g)
                 union = union | (valid & (e.to(tl.int32, bitcast=True) >= lo))
@@ -342,9 +378,17 @@ if triton is not None:
         tl.store(kept_count_ptr + r * H + h, tl.sum(keep.to(tl.int32), 0))
 
 
+def estimate_blocks(capacity: int) -> int:
+    """Programs of the estimate per (request, KV head) row of ``capacity`` candidates: the
+    number of (max, sum) partials it writes per q head."""
+    return triton.cdiv(capacity, ESTIMATE_CONFIG["BLOCK_N"] * ESTIMATE_CONFIG["ITERS"])
+
+
 def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None,
-                       page_size=0):
-    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
+                       page_size=0, parts=None):
+    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
+    ``parts``: fp32, ``R*H*G*estimate_blocks(C)*2`` values or more, receives each estimate
+    block's (max, sum of exp(s - max)) per q head for the top-p kernel."""
     R, Hq, D = q.shape
     H = kq.shape[1]
     G = Hq // H
@@ -353,17 +397,25 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
         out = torch.full((R, H, G, C), float("-inf"), dtype=torch.float32, device=q.device)
     cfg = ESTIMATE_CONFIG
     BLOCK_N, ITERS = cfg["BLOCK_N"], cfg["ITERS"]
-    _estimate_kernel[(R * H, triton.cdiv(C, BLOCK_N * ITERS))](
-        q, kq, kscale, kzero, cand_slots, cand_counts, out, float(sm_scale),
+    nblk = estimate_blocks(C)
+    if parts is not None and parts.numel() < R * H * G * nblk * 2:
+        raise ValueError(f"estimate partials hold {parts.numel()} values, need {R * H * G * nblk * 2}")
+    _estimate_kernel[(R * H, nblk)](
+        q, kq, kscale, kzero, cand_slots, cand_counts, out, out if parts is None else parts,
+        float(sm_scale), nblk,
         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0), kscale.stride(1),
         cand_slots.stride(0), cand_slots.stride(1), out.stride(0), out.stride(1), out.stride(2),
         H=H, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_N=BLOCK_N, ITERS=ITERS,
         STAGES=cfg["STAGES"], SZ_PAIRED=_scale_zero_paired(kscale, kzero),
         DOT_F32=interpreting(), P=max(page_size, 1), FROM_PAGES=page_size > 0,
-        num_warps=cfg["num_warps"],
+        PARTS=parts is not None, num_warps=cfg["num_warps"],
     )
     return out
 
+
+# the estimate writes each block's softmax partials, so the top-p kernel needs no pass for its
+# max and sum (False: the top-p kernel takes that pass; compared by benchmarks/tune_kernels.py)
+PRUNE_PARTS = True
 
 # launch shape of the estimate (tuned on the H100 by benchmarks/tune_kernels.py)
 ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=3, num_warps=2)
@@ -411,34 +463,42 @@ def _topp_launch(c_pad: int) -> dict:
 
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                              kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
-                             scratch=None):
-    """Top-p per q head, then union / clamps / compaction per KV head. Overwrites ``scores``
-    with exp(s - max). ``scratch``: fp32, ``R*H*G*topp_scratch_width(C)`` values or more."""
+                             scratch=None, mx=None, parts=None):
+    """Top-p per q head, then union / clamps / compaction per KV head. ``scratch``: fp32,
+    ``R*H*G*topp_scratch_width(C)`` values or more. Per q head, ``lo`` (threshold key), ``tot``
+    (sum of weights) and ``mx`` (row max) are written: head (r, h, g) keeps the entries whose
+    weight ``exp(s - mx)`` has bits >= ``lo``. ``parts``: the estimate's partials (from
+    ``int4_scores_triton(parts=...)`` on the same scores), else the softmax takes a pass."""
     R, H, G, C = scores.shape
-    pr = _rows_p(p, R, scores.device)
+    dev = scores.device
+    pr = _rows_p(p, R, dev)
     if kept_slots is None:
-        kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=scores.device)
+        kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=dev)
     if kept_counts is None:
-        kept_counts = torch.empty(R, H, dtype=torch.int32, device=scores.device)
+        kept_counts = torch.empty(R, H, dtype=torch.int32, device=dev)
     if lo is None:
-        lo = torch.empty(R * H * G, dtype=torch.int32, device=scores.device)
+        lo = torch.empty(R * H * G, dtype=torch.int32, device=dev)
     if tot is None:
-        tot = torch.empty(R * H * G, dtype=torch.float32, device=scores.device)
+        tot = torch.empty(R * H * G, dtype=torch.float32, device=dev)
+    if mx is None:
+        mx = torch.empty(R * H * G, dtype=torch.float32, device=dev)
     C_PAD = next_pow2(C)
     width = topp_scratch_width(C)
     if scratch is None:
-        scratch = torch.empty(R * H * G * width, dtype=torch.float32, device=scores.device)
+        scratch = torch.empty(R * H * G * width, dtype=torch.float32, device=dev)
     elif scratch.numel() < R * H * G * width:
         raise ValueError(f"top-p scratch holds {scratch.numel()} values, needs {R * H * G * width}")
+    nblk = estimate_blocks(C)
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
     _topp_head_kernel[(R * H * G,)](
-        scores, cand_counts, pr, lo, tot, scratch, *strides, H=H, G=G, SCRATCH=width,
-        **_topp_launch(C_PAD),
+        scores, cand_counts, pr, lo, tot, mx, scores if parts is None else parts, scratch, nblk,
+        ESTIMATE_CONFIG["BLOCK_N"] * ESTIMATE_CONFIG["ITERS"], *strides, H=H, G=G, SCRATCH=width,
+        NB_PAD=max(2, next_pow2(nblk)), PARTS=parts is not None, **_topp_launch(C_PAD),
     )
     _union_compact_kernel[(R * H,)](
-        scores, lo, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts, int(min_budget),
-        int(max_budget or 0), *strides, cand_slots.stride(0), cand_slots.stride(1),
-        kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
+        scores, lo, tot, mx, cand_slots, cand_counts, pr, kept_slots, kept_counts,
+        int(min_budget), int(max_budget or 0), *strides, cand_slots.stride(0),
+        cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
         P=max(page_size, 1), FROM_PAGES=page_size > 0, num_warps=_row_warps(C_PAD),
     )
     return kept_slots, kept_counts
@@ -454,7 +514,8 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
     C_PAD = next_pow2(C)
     # p = 1 rows never read the score buffers: pass the page list as a stand-in pointer
     _union_compact_kernel[(R * H,)](
-        cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots, cand_counts,
+        cand_pages, cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots,
+        cand_counts,
         0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1), kept_slots.stride(0),
         kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size, FROM_PAGES=True,
         num_warps=_row_warps(C_PAD),
@@ -464,9 +525,16 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
 
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
-                          tot=None, page_size=0, scratch=None):
-    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
+                          tot=None, page_size=0, scratch=None, mx=None, parts=None):
+    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
+    ``parts``: the estimate's partials buffer (allocated when not given)."""
+    R, Hq, _ = q.shape
+    C = cand_slots.shape[-1] * max(page_size, 1)
+    if not PRUNE_PARTS:
+        parts = None
+    elif parts is None:
+        parts = torch.empty(R * Hq * estimate_blocks(C) * 2, dtype=torch.float32, device=q.device)
     scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores,
-                                page_size=page_size)
+                                page_size=page_size, parts=parts)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                                    kept_slots, kept_counts, lo, tot, page_size, scratch)
+                                    kept_slots, kept_counts, lo, tot, page_size, scratch, mx, parts)

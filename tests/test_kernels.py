@@ -203,10 +203,13 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch):
         # per head: the kernel's threshold keeps the reference's set
         lo = torch.empty(3, dtype=torch.int32, device=device)
         tot = torch.empty(3, dtype=torch.float32, device=device)
-        e = scores.clone()
-        T.prune_from_scores_triton(e, cand, cnt, p, 1, 0, lo=lo, tot=tot)
+        mx = torch.empty(3, dtype=torch.float32, device=device)
+        T.prune_from_scores_triton(scores.clone(), cand, cnt, p, 1, 0, lo=lo, tot=tot, mx=mx)
+        assert torch.equal(mx, scores.view(3, C).amax(-1))
+        e = torch.empty(3, C, dtype=torch.float32, device=device)
+        _weights_probe[(3,)](scores, mx, e, C=C)  # the kernels' own exp(s - mx)
         ref = T.topp_mask_ref(probs.view(3, C), p)
-        got = e.view(3, C).view(torch.int32) >= lo[:, None]
+        got = e.view(torch.int32) >= lo[:, None]
         assert torch.equal(got, ref), (p, surv, (got ^ ref).sum(-1).tolist())
 
 
@@ -214,6 +217,14 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from sglang_twilight.kernels.quest import _topk_mask  # noqa: E402
+from sglang_twilight.kernels.topp import _shifted_exp  # noqa: E402
+
+
+@triton.jit
+def _weights_probe(s_ptr, mx_ptr, out_ptr, C: tl.constexpr):
+    i = tl.arange(0, C)
+    row = tl.program_id(0)
+    tl.store(out_ptr + row * C + i, _shifted_exp(tl.load(s_ptr + row * C + i), tl.load(mx_ptr + row)))
 
 
 @triton.jit
