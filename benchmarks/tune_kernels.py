@@ -80,7 +80,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     for w in SELECT if not only or "select" in only else []:
         Q.SELECT_WARPS[np_pad] = w
         log("select", dict(num_warps=w), graph_ms(sel))
-    Q.SELECT_WARPS.pop(np_pad)
+    Q.SELECT_WARPS.pop(np_pad, None)
     cand, cnt = sel()
     # estimate
     est = lambda: T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
@@ -132,7 +132,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         k1, n1 = prune()
         log("union", dict(num_warps=w), ms, minus_estimate_ms=ms - est_ms,
             rows_differing=same_sets(k0, n0, k1, n1))
-    T.UNION_WARPS.pop(8192)
+    T.UNION_WARPS.pop(8192, None)
     default = T.PRUNE_PARTS
     for parts in ([False, True] if not only or "parts" in only else []):
         # softmax max/sum from the estimate's partials, or from a pass of the top-p kernel
