@@ -77,10 +77,12 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
         cand_counts=ws.cand_counts[:bs])
     np_pad = 1 << (ws.max_pages - 1).bit_length()
+    select_default = dict(Q.SELECT_WARPS)
     for w in SELECT if not only or "select" in only else []:
         Q.SELECT_WARPS[np_pad] = w
         log("select", dict(num_warps=w), graph_ms(sel))
-    Q.SELECT_WARPS.pop(np_pad, None)
+    Q.SELECT_WARPS.clear()
+    Q.SELECT_WARPS.update(select_default)
     cand, cnt = sel()
     # estimate
     est = lambda: T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
@@ -126,13 +128,15 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         log("topp+union", cfg, ms, minus_estimate_ms=ms - est_ms,
             rows_differing=same_sets(k0, n0, k1, n1))
     T.TOPP_CONFIG = default
+    union_default = dict(T.UNION_WARPS)
     for w in UNION if not only or "union" in only else []:
         T.UNION_WARPS[8192] = w
         ms = graph_ms(prune)
         k1, n1 = prune()
         log("union", dict(num_warps=w), ms, minus_estimate_ms=ms - est_ms,
             rows_differing=same_sets(k0, n0, k1, n1))
-    T.UNION_WARPS.pop(8192, None)
+    T.UNION_WARPS.clear()
+    T.UNION_WARPS.update(union_default)
     default = T.PRUNE_PARTS
     for parts in ([False, True] if not only or "parts" in only else []):
         # softmax max/sum from the estimate's partials, or from a pass of the top-p kernel
