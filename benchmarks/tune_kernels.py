@@ -15,6 +15,7 @@ import os
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import PAGE, graph_ms, make_inputs, source_commit  # noqa: E402
@@ -85,9 +86,10 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     Q.SELECT_WARPS.update(select_default)
     cand, cnt = sel()
     # estimate
+    # partials for the smallest estimate block swept (the workspace's fit the default only)
+    parts = torch.empty(bs * H * G * triton.cdiv(ws.capacity, 32) * 2, device="cuda")
     est = lambda: T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
-                                       out=ws.scores[:bs], page_size=PAGE,
-                                       parts=ws.score_parts)
+                                       out=ws.scores[:bs], page_size=PAGE, parts=parts)
     ref = est().clone()
     valid = torch.isfinite(ref)
     default = dict(T.ESTIMATE_CONFIG)
@@ -106,7 +108,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
                                  ("head-major", inp["kq"], inp["ks"], inp["kz"])):
             f = lambda: T.int4_scores_triton(inp["q"], kq, ks, kz, cand, cnt, sm,
                                              out=ws.scores[:bs], page_size=PAGE,
-                                             parts=ws.score_parts)
+                                             parts=parts)
             ms = graph_ms(f)
             log("estimate_layout", dict(layout=name), ms,
                 max_abs_diff=float((f()[valid] - ref[valid]).abs().max()))

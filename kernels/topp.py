@@ -512,10 +512,9 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
         kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=cand_pages.device)
     ones = torch.ones(R, dtype=torch.float32, device=cand_pages.device)
     C_PAD = next_pow2(C)
-    # p = 1 rows never read the score buffers: pass the page list as a stand-in pointer
+    # p = 1 rows never read the score buffers: stand-in pointers of the right dtypes
     _union_compact_kernel[(R * H,)](
-        cand_pages, cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots,
-        cand_counts,
+        ones, cand_pages, ones, ones, cand_pages, cand_counts, ones, kept_slots, cand_counts,
         0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1), kept_slots.stride(0),
         kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size, FROM_PAGES=True,
         num_warps=_row_warps(C_PAD),
