@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import PAGE, graph_ms, make_inputs, source_commit  # noqa: E402
@@ -86,10 +85,8 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     Q.SELECT_WARPS.update(select_default)
     cand, cnt = sel()
     # estimate
-    # partials for the smallest estimate block swept (the workspace's fit the default only)
-    parts = torch.empty(bs * H * G * triton.cdiv(ws.capacity, 32) * 2, device="cuda")
     est = lambda: T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
-                                       out=ws.scores[:bs], page_size=PAGE, parts=parts)
+                                       out=ws.scores[:bs], page_size=PAGE)
     ref = est().clone()
     valid = torch.isfinite(ref)
     default = dict(T.ESTIMATE_CONFIG)
@@ -107,8 +104,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         for name, kq, ks, kz in (("slot-major", kq_s, sz_s[..., 0], sz_s[..., 1]),
                                  ("head-major", inp["kq"], inp["ks"], inp["kz"])):
             f = lambda: T.int4_scores_triton(inp["q"], kq, ks, kz, cand, cnt, sm,
-                                             out=ws.scores[:bs], page_size=PAGE,
-                                             parts=parts)
+                                             out=ws.scores[:bs], page_size=PAGE)
             ms = graph_ms(f)
             log("estimate_layout", dict(layout=name), ms,
                 max_abs_diff=float((f()[valid] - ref[valid]).abs().max()))
@@ -119,8 +115,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, 0,
         scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
         lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-        scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G],
-        parts=ws.score_parts)
+        scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G])
     k0, n0 = [t.clone() for t in prune()]
     default = dict(T.TOPP_CONFIG)
     for cfg in TOPP if not only or "topp" in only else []:
@@ -139,15 +134,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
             rows_differing=same_sets(k0, n0, k1, n1))
     T.UNION_WARPS.clear()
     T.UNION_WARPS.update(union_default)
-    default = T.PRUNE_PARTS
-    for parts in ([False, True] if not only or "parts" in only else []):
-        # softmax max/sum from the estimate's partials, or from a pass of the top-p kernel
-        T.PRUNE_PARTS = parts
-        ms = graph_ms(prune)
-        k1, n1 = prune()
-        log("prune_parts", dict(PRUNE_PARTS=parts), ms, minus_estimate_ms=ms - est_ms,
-            rows_differing=same_sets(k0, n0, k1, n1))
-    T.PRUNE_PARTS = default
     inp.clear()
     torch.cuda.empty_cache()
 
@@ -157,7 +143,7 @@ def main():
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
-                    help="comma list: page_scores,select,estimate,layout,topp,union,parts")
+                    help="comma list: page_scores,select,estimate,layout,topp,union")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

@@ -145,12 +145,12 @@ if triton is not None:
 
     @triton.jit
     def _estimate_kernel(
-        q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, part_ptr, sm_scale, NBLK,
+        q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, sm_scale,
         stride_qr, stride_qh, stride_kqs, stride_kqh, stride_ss, stride_sh, stride_cr, stride_ch,
         stride_or, stride_oh, stride_og,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, SZ_PAIRED: tl.constexpr,
-        DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr, PARTS: tl.constexpr,
+        DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
     ):
         """Grid (R*H, C/(BLOCK_N*ITERS)): s = sm_scale * (scale * q.codes + zero * sum(q)).
 
@@ -158,9 +158,7 @@ if triton is not None:
         (codes 0..15 are exact in bf16/fp16, products accumulate in fp32). A program walks ITERS
         blocks of BLOCK_N candidates, software-pipelined (STAGES), so the next block's gathers are
         in flight while this one is converted and multiplied. ``SZ_PAIRED``: zero is stored right
-        after scale (the sidecar's interleaved buffer), read as one 32-bit word. ``PARTS``: each
-        program also writes its candidates' max and sum of exp(s - max) per q head (online, per
-        element, one reduction at the end), so the top-p kernel needs no pass for the softmax.
+        after scale (the sidecar's interleaved buffer), read as one 32-bit word.
         """
         rh = tl.program_id(0)
         start = tl.program_id(1) * (BLOCK_N * ITERS)
@@ -183,8 +181,6 @@ if triton is not None:
         qoT = tl.trans(qo)
         cbase = cand_ptr + r * stride_cr + h * stride_ch
         obase = out_ptr + r * stride_or + h * stride_oh + g[None, :] * stride_og
-        acc_m = tl.full([BLOCK_N, G_PAD], -1e30, tl.float32)  # finite: no inf - inf
-        acc_l = tl.zeros([BLOCK_N, G_PAD], tl.float32)
         for it in tl.range(0, ITERS, num_stages=STAGES):
             n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
             nm = n < count
@@ -204,17 +200,6 @@ if triton is not None:
             dot = tl.dot(lo, qeT) + tl.dot(hi, qoT)  # [BLOCK_N, G_PAD] fp32
             s = (sc[:, None] * dot + zr[:, None] * qsum[None, :]) * sm_scale
             tl.store(obase + n[:, None], s, mask=nm[:, None] & gm[None, :])
-            if PARTS:
-                sv = tl.where(nm[:, None], s, float("-inf"))
-                m_new = tl.maximum(acc_m, sv)
-                acc_l = acc_l * tl.exp(acc_m - m_new) + tl.exp(sv - m_new)
-                acc_m = m_new
-        if PARTS:
-            bm = tl.max(acc_m, 0)  # [G_PAD]
-            bl = tl.sum(acc_l * tl.exp(acc_m - bm[None, :]), 0)
-            pp = part_ptr + ((rh * G + g) * NBLK + tl.program_id(1)) * 2
-            tl.store(pp, bm, mask=gm)
-            tl.store(pp + 1, bl, mask=gm)
 
     @triton.jit
     def _streaming_search(row, n, target, mx, CHUNK: tl.constexpr):
@@ -264,17 +249,16 @@ if triton is not None:
 
     @triton.jit
     def _topp_head_kernel(
-        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, mx_ptr, part_ptr, scratch_ptr, NBLK, BLK,
+        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, mx_ptr, scratch_ptr,
         stride_sr, stride_sh, stride_sg,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
-        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, NB_PAD: tl.constexpr,
-        PARTS: tl.constexpr,
+        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
     ):
         """One program per (request, q head): the row's max and sum of e = exp(s - max), then the
         top-p threshold; writes ``lo``, ``tot`` and ``mx`` per head, never the row.
 
-        ``PARTS``: max and sum come from the estimate kernel's per-block partials (no pass over
-        the row); else from one online pass (per element, one reduction at the end). Bisection
+        Max and sum come from one online pass, per element (one reduction each at the end, not
+        one per chunk). Bisection
         over the int32 bits of e (non-negative floats order like their bits): ends on the largest
         threshold whose kept mass reaches p * sum(e), exactly. Only entries above the droppable
         floor can be kept: one pass over the row (CHUNK values at a time) compacts their e into
@@ -290,24 +274,15 @@ if triton is not None:
         p = tl.load(p_ptr + r)
         row = s_ptr + r * stride_sr + h * stride_sh + g * stride_sg
         c = tl.arange(0, CHUNK)
-        if PARTS:
-            b = tl.arange(0, NB_PAD)
-            bmask = b < (count + BLK - 1) // BLK
-            pp = part_ptr + (pid * NBLK + b) * 2
-            bm = tl.load(pp, mask=bmask, other=-1e30)
-            bl = tl.load(pp + 1, mask=bmask, other=0.0)
-            m = tl.max(bm, 0)
-            tot = tl.sum(bl * tl.exp(bm - m), 0)
-        else:
-            am = tl.full([CHUNK], -1e30, tl.float32)
-            al = tl.zeros([CHUNK], tl.float32)
-            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-                sv = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
-                m_new = tl.maximum(am, sv)
-                al = al * tl.exp(am - m_new) + tl.exp(sv - m_new)
-                am = m_new
-            m = tl.max(am, 0)
-            tot = tl.sum(al * tl.exp(am - m), 0)
+        am = tl.full([CHUNK], -1e30, tl.float32)  # finite: no inf - inf
+        al = tl.zeros([CHUNK], tl.float32)
+        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+            sv = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+            m_new = tl.maximum(am, sv)
+            al = al * tl.exp(am - m_new) + tl.exp(sv - m_new)
+            am = m_new
+        m = tl.max(am, 0)
+        tot = tl.sum(al * tl.exp(am - m), 0)
         lo = tl.zeros([], tl.int32)
         if p < 1.0:
             # entries under (1 - p) * tot / count can never be kept: together they weigh less
@@ -378,17 +353,9 @@ if triton is not None:
         tl.store(kept_count_ptr + r * H + h, tl.sum(keep.to(tl.int32), 0))
 
 
-def estimate_blocks(capacity: int) -> int:
-    """Programs of the estimate per (request, KV head) row of ``capacity`` candidates: the
-    number of (max, sum) partials it writes per q head."""
-    return triton.cdiv(capacity, ESTIMATE_CONFIG["BLOCK_N"] * ESTIMATE_CONFIG["ITERS"])
-
-
 def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None,
-                       page_size=0, parts=None):
-    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
-    ``parts``: fp32, ``R*H*G*estimate_blocks(C)*2`` values or more, receives each estimate
-    block's (max, sum of exp(s - max)) per q head for the top-p kernel."""
+                       page_size=0):
+    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
     R, Hq, D = q.shape
     H = kq.shape[1]
     G = Hq // H
@@ -397,25 +364,17 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
         out = torch.full((R, H, G, C), float("-inf"), dtype=torch.float32, device=q.device)
     cfg = ESTIMATE_CONFIG
     BLOCK_N, ITERS = cfg["BLOCK_N"], cfg["ITERS"]
-    nblk = estimate_blocks(C)
-    if parts is not None and parts.numel() < R * H * G * nblk * 2:
-        raise ValueError(f"estimate partials hold {parts.numel()} values, need {R * H * G * nblk * 2}")
-    _estimate_kernel[(R * H, nblk)](
-        q, kq, kscale, kzero, cand_slots, cand_counts, out, out if parts is None else parts,
-        float(sm_scale), nblk,
+    _estimate_kernel[(R * H, triton.cdiv(C, BLOCK_N * ITERS))](
+        q, kq, kscale, kzero, cand_slots, cand_counts, out, float(sm_scale),
         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0), kscale.stride(1),
         cand_slots.stride(0), cand_slots.stride(1), out.stride(0), out.stride(1), out.stride(2),
         H=H, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_N=BLOCK_N, ITERS=ITERS,
         STAGES=cfg["STAGES"], SZ_PAIRED=_scale_zero_paired(kscale, kzero),
         DOT_F32=interpreting(), P=max(page_size, 1), FROM_PAGES=page_size > 0,
-        PARTS=parts is not None, num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"],
     )
     return out
 
-
-# the estimate writes each block's softmax partials, so the top-p kernel needs no pass for its
-# max and sum (False: the top-p kernel takes that pass; compared by benchmarks/tune_kernels.py)
-PRUNE_PARTS = True
 
 # launch shape of the estimate (tuned on the H100 by benchmarks/tune_kernels.py)
 ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=3, num_warps=2)
@@ -463,12 +422,11 @@ def _topp_launch(c_pad: int) -> dict:
 
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                              kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
-                             scratch=None, mx=None, parts=None):
+                             scratch=None, mx=None):
     """Top-p per q head, then union / clamps / compaction per KV head. ``scratch``: fp32,
     ``R*H*G*topp_scratch_width(C)`` values or more. Per q head, ``lo`` (threshold key), ``tot``
     (sum of weights) and ``mx`` (row max) are written: head (r, h, g) keeps the entries whose
-    weight ``exp(s - mx)`` has bits >= ``lo``. ``parts``: the estimate's partials (from
-    ``int4_scores_triton(parts=...)`` on the same scores), else the softmax takes a pass."""
+    weight ``exp(s - mx)`` has bits >= ``lo``; ``scores`` are only read."""
     R, H, G, C = scores.shape
     dev = scores.device
     pr = _rows_p(p, R, dev)
@@ -488,12 +446,10 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         scratch = torch.empty(R * H * G * width, dtype=torch.float32, device=dev)
     elif scratch.numel() < R * H * G * width:
         raise ValueError(f"top-p scratch holds {scratch.numel()} values, needs {R * H * G * width}")
-    nblk = estimate_blocks(C)
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
     _topp_head_kernel[(R * H * G,)](
-        scores, cand_counts, pr, lo, tot, mx, scores if parts is None else parts, scratch, nblk,
-        ESTIMATE_CONFIG["BLOCK_N"] * ESTIMATE_CONFIG["ITERS"], *strides, H=H, G=G, SCRATCH=width,
-        NB_PAD=max(2, next_pow2(nblk)), PARTS=parts is not None, **_topp_launch(C_PAD),
+        scores, cand_counts, pr, lo, tot, mx, scratch, *strides, H=H, G=G, SCRATCH=width,
+        **_topp_launch(C_PAD),
     )
     _union_compact_kernel[(R * H,)](
         scores, lo, tot, mx, cand_slots, cand_counts, pr, kept_slots, kept_counts,
@@ -524,16 +480,9 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
 
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
-                          tot=None, page_size=0, scratch=None, mx=None, parts=None):
-    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
-    ``parts``: the estimate's partials buffer (allocated when not given)."""
-    R, Hq, _ = q.shape
-    C = cand_slots.shape[-1] * max(page_size, 1)
-    if not PRUNE_PARTS:
-        parts = None
-    elif parts is None:
-        parts = torch.empty(R * Hq * estimate_blocks(C) * 2, dtype=torch.float32, device=q.device)
+                          tot=None, page_size=0, scratch=None, mx=None):
+    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
     scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores,
-                                page_size=page_size, parts=parts)
+                                page_size=page_size)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                                    kept_slots, kept_counts, lo, tot, page_size, scratch, mx, parts)
+                                    kept_slots, kept_counts, lo, tot, page_size, scratch, mx)
