@@ -217,7 +217,27 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from sglang_twilight.kernels.quest import _topk_mask  # noqa: E402
-from sglang_twilight.kernels.topp import _shifted_exp  # noqa: E402
+from sglang_twilight.kernels.topp import _nibbles_as, _shifted_exp  # noqa: E402
+
+
+@triton.jit
+def _nibbles_probe(x_ptr, out_ptr, DT: tl.constexpr):
+    i = tl.arange(0, 256)
+    x = tl.load(x_ptr + i)
+    tl.store(out_ptr + i, _nibbles_as(x & 0x0F, DT).to(tl.float32))
+    tl.store(out_ptr + 256 + i, _nibbles_as(x >> 4, DT).to(tl.float32))
+
+
+def test_nibbles_convert_exactly(device):
+    """The estimate's code conversion (bit tricks, no int -> float instruction) gives every
+    nibble of every byte exactly, in each MMA input type."""
+    x = torch.arange(256, dtype=torch.uint8, device=device)
+    want = torch.cat([(x & 15).float(), (x >> 4).float()])
+    # the interpreter does not emulate bf16 bitcasts faithfully: bf16 is checked on the GPU
+    for dt in [tl.float16, tl.float32] + ([tl.bfloat16] if device == "cuda" else []):
+        out = torch.empty(512, device=device)
+        _nibbles_probe[(1,)](x, out, DT=dt)
+        assert torch.equal(out, want), dt
 
 
 @triton.jit
