@@ -66,7 +66,8 @@ def make_inputs(bs, ctx, H, G, D, dtype, device, tail=1.3, page_locality=1.0, se
     ks, kz = _int4.scale_zero_buffers(S, H, device)
     kmax = torch.empty(total_pages, H, D, dtype=dtype, device=device)
     kmin = torch.empty(total_pages, H, D, dtype=dtype, device=device)
-    ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, PAGE, backend=("triton" if device != "cpu" else "torch"))
+    ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, PAGE,
+                      backend="triton" if device != "cpu" else "torch")
     return dict(q=q, k=k, v=v, kq=kq, ks=ks, kz=kz, kmax=kmax, kmin=kmin, r2t=req_to_token,
                 rpi=rpi, seq=seq_lens, slots=slots)
 
@@ -194,7 +195,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, args.max_budget,
             scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
             lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-            scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G])
+            scratch=ws.topp_scratch)
         stages["prune"] = graph_ms(prune)
         stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs],

@@ -110,12 +110,12 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
                 max_abs_diff=float((f()[valid] - ref[valid]).abs().max()))
         del kq_s, sz_s
     est_ms = graph_ms(est)
-    # top-p and union: timed with the estimate in front (they read its partials)
+    # top-p and union: timed with the estimate in front (the kernels overwrite the scores)
     prune = lambda: T.twilight_prune_triton(
         inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, 0,
         scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
         lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-        scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G])
+        scratch=ws.topp_scratch)
     k0, n0 = [t.clone() for t in prune()]
     default = dict(T.TOPP_CONFIG)
     for cfg in TOPP if not only or "topp" in only else []:

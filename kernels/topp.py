@@ -138,25 +138,6 @@ if triton is not None:
             return tl.load(base + n, mask=nm, other=0).to(tl.int64)
 
     @triton.jit
-    def _shifted_exp(s, m):
-        """exp(s - m): the one expression every kernel uses for a weight, so that a threshold
-        found on one kernel's weights selects the same entries in another's."""
-        return tl.exp(s - m)
-
-    @triton.jit
-    def _nibbles_as(x, dtype: tl.constexpr):
-        """int4 codes 0..15 (uint8) as ``dtype``, exactly. For bf16 (fp16) the bits of 128 + v
-        (1024 + v) are built with integer ops and 128 (1024) subtracted in the same type, a
-        packed add: an int -> float conversion is a quarter-rate instruction on the H100, and
-        with two per code byte it was what bounded the estimate."""
-        if dtype == tl.bfloat16 or dtype == tl.float16:
-            # the bits of 128.0 (bf16) / 1024.0 (fp16): values whose ulp is 1
-            bias = tl.full([], 0x4300 if dtype == tl.bfloat16 else 0x6400, tl.int16)
-            return (x.to(tl.int16) | bias).to(dtype, bitcast=True) - bias.to(dtype, bitcast=True)
-        else:
-            return x.to(dtype)
-
-    @triton.jit
     def _estimate_kernel(
         q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, sm_scale,
         stride_qr, stride_qh, stride_kqs, stride_kqh, stride_ss, stride_sh, stride_cr, stride_ch,
@@ -208,24 +189,23 @@ if triton is not None:
             else:
                 sc = tl.load(ks_ptr + szp, mask=nm, other=0.0).to(tl.float32)
                 zr = tl.load(kz_ptr + szp, mask=nm, other=0.0).to(tl.float32)
-            lo = _nibbles_as(packed & 0x0F, qe.dtype)
-            hi = _nibbles_as(packed >> 4, qe.dtype)
+            lo = (packed & 0x0F).to(qe.dtype)
+            hi = (packed >> 4).to(qe.dtype)
             dot = tl.dot(lo, qeT) + tl.dot(hi, qoT)  # [BLOCK_N, G_PAD] fp32
             s = (sc[:, None] * dot + zr[:, None] * qsum[None, :]) * sm_scale
             tl.store(obase + n[:, None], s, mask=nm[:, None] & gm[None, :])
 
     @triton.jit
-    def _streaming_search(row, n, target, mx, CHUNK: tl.constexpr):
-        """``_threshold_search`` over the weights ``exp(row[:n] - mx)`` (every entry present,
-        key = its bits), recomputed from the scores in chunks at each step instead of held in
-        registers: for rows with too many entries above the floor to keep on chip."""
+    def _streaming_search(buf, n, target, CHUNK: tl.constexpr):
+        """``_threshold_search`` over the non-negative fp32 values ``buf[:n]`` (every entry
+        present, key = its bits), read in chunks from global memory at each step instead of held
+        in registers: for rows with too many entries above the floor to keep on chip."""
         c = tl.arange(0, CHUNK)
         lo_key = tl.full([], 2147483647, tl.int32)
         hi_key = tl.full([], -1, tl.int32)
         for st in range(0, n, CHUNK):
             m = st + c < n
-            k = _shifted_exp(tl.load(row + st + c, mask=m, other=float("-inf")), mx).to(
-                tl.int32, bitcast=True)
+            k = tl.load(buf + st + c, mask=m, other=0.0).to(tl.int32, bitcast=True)
             lo_key = tl.minimum(lo_key, tl.min(tl.where(m, k, 2147483647), 0))
             hi_key = tl.maximum(hi_key, tl.max(tl.where(m, k, -1), 0))
         while lo_key < hi_key:
@@ -236,7 +216,7 @@ if triton is not None:
             b = tl.full([], -1, tl.int32)
             for st in range(0, n, CHUNK):
                 m = st + c < n
-                v = _shifted_exp(tl.load(row + st + c, mask=m, other=float("-inf")), mx)
+                v = tl.load(buf + st + c, mask=m, other=0.0)
                 k = v.to(tl.int32, bitcast=True)
                 ge = m & (k >= mid)
                 ms, aa, bb = tl.reduce(
@@ -262,22 +242,20 @@ if triton is not None:
 
     @triton.jit
     def _topp_head_kernel(
-        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, mx_ptr, scratch_ptr,
-        stride_sr, stride_sh, stride_sg,
+        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, scratch_ptr, stride_sr, stride_sh, stride_sg,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
         MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
     ):
-        """One program per (request, q head): the row's max and sum of e = exp(s - max), then the
-        top-p threshold; writes ``lo``, ``tot`` and ``mx`` per head, never the row.
+        """One program per (request, q head): e = exp(s - max) in place, then the top-p threshold.
 
-        Max and sum come from one online pass, per element (one reduction each at the end, not
-        one per chunk). Bisection
-        over the int32 bits of e (non-negative floats order like their bits): ends on the largest
-        threshold whose kept mass reaches p * sum(e), exactly. Only entries above the droppable
-        floor can be kept: one pass over the row (CHUNK values at a time) compacts their e into
-        the head's scratch (SCRATCH values), searched there in registers, in a block of SMALL or
-        (when more) MID values; a head with more than that searches its whole row chunk by chunk
-        (slow, each step re-reads the row: for nearly flat rows only). p >= 1 reads nothing more.
+        Bisection over the int32 bits of e (non-negative floats order like their bits): ends on
+        the largest threshold whose kept mass reaches p * sum(e), exactly; ``lo`` is written per
+        head. Only entries above the droppable floor can be kept: they are compacted into the
+        head's scratch (SCRATCH values) as e is written, and searched there in registers, in a
+        block of SMALL or (when more) MID values; a head with more than that searches its whole
+        row chunk by chunk (slow, each step re-reads the row: for nearly flat rows only). The
+        row itself is read in CHUNK pieces (at most twice), so a long row never sits in
+        registers whole (that held the kernel to one program per SM).
         """
         pid = tl.program_id(0)
         r = pid // (H * G)
@@ -287,29 +265,30 @@ if triton is not None:
         p = tl.load(p_ptr + r)
         row = s_ptr + r * stride_sr + h * stride_sh + g * stride_sg
         c = tl.arange(0, CHUNK)
-        am = tl.full([CHUNK], -1e30, tl.float32)  # finite: no inf - inf
-        al = tl.zeros([CHUNK], tl.float32)
+        # pass 1: max and sum of exp (online); one load when the row fits one CHUNK
+        m = tl.full([], float("-inf"), tl.float32)
+        tot = tl.zeros([], tl.float32)
         for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-            sv = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
-            m_new = tl.maximum(am, sv)
-            al = al * tl.exp(am - m_new) + tl.exp(sv - m_new)
-            am = m_new
-        m = tl.max(am, 0)
-        tot = tl.sum(al * tl.exp(am - m), 0)
+            s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            tot = tot * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
+            m = m_new
+        # entries under (1 - p) * tot / count can never be kept: together they weigh less than
+        # the mass top-p may drop, so the search only looks at the ones above
+        floor = tl.where(p < 1.0, (1.0 - p) * tot / count.to(tl.float32) * 0.999, float("inf"))
+        buf = scratch_ptr + pid.to(tl.int64) * SCRATCH
+        n_surv = tl.zeros([], tl.int32)
+        # pass 2: e in place, survivors compacted into the scratch
+        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+            msk = st + c < count
+            e = tl.exp(tl.load(row + st + c, mask=msk, other=float("-inf")) - m)
+            tl.store(row + st + c, e, mask=msk)
+            surv = msk & (e >= floor)
+            pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
+            tl.store(buf + pos, e, mask=surv & (pos < SCRATCH))
+            n_surv += tl.sum(surv.to(tl.int32), 0)
         lo = tl.zeros([], tl.int32)
         if p < 1.0:
-            # entries under (1 - p) * tot / count can never be kept: together they weigh less
-            # than the mass top-p may drop, so the search only looks at the ones above
-            floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
-            buf = scratch_ptr + pid.to(tl.int64) * SCRATCH
-            n_surv = tl.zeros([], tl.int32)
-            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-                msk = st + c < count
-                e = _shifted_exp(tl.load(row + st + c, mask=msk, other=float("-inf")), m)
-                surv = msk & (e >= floor)
-                pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
-                tl.store(buf + pos, e, mask=surv & (pos < SCRATCH))
-                n_surv += tl.sum(surv.to(tl.int32), 0)
             tl.debug_barrier()  # this program's stores are visible to all its threads
             target = p * tot
             if n_surv <= SMALL:
@@ -317,20 +296,18 @@ if triton is not None:
             elif n_surv <= MID:
                 lo = _block_search(buf, n_surv, target, MID)
             else:
-                lo = _streaming_search(row, count, target, m, CHUNK)
+                lo = _streaming_search(row, count, target, CHUNK)
         tl.store(lo_ptr + pid, lo)
         tl.store(tot_ptr + pid, tot)
-        tl.store(mx_ptr + pid, m)
 
     @triton.jit
     def _union_compact_kernel(
-        s_ptr, lo_ptr, tot_ptr, mx_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
-        min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr, stride_kh,
+        e_ptr, lo_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr, min_budget,
+        max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr, stride_kh,
         H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr, P: tl.constexpr,
         FROM_PAGES: tl.constexpr,
     ):
-        """One program per (request, kv head): union over the group (each head's weights
-        recomputed from its scores exactly as the top-p kernel did), clamps, compaction."""
+        """One program per (request, kv head): union over the group, clamps, compaction."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -342,9 +319,8 @@ if triton is not None:
             union = idx == count - 1  # the newest token is always kept
             w = tl.zeros([C_PAD], tl.float32)
             for g in tl.static_range(G):
-                sv = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
-                             mask=valid, other=float("-inf"))
-                e = _shifted_exp(sv, tl.load(mx_ptr + rh * G + g))
+                e = tl.load(e_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
+                            mask=valid, other=0.0)
                 lo = tl.load(lo_ptr + rh * G + g)
                 tot = tl.load(tot_ptr + rh * G + g)
                 union = union | (valid & (e.to(tl.int32, bitcast=True) >= lo))
@@ -435,39 +411,34 @@ def _topp_launch(c_pad: int) -> dict:
 
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                              kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
-                             scratch=None, mx=None):
-    """Top-p per q head, then union / clamps / compaction per KV head. ``scratch``: fp32,
-    ``R*H*G*topp_scratch_width(C)`` values or more. Per q head, ``lo`` (threshold key), ``tot``
-    (sum of weights) and ``mx`` (row max) are written: head (r, h, g) keeps the entries whose
-    weight ``exp(s - mx)`` has bits >= ``lo``; ``scores`` are only read."""
+                             scratch=None):
+    """Top-p per q head, then union / clamps / compaction per KV head. Overwrites ``scores``
+    with exp(s - max). ``scratch``: fp32, ``R*H*G*topp_scratch_width(C)`` values or more."""
     R, H, G, C = scores.shape
-    dev = scores.device
-    pr = _rows_p(p, R, dev)
+    pr = _rows_p(p, R, scores.device)
     if kept_slots is None:
-        kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=dev)
+        kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=scores.device)
     if kept_counts is None:
-        kept_counts = torch.empty(R, H, dtype=torch.int32, device=dev)
+        kept_counts = torch.empty(R, H, dtype=torch.int32, device=scores.device)
     if lo is None:
-        lo = torch.empty(R * H * G, dtype=torch.int32, device=dev)
+        lo = torch.empty(R * H * G, dtype=torch.int32, device=scores.device)
     if tot is None:
-        tot = torch.empty(R * H * G, dtype=torch.float32, device=dev)
-    if mx is None:
-        mx = torch.empty(R * H * G, dtype=torch.float32, device=dev)
+        tot = torch.empty(R * H * G, dtype=torch.float32, device=scores.device)
     C_PAD = next_pow2(C)
     width = topp_scratch_width(C)
     if scratch is None:
-        scratch = torch.empty(R * H * G * width, dtype=torch.float32, device=dev)
+        scratch = torch.empty(R * H * G * width, dtype=torch.float32, device=scores.device)
     elif scratch.numel() < R * H * G * width:
         raise ValueError(f"top-p scratch holds {scratch.numel()} values, needs {R * H * G * width}")
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
     _topp_head_kernel[(R * H * G,)](
-        scores, cand_counts, pr, lo, tot, mx, scratch, *strides, H=H, G=G, SCRATCH=width,
+        scores, cand_counts, pr, lo, tot, scratch, *strides, H=H, G=G, SCRATCH=width,
         **_topp_launch(C_PAD),
     )
     _union_compact_kernel[(R * H,)](
-        scores, lo, tot, mx, cand_slots, cand_counts, pr, kept_slots, kept_counts,
-        int(min_budget), int(max_budget or 0), *strides, cand_slots.stride(0),
-        cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
+        scores, lo, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts, int(min_budget),
+        int(max_budget or 0), *strides, cand_slots.stride(0), cand_slots.stride(1),
+        kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
         P=max(page_size, 1), FROM_PAGES=page_size > 0, num_warps=_row_warps(C_PAD),
     )
     return kept_slots, kept_counts
@@ -481,9 +452,9 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
         kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=cand_pages.device)
     ones = torch.ones(R, dtype=torch.float32, device=cand_pages.device)
     C_PAD = next_pow2(C)
-    # p = 1 rows never read the score buffers: stand-in pointers of the right dtypes
+    # p = 1 rows never read the score buffers: pass the page list as a stand-in pointer
     _union_compact_kernel[(R * H,)](
-        ones, cand_pages, ones, ones, cand_pages, cand_counts, ones, kept_slots, cand_counts,
+        cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots, cand_counts,
         0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1), kept_slots.stride(0),
         kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size, FROM_PAGES=True,
         num_warps=_row_warps(C_PAD),
@@ -493,9 +464,9 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
 
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
-                          tot=None, page_size=0, scratch=None, mx=None):
+                          tot=None, page_size=0, scratch=None):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
     scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores,
                                 page_size=page_size)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                                    kept_slots, kept_counts, lo, tot, page_size, scratch, mx)
+                                    kept_slots, kept_counts, lo, tot, page_size, scratch)
