@@ -62,7 +62,7 @@ def make_inputs(bs, ctx, H, G, D, dtype, device, tail=1.3, page_locality=1.0, se
         u = torch.randn(ctx // PAGE, H, generator=gen, device=device).repeat_interleave(PAGE, 0)
         c = page_locality * u + tail * torch.empty(ctx, H, device=device).exponential_(generator=gen)
         k[s] = (noise + c[..., None] * qhat[b, :, 0][None]).to(dtype)
-    kq = _int4.code_buffer(S, H, D, device)
+    kq = torch.empty(S, H, D // 2, dtype=torch.uint8, device=device)
     ks, kz = _int4.scale_zero_buffers(S, H, device)
     kmax = torch.empty(total_pages, H, D, dtype=dtype, device=device)
     kmin = torch.empty(total_pages, H, D, dtype=dtype, device=device)

@@ -97,18 +97,20 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         log("estimate", cfg, ms, max_abs_diff=err)
     T.ESTIMATE_CONFIG = default
     if not only or "layout" in only:
-        # the sidecar's int4 codes and scale/zero stored slot-major ([S, H, ...]) instead of
-        # head-major (int4.code_buffer / scale_zero_buffers): same values, other strides
-        kq_s = inp["kq"].contiguous()
-        sz_s = torch.stack([inp["ks"], inp["kz"]], -1).contiguous()
-        for name, kq, ks, kz in (("slot-major", kq_s, sz_s[..., 0], sz_s[..., 1]),
-                                 ("head-major", inp["kq"], inp["ks"], inp["kz"])):
+        # the sidecar's int4 codes and interleaved scale/zero stored head-major ([H, S, ...],
+        # viewed as [S, H, ...]) instead of slot-major: same values, other strides; a page of
+        # one head is then one contiguous run
+        kq_h = inp["kq"].transpose(0, 1).contiguous().transpose(0, 1)
+        sz_h = torch.stack([inp["ks"], inp["kz"]], 0).permute(2, 1, 0).contiguous()
+        sz_h = sz_h.permute(1, 0, 2)
+        for name, kq, ks, kz in (("slot-major", inp["kq"], inp["ks"], inp["kz"]),
+                                 ("head-major", kq_h, sz_h[..., 0], sz_h[..., 1])):
             f = lambda: T.int4_scores_triton(inp["q"], kq, ks, kz, cand, cnt, sm,
                                              out=ws.scores[:bs], page_size=PAGE)
             ms = graph_ms(f)
             log("estimate_layout", dict(layout=name), ms,
                 max_abs_diff=float((f()[valid] - ref[valid]).abs().max()))
-        del kq_s, sz_s
+        del kq_h, sz_h
     est_ms = graph_ms(est)
     # top-p and union: timed with the estimate in front (the kernels overwrite the scores)
     prune = lambda: T.twilight_prune_triton(

@@ -42,21 +42,10 @@ def f16_round_up(x: torch.Tensor) -> torch.Tensor:
 
 
 def scale_zero_buffers(num_slots: int, num_heads: int, device=None):
-    """(kscale, kzero) [S, H] fp16 views of one interleaved buffer stored head-major
-    ([H, S, 2]): the estimate reads a candidate's scale and zero as one 32-bit word, and the 16
-    tokens of a page of one head share 64 contiguous bytes (slot-major, each 4-byte read pulled
-    in a 32-byte sector of its own)."""
-    both = torch.zeros(num_heads, num_slots, 2, dtype=torch.float16, device=device)
-    both = both.permute(1, 0, 2)
+    """(kscale, kzero) [S, H] fp16 views of one interleaved [S, H, 2] buffer: the estimate reads a
+    candidate's scale and zero from one 32-byte sector instead of two."""
+    both = torch.zeros(num_slots, num_heads, 2, dtype=torch.float16, device=device)
     return both[..., 0], both[..., 1]
-
-
-def code_buffer(num_slots: int, num_heads: int, head_dim: int, device=None):
-    """int4 K codes, uint8 ``[S, H, D/2]`` (the index every op takes) stored head-major
-    (``[H, S, D/2]``): the estimate gathers one head's candidates a page at a time, and a page
-    of one head is then one contiguous run (16 x D/2 bytes) instead of 16 pieces H x D/2 apart."""
-    return torch.zeros(num_heads, num_slots, head_dim // 2, dtype=torch.uint8,
-                       device=device).permute(1, 0, 2)
 
 
 # ----------------------------------------------------------------------------------------------
