@@ -1,5 +1,6 @@
-"""Model configs for CPU tests: SGLang's ServerArgs / ModelConfig read a model folder's
-config.json, so the tests write a tiny Llama one (no weights are ever loaded)."""
+"""Model folders for the tests: a tiny Llama config.json for the CPU tests (SGLang's ServerArgs /
+ModelConfig read it; no weights are loaded), and ``pad_attention_heads``, which makes a real
+checkpoint splittable for the TP=2 GPU test."""
 
 from __future__ import annotations
 
