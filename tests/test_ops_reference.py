@@ -195,16 +195,19 @@ def test_prune_union_of_per_head_topp_and_clamps():
     probs = torch.softmax(scores, -1)
     p = torch.tensor([0.9, 0.5, 0.95])
     kept, kcnt = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, p, sm)
+    unions = torch.zeros(probs.shape[0], H, probs.shape[-1], dtype=torch.bool)
     for r in range(3):
         for h in range(H):
             c = int(cnt[r, h])
             per_head = ops.topp_mask(probs[r, h, :, :c], p[r].expand(G))
             union = per_head.any(0)
             union[c - 1] = True  # newest token
+            unions[r, h, :c] = union
             want = cand[r, h, :c][union]
             assert int(kcnt[r, h]) == want.numel() >= 1
             assert torch.equal(kept[r, h, : want.numel()], want)
-    # max clamp keeps the heaviest (and the newest); min clamp tops up with the heaviest
+    # max clamp keeps the newest and the heaviest of the union (a token outside it ranks below
+    # every token in it, however heavy); min clamp tops up with the heaviest
     kept2, k2 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, p, sm, 1, 3)
     assert bool((k2 <= 3).all())
     w = probs.amax(2)
@@ -213,7 +216,8 @@ def test_prune_union_of_per_head_topp_and_clamps():
             c = int(cnt[r, h])
             got = set(kept2[r, h, : int(k2[r, h])].tolist())
             assert int(cand[r, h, c - 1]) in got
-            heavy = torch.argsort(w[r, h, : c - 1], descending=True)[: int(k2[r, h]) - 1]
+            rank = w[r, h, : c - 1] + 2.0 * unions[r, h, : c - 1]
+            heavy = torch.argsort(rank, descending=True)[: int(k2[r, h]) - 1]
             assert got == {int(cand[r, h, c - 1])} | set(cand[r, h, heavy].tolist())
     kept3, k3 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, 0.01, sm, 100, 0)
     assert k3.tolist() == torch.minimum(cnt, torch.tensor(100)).tolist()
