@@ -195,7 +195,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, args.max_budget,
             scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
             lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-            scratch=ws.topp_scratch)
+            scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G])
         stages["prune"] = graph_ms(prune)
         stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs],

@@ -34,6 +34,9 @@ TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w) for c, s, m, st, w
     (1024, 1024, 4096, 3, 8), (1024, 1024, 4096, 3, 4), (1024, 512, 4096, 3, 4),
     (1024, 2048, 4096, 3, 8), (2048, 1024, 4096, 3, 8), (1024, 512, 2048, 3, 4),
     (8192, 1024, 4096, 1, 8), (512, 512, 4096, 3, 4)]]
+GROUP = [dict(CHUNK=c, SMALL=sm, MID=m, num_warps=w) for c, sm, m, w in [
+    (2048, 1024, 4096, 16), (2048, 1024, 4096, 8), (1024, 1024, 4096, 8), (4096, 1024, 4096, 16),
+    (2048, 2048, 4096, 16), (1024, 512, 4096, 4), (1024, 1024, 4096, 16), (4096, 2048, 4096, 32)]]
 UNION = [8, 16]
 SELECT = [4, 8]
 
@@ -117,7 +120,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, 0,
         scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
         lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-        scratch=ws.topp_scratch)
+        scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G])
     k0, n0 = [t.clone() for t in prune()]
     default = dict(T.TOPP_CONFIG)
     for cfg in TOPP if not only or "topp" in only else []:
@@ -127,6 +130,24 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         log("topp+union", cfg, ms, minus_estimate_ms=ms - est_ms,
             rows_differing=same_sets(k0, n0, k1, n1))
     T.TOPP_CONFIG = default
+    # the grouped top-p kernel (one program per KV head) against the per-q-head one
+    kernel_default = T.PRUNE_KERNEL
+    for kernel in ("head", "group") if not only or "group" in only else []:
+        T.PRUNE_KERNEL = kernel
+        ms = graph_ms(prune)
+        k1, n1 = prune()
+        log("prune_kernel", dict(kernel=kernel), ms, minus_estimate_ms=ms - est_ms,
+            rows_differing=same_sets(k0, n0, k1, n1))
+    T.PRUNE_KERNEL = "group"
+    default = dict(T.GROUP_CONFIG)
+    for cfg in GROUP if not only or "group" in only else []:
+        T.GROUP_CONFIG = cfg
+        ms = graph_ms(prune)
+        k1, n1 = prune()
+        log("topp_group", cfg, ms, minus_estimate_ms=ms - est_ms,
+            rows_differing=same_sets(k0, n0, k1, n1))
+    T.GROUP_CONFIG = default
+    T.PRUNE_KERNEL = kernel_default
     union_default = dict(T.UNION_WARPS)
     for w in UNION if not only or "union" in only else []:
         T.UNION_WARPS[8192] = w
@@ -145,7 +166,7 @@ def main():
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
-                    help="comma list: page_scores,select,estimate,layout,topp,union")
+                    help="comma list: page_scores,select,estimate,layout,topp,group,union")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

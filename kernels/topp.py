@@ -301,16 +301,181 @@ if triton is not None:
         tl.store(tot_ptr + pid, tot)
 
     @triton.jit
-    def _union_compact_kernel(
-        e_ptr, lo_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr, min_budget,
-        max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr, stride_kh,
-        H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr, P: tl.constexpr,
+    def _threshold_search_rows(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr):
+        """``quest._threshold_search`` on every row of a ``[rows, W]`` block at once (``target``
+        per row): one fused (sum, min, max) reduction a step serves all rows, and the loop runs
+        as many steps as the slowest row needs; a row that is done keeps its threshold."""
+        present = key > ABSENT
+        lo_key = tl.min(tl.where(present, key, BIG), 1)
+        hi_key = tl.max(tl.where(present, key, ABSENT), 1)
+        while tl.max((lo_key < hi_key).to(tl.int32), 0) > 0:
+            lo64 = lo_key.to(tl.int64)
+            mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 2) // 2).to(tl.int32)
+            ge = key >= mid[:, None]
+            mass, a, b = tl.reduce(
+                (tl.where(ge, val, 0.0), tl.where(ge, key, BIG),
+                 tl.where(present & (key < mid[:, None]), key, ABSENT)), 1, _sum_min_max)
+            active = lo_key < hi_key
+            ok = mass >= target
+            lo_key = tl.where(active & ok, a, lo_key)
+            hi_key = tl.where(active & (mass < target), b, hi_key)
+        return lo_key
+
+    @triton.jit
+    def _block_search_rows(buf, n, target, SCRATCH: tl.constexpr, W: tl.constexpr):
+        """``_threshold_search_rows`` over the ``n[g] <= W`` values ``buf[g][:n[g]]`` of every
+        row g (rows ``SCRATCH`` values apart), held in registers."""
+        k = tl.arange(0, W)
+        km = k[None, :] < n[:, None]
+        v = tl.load(buf[:, None] + k[None, :], mask=km, other=0.0)
+        return _threshold_search_rows(tl.where(km, v.to(tl.int32, bitcast=True), -1), v, target,
+                                      -1, 2147483647)
+
+    @triton.jit
+    def _streaming_search_rows(rows, mx, count, target, CHUNK: tl.constexpr):
+        """``_threshold_search_rows`` over e = exp(s - mx) of whole rows, recomputed chunk by
+        chunk from the scores at every step: for rows with too many entries above the floor
+        to hold in registers (nearly flat rows only)."""
+        c = tl.arange(0, CHUNK)
+        lo_key = tl.full(mx.shape, 2147483647, tl.int32)
+        hi_key = tl.full(mx.shape, -1, tl.int32)
+        for st in range(0, count, CHUNK):
+            cm = (st + c < count)[None, :]
+            e = tl.exp(tl.load(rows + st + c[None, :], mask=cm, other=float("-inf")) - mx[:, None])
+            k = e.to(tl.int32, bitcast=True)
+            lo_key = tl.minimum(lo_key, tl.min(tl.where(cm, k, 2147483647), 1))
+            hi_key = tl.maximum(hi_key, tl.max(tl.where(cm, k, -1), 1))
+        while tl.max((lo_key < hi_key).to(tl.int32), 0) > 0:
+            lo64 = lo_key.to(tl.int64)
+            mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 2) // 2).to(tl.int32)
+            mass = tl.zeros(mx.shape, tl.float32)
+            a = tl.full(mx.shape, 2147483647, tl.int32)
+            b = tl.full(mx.shape, -1, tl.int32)
+            for st in range(0, count, CHUNK):
+                cm = (st + c < count)[None, :]
+                e = tl.exp(tl.load(rows + st + c[None, :], mask=cm, other=float("-inf"))
+                           - mx[:, None])
+                k = e.to(tl.int32, bitcast=True)
+                ge = cm & (k >= mid[:, None])
+                ms, aa, bb = tl.reduce(
+                    (tl.where(ge, e, 0.0), tl.where(ge, k, 2147483647),
+                     tl.where(cm & (k < mid[:, None]), k, -1)), 1, _sum_min_max)
+                mass += ms
+                a = tl.minimum(a, aa)
+                b = tl.maximum(b, bb)
+            active = lo_key < hi_key
+            lo_key = tl.where(active & (mass >= target), a, lo_key)
+            hi_key = tl.where(active & (mass < target), b, hi_key)
+        return lo_key
+
+    @triton.jit
+    def _topp_group_kernel(
+        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, cand_ptr, kept_ptr,
+        kept_count_ptr, min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_cr,
+        stride_ch, stride_kr, stride_kh,
+        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr,
+        SMALL: tl.constexpr, MID: tl.constexpr, SCRATCH: tl.constexpr, P: tl.constexpr,
         FROM_PAGES: tl.constexpr,
     ):
-        """One program per (request, kv head): union over the group, clamps, compaction."""
+        """One program per (request, KV head): top-p of each of its G q heads, their union and
+        the compaction, with every reduction done for the G heads at once on ``[G_PAD, CHUNK]``
+        blocks (a reduction's latency, not its width, is what the per-head kernel paid for).
+
+        Per head: max and sum of e = exp(s - max) in one online pass; the entries above the
+        droppable floor compacted into the head's scratch; the threshold search on them (a
+        register block of SMALL or MID values; whole rows chunk by chunk beyond that). Then e is
+        recomputed from the scores (same instructions, same bits) for the union and the
+        compaction, so e is never written back. When a budget clamp binds, the kept count is
+        written as -1 and ``_union_compact_kernel`` (``ONLY_CLAMPED``) redoes that row.
+        """
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
+        count = tl.load(count_ptr + rh)
+        p = tl.load(p_ptr + r)
+        g = tl.arange(0, G_PAD)
+        gm = g < G
+        gl = tl.minimum(g, G - 1)  # padded heads repeat the last one: the union is unchanged
+        rows = s_ptr + r * stride_sr + h * stride_sh + gl[:, None] * stride_sg
+        c = tl.arange(0, CHUNK)
+        mx = tl.zeros([G_PAD], tl.float32)
+        tot = tl.full([G_PAD], 1.0, tl.float32)
+        lo = tl.zeros([G_PAD], tl.int32)
+        if p < 1.0:
+            # pass 1: max and sum of exp per head (online)
+            mx = tl.full([G_PAD], float("-inf"), tl.float32)
+            tot = tl.zeros([G_PAD], tl.float32)
+            for st in range(0, count, CHUNK):
+                s = tl.load(rows + st + c[None, :], mask=(st + c < count)[None, :],
+                            other=float("-inf"))
+                m_new = tl.maximum(mx, tl.max(s, 1))
+                tot = tot * tl.exp(mx - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+                mx = m_new
+            # entries under (1 - p) * tot / count together weigh less than the mass top-p may
+            # drop: only the ones above can be kept, and only they are searched
+            floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
+            buf = scratch_ptr + (rh * G + gl).to(tl.int64) * SCRATCH
+            n_surv = tl.zeros([G_PAD], tl.int32)
+            # pass 2: the survivors compacted into the scratch
+            for st in range(0, count, CHUNK):
+                cm = (st + c < count)[None, :]
+                e = tl.exp(tl.load(rows + st + c[None, :], mask=cm, other=float("-inf"))
+                           - mx[:, None])
+                surv = cm & (e >= floor[:, None])
+                pos = n_surv[:, None] + tl.cumsum(surv.to(tl.int32), 1) - 1
+                tl.store(buf[:, None] + pos, e, mask=surv & (pos < SCRATCH) & gm[:, None])
+                n_surv += tl.sum(surv.to(tl.int32), 1)
+            tl.debug_barrier()  # this program's stores are visible to all its threads
+            target = p * tot
+            n_most = tl.max(n_surv, 0)
+            if n_most <= SMALL:
+                lo = _block_search_rows(buf, n_surv, target, SCRATCH, SMALL)
+            elif n_most <= MID:
+                lo = _block_search_rows(buf, n_surv, target, SCRATCH, MID)
+            else:
+                lo = _streaming_search_rows(rows, mx, count, target, CHUNK)
+        # pass 3: union over the group (plus the newest token), compaction
+        kbase = kept_ptr + r * stride_kr + h * stride_kh
+        cbase = cand_ptr + r * stride_cr + h * stride_ch
+        n_keep = tl.zeros([], tl.int32)
+        for st in range(0, count, CHUNK):
+            n = st + c
+            nm = n < count
+            e = tl.exp(tl.load(rows + n[None, :], mask=nm[None, :], other=float("-inf"))
+                       - mx[:, None])
+            hit = tl.max((e.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32), 0) > 0
+            keep = tl.where(p >= 1.0, nm, nm & (hit | (n == count - 1)))
+            dest = n_keep + tl.cumsum(keep.to(tl.int32), 0) - 1
+            slot = _candidate_slots(cbase, n, keep, P, FROM_PAGES)
+            tl.store(kbase + dest, slot.to(tl.int32), mask=keep)
+            n_keep += tl.sum(keep.to(tl.int32), 0)
+        k = tl.maximum(n_keep, tl.minimum(min_budget, count))
+        if max_budget > 0:
+            k = tl.minimum(k, max_budget)
+        clamped = (k != n_keep) & (p < 1.0)
+        tl.store(kept_count_ptr + rh, tl.where(clamped, -1, n_keep))
+        tl.store(lo_ptr + rh * G + g, lo, mask=gm)
+        tl.store(tot_ptr + rh * G + g, tot, mask=gm)
+        tl.store(max_ptr + rh * G + g, mx, mask=gm)
+
+    @triton.jit
+    def _union_compact_kernel(
+        e_ptr, lo_ptr, tot_ptr, max_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
+        min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr,
+        stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr, P: tl.constexpr,
+        FROM_PAGES: tl.constexpr, ONLY_CLAMPED: tl.constexpr,
+    ):
+        """One program per (request, kv head): union over the group, clamps, compaction.
+
+        ``ONLY_CLAMPED``: after ``_topp_group_kernel``, only the rows it marked (kept count -1)
+        are done, from the scores (e recomputed as exp(s - max), as that kernel did); the others
+        return at once. Otherwise ``e_ptr`` holds e = exp(s - max) (``_topp_head_kernel``)."""
+        rh = tl.program_id(0)
+        r = rh // H
+        h = rh % H
+        if ONLY_CLAMPED:
+            if tl.load(kept_count_ptr + rh) >= 0:
+                return
         count = tl.load(count_ptr + r * H + h)
         p = tl.load(p_ptr + r)
         idx = tl.arange(0, C_PAD)
@@ -319,8 +484,12 @@ if triton is not None:
             union = idx == count - 1  # the newest token is always kept
             w = tl.zeros([C_PAD], tl.float32)
             for g in tl.static_range(G):
-                e = tl.load(e_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
-                            mask=valid, other=0.0)
+                erow = e_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx
+                if ONLY_CLAMPED:
+                    e = tl.exp(tl.load(erow, mask=valid, other=float("-inf"))
+                               - tl.load(max_ptr + rh * G + g))
+                else:
+                    e = tl.load(erow, mask=valid, other=0.0)
                 lo = tl.load(lo_ptr + rh * G + g)
                 tot = tl.load(tot_ptr + rh * G + g)
                 union = union | (valid & (e.to(tl.int32, bitcast=True) >= lo))
@@ -411,37 +580,73 @@ def _topp_launch(c_pad: int) -> dict:
 
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                              kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
-                             scratch=None):
-    """Top-p per q head, then union / clamps / compaction per KV head. Overwrites ``scores``
-    with exp(s - max). ``scratch``: fp32, ``R*H*G*topp_scratch_width(C)`` values or more."""
+                             scratch=None, mx=None):
+    """Top-p per q head, then union / clamps / compaction per KV head. ``lo``, ``tot``, ``mx``
+    (R*H*G each) receive each head's threshold key, sum of e and row max, where
+    e = exp(s - max). ``scratch``: fp32, ``R*H*G*topp_scratch_width(C)`` values or more.
+    With ``PRUNE_KERNEL = "head"`` (one top-p program per q head) ``scores`` is overwritten
+    with e; the grouped kernel leaves it as it was."""
     R, H, G, C = scores.shape
-    pr = _rows_p(p, R, scores.device)
+    dev = scores.device
+    pr = _rows_p(p, R, dev)
     if kept_slots is None:
-        kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=scores.device)
+        kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=dev)
     if kept_counts is None:
-        kept_counts = torch.empty(R, H, dtype=torch.int32, device=scores.device)
+        kept_counts = torch.empty(R, H, dtype=torch.int32, device=dev)
     if lo is None:
-        lo = torch.empty(R * H * G, dtype=torch.int32, device=scores.device)
+        lo = torch.empty(R * H * G, dtype=torch.int32, device=dev)
     if tot is None:
-        tot = torch.empty(R * H * G, dtype=torch.float32, device=scores.device)
+        tot = torch.empty(R * H * G, dtype=torch.float32, device=dev)
+    if mx is None:
+        mx = torch.empty(R * H * G, dtype=torch.float32, device=dev)
     C_PAD = next_pow2(C)
     width = topp_scratch_width(C)
     if scratch is None:
-        scratch = torch.empty(R * H * G * width, dtype=torch.float32, device=scores.device)
+        scratch = torch.empty(R * H * G * width, dtype=torch.float32, device=dev)
     elif scratch.numel() < R * H * G * width:
         raise ValueError(f"top-p scratch holds {scratch.numel()} values, needs {R * H * G * width}")
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
-    _topp_head_kernel[(R * H * G,)](
-        scores, cand_counts, pr, lo, tot, scratch, *strides, H=H, G=G, SCRATCH=width,
-        **_topp_launch(C_PAD),
-    )
+    tail = (cand_slots.stride(0), cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1))
+    grouped = PRUNE_KERNEL == "group"
+    if grouped:
+        cfg = _group_launch(C_PAD, G)
+        _topp_group_kernel[(R * H,)](
+            scores, cand_counts, pr, lo, tot, mx, scratch, cand_slots, kept_slots, kept_counts,
+            int(min_budget), int(max_budget or 0), *strides, *tail, H=H, G=G,
+            G_PAD=next_pow2(G), SCRATCH=width, P=max(page_size, 1), FROM_PAGES=page_size > 0,
+            **cfg)
+    else:
+        _topp_head_kernel[(R * H * G,)](
+            scores, cand_counts, pr, lo, tot, scratch, *strides, H=H, G=G, SCRATCH=width,
+            **_topp_launch(C_PAD),
+        )
     _union_compact_kernel[(R * H,)](
-        scores, lo, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts, int(min_budget),
-        int(max_budget or 0), *strides, cand_slots.stride(0), cand_slots.stride(1),
-        kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
-        P=max(page_size, 1), FROM_PAGES=page_size > 0, num_warps=_row_warps(C_PAD),
+        scores, lo, tot, mx, cand_slots, cand_counts, pr, kept_slots, kept_counts,
+        int(min_budget), int(max_budget or 0), *strides, *tail, H=H, G=G, C_PAD=C_PAD,
+        P=max(page_size, 1), FROM_PAGES=page_size > 0, ONLY_CLAMPED=grouped,
+        num_warps=_row_warps(C_PAD),
     )
     return kept_slots, kept_counts
+
+
+# which top-p kernel the prune runs: "group" (one program per KV head, _topp_group_kernel) or
+# "head" (one per q head, _topp_head_kernel, then _union_compact_kernel for every row)
+PRUNE_KERNEL = "group"
+
+# launch shape of the grouped top-p kernel: rows read in CHUNK pieces per head, the survivors of
+# the floor searched in a [G, SMALL] or [G, MID] register block
+GROUP_CONFIG = dict(CHUNK=2048, SMALL=1024, MID=4096, num_warps=16)
+
+
+def _group_launch(c_pad: int, group: int) -> dict:
+    cfg = dict(GROUP_CONFIG)
+    width = topp_scratch_width(c_pad)
+    cfg["CHUNK"] = max(16, min(cfg["CHUNK"], c_pad))
+    cfg["MID"] = min(cfg["MID"], width)
+    cfg["SMALL"] = min(cfg["SMALL"], cfg["MID"])
+    if c_pad <= 256:
+        cfg["num_warps"] = min(cfg["num_warps"], 4)
+    return cfg
 
 
 def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None):
@@ -454,19 +659,19 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
     C_PAD = next_pow2(C)
     # p = 1 rows never read the score buffers: pass the page list as a stand-in pointer
     _union_compact_kernel[(R * H,)](
-        cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots, cand_counts,
-        0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1), kept_slots.stride(0),
-        kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size, FROM_PAGES=True,
-        num_warps=_row_warps(C_PAD),
+        cand_pages, cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots,
+        cand_counts, 0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1),
+        kept_slots.stride(0), kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size,
+        FROM_PAGES=True, ONLY_CLAMPED=False, num_warps=_row_warps(C_PAD),
     )
     return kept_slots, cand_counts
 
 
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
-                          tot=None, page_size=0, scratch=None):
+                          tot=None, page_size=0, scratch=None, mx=None):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
     scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores,
                                 page_size=page_size)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                                    kept_slots, kept_counts, lo, tot, page_size, scratch)
+                                    kept_slots, kept_counts, lo, tot, page_size, scratch, mx)

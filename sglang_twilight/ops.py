@@ -134,6 +134,7 @@ class DecodeWorkspace:
     kept_counts: torch.Tensor
     head_lo: torch.Tensor
     head_tot: torch.Tensor
+    head_max: torch.Tensor
     topp_scratch: torch.Tensor
     num_sms: int
     mid_o: torch.Tensor
@@ -162,6 +163,7 @@ class DecodeWorkspace:
             kept_counts=torch.zeros(max_rows, H, dtype=torch.int32, **kw),
             head_lo=torch.zeros(max_rows * H * G, dtype=torch.int32, **kw),
             head_tot=torch.zeros(max_rows * H * G, dtype=torch.float32, **kw),
+            head_max=torch.zeros(max_rows * H * G, dtype=torch.float32, **kw),
             topp_scratch=torch.empty(max_rows * H * G * _topp.topp_scratch_width(C),
                                      dtype=torch.float32, **kw),
             num_sms=sms,
@@ -172,8 +174,8 @@ class DecodeWorkspace:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
             self.page_scores, self.cand_pages, self.cand_counts, self.scores, self.kept_slots,
-            self.kept_counts, self.head_lo, self.head_tot, self.topp_scratch, self.mid_o,
-            self.mid_lse))
+            self.kept_counts, self.head_lo, self.head_tot, self.head_max, self.topp_scratch,
+            self.mid_o, self.mid_lse))
 
 
 def _static_keep_all(p) -> bool:
@@ -236,7 +238,7 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
             q, kq, kscale, kzero, pages, cnt, pr, sm_scale, min_budget, max_budget,
             scores=ws.scores[:R], kept_slots=ws.kept_slots[:R], kept_counts=ws.kept_counts[:R],
             lo=ws.head_lo[:n_heads], tot=ws.head_tot[:n_heads], page_size=page_size,
-            scratch=ws.topp_scratch)
+            scratch=ws.topp_scratch, mx=ws.head_max[:n_heads])
     o = _attend.sparse_decode_attention_triton(
         q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
         splits=_attend.attend_splits(R * ws.num_kv_heads, ws.num_sms),

@@ -166,20 +166,25 @@ def test_decode_mixed_batch_short_rows_dense(device):
             assert bool((kc[r] < 512).all())
 
 
-def test_topp_compaction_tiers_match_reference(device, monkeypatch):
-    """The top-p kernel searches the entries above the droppable floor compacted in a register
+@pytest.mark.parametrize("kernel", ["group", "head"])
+def test_topp_compaction_tiers_match_reference(device, monkeypatch, kernel):
+    """The top-p kernels search the entries above the droppable floor compacted in a register
     block of SMALL or MID values, and the whole row chunk by chunk when there are more: q heads
-    with peaked, medium and flat rows take the three paths; each must keep the reference's set."""
+    with peaked, medium and flat rows take the three paths; each must keep the reference's set,
+    alone (one q head per KV head) and in a group whose heads take different paths."""
     from sglang_twilight.kernels import topp as T
 
+    monkeypatch.setattr(T, "PRUNE_KERNEL", kernel)
     C = 8192
     if device == "cpu":  # small rows, several chunks each
         C = 256
         monkeypatch.setattr(T, "TOPP_CONFIG", dict(CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
+        monkeypatch.setattr(T, "GROUP_CONFIG", dict(CHUNK=64, SMALL=32, MID=128, num_warps=4))
     width = T.topp_scratch_width(C)
     assert width == C // 2
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
-    small, mid = T._topp_launch(C)["SMALL"], T._topp_launch(C)["MID"]
+    launch = T._group_launch(C, 3) if kernel == "group" else T._topp_launch(C)
+    small, mid = launch["SMALL"], launch["MID"]
     # medium: (SMALL + MID) / 2 random logits carry the mass, the rest sit e^-20 below (under
     # the floor), so that head takes the middle path whatever the draw
     n_mid = (small + mid) // 2
@@ -187,27 +192,27 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch):
     medium[torch.randperm(C, generator=gen)[n_mid:]] -= 20.0
     rows = [torch.randn(C, generator=gen) * 12.0, medium,  # peaked, medium,
             torch.randn(C, generator=gen) * 0.01]  # flat logits
-    scores = torch.stack(rows).view(1, 1, 3, C).to(device)
-    cand = torch.arange(C, dtype=torch.int32, device=device).view(1, 1, C)
-    cnt = torch.tensor([[C]], dtype=torch.int32, device=device)
+    scores = torch.stack(rows).to(device)
+    probs = torch.softmax(scores.float(), -1)
     for p in (0.5, 0.9, 0.95):
-        probs = torch.softmax(scores.float(), -1)
         floor = (1 - p) / C
         surv = (probs >= floor * 0.999).sum(-1).view(-1).tolist()
         assert mid == width
         assert surv[0] <= small and surv[2] > mid, surv  # the tiers are exercised
         assert p < 0.9 or small < surv[1] <= mid, surv
-        k1, n1 = T.prune_from_scores_ref(scores.clone(), cand, cnt, p, 1, 0)
-        k2, n2 = T.prune_from_scores_triton(scores.clone(), cand, cnt, p, 1, 0)
-        assert set(k1[0, 0, : int(n1)].tolist()) == set(k2[0, 0, : int(n2)].tolist()), (p, surv)
-        # per head: the kernel's threshold keeps the reference's set
-        lo = torch.empty(3, dtype=torch.int32, device=device)
-        tot = torch.empty(3, dtype=torch.float32, device=device)
-        e = scores.clone()
-        T.prune_from_scores_triton(e, cand, cnt, p, 1, 0, lo=lo, tot=tot)
-        ref = T.topp_mask_ref(probs.view(3, C), p)
-        got = e.view(3, C).view(torch.int32) >= lo[:, None]
-        assert torch.equal(got, ref), (p, surv, (got ^ ref).sum(-1).tolist())
+        newest = torch.arange(C, device=device) == C - 1
+        ref = T.topp_mask_ref(probs, p) | newest  # per head, plus the newest token
+        for H, G in ((1, 3), (3, 1)):
+            s = scores.view(1, H, G, C)
+            cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
+            cnt = torch.full((1, H), C, dtype=torch.int32, device=device)
+            k1, n1 = T.prune_from_scores_ref(s.clone(), cand, cnt, p, 1, 0)
+            k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
+            for h in range(H):
+                got = set(k2[0, h, : int(n2[0, h])].tolist())
+                assert set(k1[0, h, : int(n1[0, h])].tolist()) == got, (p, surv, H)
+                want = ref[h] if G == 1 else ref.any(0)
+                assert got == set(want.nonzero().view(-1).tolist()), (p, surv, H, h)
 
 
 import triton  # noqa: E402
