@@ -62,7 +62,7 @@ def make_inputs(bs, ctx, H, G, D, dtype, device, tail=1.3, page_locality=1.0, se
         u = torch.randn(ctx // PAGE, H, generator=gen, device=device).repeat_interleave(PAGE, 0)
         c = page_locality * u + tail * torch.empty(ctx, H, device=device).exponential_(generator=gen)
         k[s] = (noise + c[..., None] * qhat[b, :, 0][None]).to(dtype)
-    kq = torch.empty(S, H, D // 2, dtype=torch.uint8, device=device)
+    kq = _int4.code_buffer(S, H, D, device)
     ks, kz = _int4.scale_zero_buffers(S, H, device)
     kmax = torch.empty(total_pages, H, D, dtype=dtype, device=device)
     kmin = torch.empty(total_pages, H, D, dtype=dtype, device=device)
@@ -195,7 +195,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, args.max_budget,
             scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
             lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-            scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G])
+            scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs])
         stages["prune"] = graph_ms(prune)
         stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs],

@@ -34,9 +34,6 @@ TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w) for c, s, m, st, w
     (1024, 1024, 4096, 3, 8), (1024, 1024, 4096, 3, 4), (1024, 512, 4096, 3, 4),
     (1024, 2048, 4096, 3, 8), (2048, 1024, 4096, 3, 8), (1024, 512, 2048, 3, 4),
     (8192, 1024, 4096, 1, 8), (512, 512, 4096, 3, 4)]]
-GROUP = [dict(CHUNK=c, SMALL=sm, MID=m, num_warps=w) for c, sm, m, w in [
-    (2048, 1024, 4096, 16), (2048, 1024, 4096, 8), (1024, 1024, 4096, 8), (4096, 1024, 4096, 16),
-    (2048, 2048, 4096, 16), (1024, 512, 4096, 4), (1024, 1024, 4096, 16), (4096, 2048, 4096, 32)]]
 UNION = [8, 16]
 SELECT = [4, 8]
 
@@ -99,28 +96,40 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         err = float((est()[valid] - ref[valid]).abs().max())
         log("estimate", cfg, ms, max_abs_diff=err)
     T.ESTIMATE_CONFIG = default
+    unpack_default = T.ESTIMATE_UNPACK
+    for unpack in ("convert", "asm") if not only or "unpack" in only else []:
+        T.ESTIMATE_UNPACK = unpack
+        for cfg in ESTIMATE if "estimate" in (only or ["estimate"]) else [default]:
+            T.ESTIMATE_CONFIG = cfg
+            ms = graph_ms(est)
+            log("estimate_unpack", dict(cfg, unpack=unpack), ms,
+                max_abs_diff=float((est()[valid] - ref[valid]).abs().max()))
+    T.ESTIMATE_UNPACK = unpack_default
+    T.ESTIMATE_CONFIG = default
     if not only or "layout" in only:
-        # the sidecar's int4 codes and interleaved scale/zero stored head-major ([H, S, ...],
-        # viewed as [S, H, ...]) instead of slot-major: same values, other strides; a page of
-        # one head is then one contiguous run
+        # the sidecar's int4 codes and interleaved scale/zero stored slot-major ([S, H, ...])
+        # or head-major ([H, S, ...] viewed as [S, H, ...], what the sidecar allocates): same
+        # values, other strides; a page of one head is one contiguous run head-major
+        kq_s = inp["kq"].contiguous()
+        sz_s = torch.stack([inp["ks"], inp["kz"]], -1).contiguous()
         kq_h = inp["kq"].transpose(0, 1).contiguous().transpose(0, 1)
         sz_h = torch.stack([inp["ks"], inp["kz"]], 0).permute(2, 1, 0).contiguous()
         sz_h = sz_h.permute(1, 0, 2)
-        for name, kq, ks, kz in (("slot-major", inp["kq"], inp["ks"], inp["kz"]),
+        for name, kq, ks, kz in (("slot-major", kq_s, sz_s[..., 0], sz_s[..., 1]),
                                  ("head-major", kq_h, sz_h[..., 0], sz_h[..., 1])):
             f = lambda: T.int4_scores_triton(inp["q"], kq, ks, kz, cand, cnt, sm,
                                              out=ws.scores[:bs], page_size=PAGE)
             ms = graph_ms(f)
             log("estimate_layout", dict(layout=name), ms,
                 max_abs_diff=float((f()[valid] - ref[valid]).abs().max()))
-        del kq_h, sz_h
+        del kq_s, sz_s, kq_h, sz_h
     est_ms = graph_ms(est)
-    # top-p and union: timed with the estimate in front (the kernels overwrite the scores)
+    # top-p and union: timed with the estimate in front
     prune = lambda: T.twilight_prune_triton(
         inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, 0,
         scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
         lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-        scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G])
+        scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs])
     k0, n0 = [t.clone() for t in prune()]
     default = dict(T.TOPP_CONFIG)
     for cfg in TOPP if not only or "topp" in only else []:
@@ -130,24 +139,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         log("topp+union", cfg, ms, minus_estimate_ms=ms - est_ms,
             rows_differing=same_sets(k0, n0, k1, n1))
     T.TOPP_CONFIG = default
-    # the grouped top-p kernel (one program per KV head) against the per-q-head one
-    kernel_default = T.PRUNE_KERNEL
-    for kernel in ("head", "group") if not only or "group" in only else []:
-        T.PRUNE_KERNEL = kernel
-        ms = graph_ms(prune)
-        k1, n1 = prune()
-        log("prune_kernel", dict(kernel=kernel), ms, minus_estimate_ms=ms - est_ms,
-            rows_differing=same_sets(k0, n0, k1, n1))
-    T.PRUNE_KERNEL = "group"
-    default = dict(T.GROUP_CONFIG)
-    for cfg in GROUP if not only or "group" in only else []:
-        T.GROUP_CONFIG = cfg
-        ms = graph_ms(prune)
-        k1, n1 = prune()
-        log("topp_group", cfg, ms, minus_estimate_ms=ms - est_ms,
-            rows_differing=same_sets(k0, n0, k1, n1))
-    T.GROUP_CONFIG = default
-    T.PRUNE_KERNEL = kernel_default
     union_default = dict(T.UNION_WARPS)
     for w in UNION if not only or "union" in only else []:
         T.UNION_WARPS[8192] = w
@@ -166,7 +157,7 @@ def main():
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
-                    help="comma list: page_scores,select,estimate,layout,topp,group,union")
+                    help="comma list: page_scores,select,estimate,unpack,layout,topp,union")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

@@ -138,6 +138,57 @@ if triton is not None:
             return tl.load(base + n, mask=nm, other=0).to(tl.int64)
 
     @triton.jit
+    def _unpack_nibbles(packed, dtype: tl.constexpr):
+        """uint8 codes -> (low nibbles, high nibbles) as bf16/fp16, exactly, four bytes per
+        32-bit register: the bytes are spread into 16-bit lanes (prmt), each nibble is OR-ed
+        into the mantissa of 128.0 (bf16) / 1024.0 (fp16), whose last mantissa step is 1, so
+        the lane holds 128 + v / 1024 + v (lop3), and one packed fma subtracts 128 / 1024.
+        About 3 instructions per 2 codes, where converting each code costs several."""
+        if dtype == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t0, t1, one, base;
+                mov.b32 one, 0x3F803F80;
+                mov.b32 base, 0xC300C300;
+                prmt.b32 t0, $4, 0, 0x4140;
+                prmt.b32 t1, $4, 0, 0x4342;
+                lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+                lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+                shr.u32 t0, t0, 4;
+                shr.u32 t1, t1, 4;
+                lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
+                lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
+                fma.rn.bf16x2 $0, $0, one, base;
+                fma.rn.bf16x2 $1, $1, one, base;
+                fma.rn.bf16x2 $2, $2, one, base;
+                fma.rn.bf16x2 $3, $3, one, base;
+                }""",
+                constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.bfloat16, tl.bfloat16),
+                is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t0, t1, one, base;
+                mov.b32 one, 0x3C003C00;
+                mov.b32 base, 0xE400E400;
+                prmt.b32 t0, $4, 0, 0x4140;
+                prmt.b32 t1, $4, 0, 0x4342;
+                lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+                shr.u32 t0, t0, 4;
+                shr.u32 t1, t1, 4;
+                lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
+                fma.rn.f16x2 $0, $0, one, base;
+                fma.rn.f16x2 $1, $1, one, base;
+                fma.rn.f16x2 $2, $2, one, base;
+                fma.rn.f16x2 $3, $3, one, base;
+                }""",
+                constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16),
+                is_pure=True, pack=4)
+        return lo, hi
+
+    @triton.jit
     def _estimate_kernel(
         q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, sm_scale,
         stride_qr, stride_qh, stride_kqs, stride_kqh, stride_ss, stride_sh, stride_cr, stride_ch,
@@ -145,6 +196,7 @@ if triton is not None:
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, SZ_PAIRED: tl.constexpr,
         DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
+        UNPACK_ASM: tl.constexpr,
     ):
         """Grid (R*H, C/(BLOCK_N*ITERS)): s = sm_scale * (scale * q.codes + zero * sum(q)).
 
@@ -152,7 +204,8 @@ if triton is not None:
         (codes 0..15 are exact in bf16/fp16, products accumulate in fp32). A program walks ITERS
         blocks of BLOCK_N candidates, software-pipelined (STAGES), so the next block's gathers are
         in flight while this one is converted and multiplied. ``SZ_PAIRED``: zero is stored right
-        after scale (the sidecar's interleaved buffer), read as one 32-bit word.
+        after scale (the sidecar's interleaved buffer), read as one 32-bit word. ``UNPACK_ASM``:
+        the codes become bf16/fp16 through ``_unpack_nibbles`` (CUDA only).
         """
         rh = tl.program_id(0)
         start = tl.program_id(1) * (BLOCK_N * ITERS)
@@ -189,23 +242,28 @@ if triton is not None:
             else:
                 sc = tl.load(ks_ptr + szp, mask=nm, other=0.0).to(tl.float32)
                 zr = tl.load(kz_ptr + szp, mask=nm, other=0.0).to(tl.float32)
-            lo = (packed & 0x0F).to(qe.dtype)
-            hi = (packed >> 4).to(qe.dtype)
+            if UNPACK_ASM:
+                lo, hi = _unpack_nibbles(packed, qe.dtype)
+            else:
+                lo = (packed & 0x0F).to(qe.dtype)
+                hi = (packed >> 4).to(qe.dtype)
             dot = tl.dot(lo, qeT) + tl.dot(hi, qoT)  # [BLOCK_N, G_PAD] fp32
             s = (sc[:, None] * dot + zr[:, None] * qsum[None, :]) * sm_scale
             tl.store(obase + n[:, None], s, mask=nm[:, None] & gm[None, :])
 
     @triton.jit
-    def _streaming_search(buf, n, target, CHUNK: tl.constexpr):
-        """``_threshold_search`` over the non-negative fp32 values ``buf[:n]`` (every entry
-        present, key = its bits), read in chunks from global memory at each step instead of held
-        in registers: for rows with too many entries above the floor to keep on chip."""
+    def _streaming_search_mark(row, mx, n, target, mark_row, CHUNK: tl.constexpr):
+        """``_threshold_search`` over e = exp(s - mx) of the whole row ``row[:n]``, recomputed
+        chunk by chunk from the scores at every step, then the kept entries marked in
+        ``mark_row``: for rows with too many entries above the floor to search in registers
+        (nearly flat rows only)."""
         c = tl.arange(0, CHUNK)
         lo_key = tl.full([], 2147483647, tl.int32)
         hi_key = tl.full([], -1, tl.int32)
         for st in range(0, n, CHUNK):
             m = st + c < n
-            k = tl.load(buf + st + c, mask=m, other=0.0).to(tl.int32, bitcast=True)
+            k = tl.exp(tl.load(row + st + c, mask=m, other=float("-inf")) - mx).to(
+                tl.int32, bitcast=True)
             lo_key = tl.minimum(lo_key, tl.min(tl.where(m, k, 2147483647), 0))
             hi_key = tl.maximum(hi_key, tl.max(tl.where(m, k, -1), 0))
         while lo_key < hi_key:
@@ -216,7 +274,7 @@ if triton is not None:
             b = tl.full([], -1, tl.int32)
             for st in range(0, n, CHUNK):
                 m = st + c < n
-                v = tl.load(buf + st + c, mask=m, other=0.0)
+                v = tl.exp(tl.load(row + st + c, mask=m, other=float("-inf")) - mx)
                 k = v.to(tl.int32, bitcast=True)
                 ge = m & (k >= mid)
                 ms, aa, bb = tl.reduce(
@@ -228,34 +286,46 @@ if triton is not None:
             ok = mass >= target
             lo_key = tl.where(ok, a, lo_key)
             hi_key = tl.where(ok, hi_key, b)
+        for st in range(0, n, CHUNK):
+            m = st + c < n
+            k = tl.exp(tl.load(row + st + c, mask=m, other=float("-inf")) - mx).to(
+                tl.int32, bitcast=True)
+            tl.store(mark_row + st + c, tl.full([CHUNK], 1, tl.int8), mask=m & (k >= lo_key))
         return lo_key
 
     @triton.jit
-    def _block_search(buf, n, target, W: tl.constexpr):
-        """``_threshold_search`` over the ``n <= W`` non-negative fp32 values ``buf[:n]``, held
-        in registers."""
+    def _block_search_mark(row, ibuf, mx, n, target, mark_row, W: tl.constexpr):
+        """``_threshold_search`` over the ``n <= W`` entries of ``row`` whose indices are in
+        ``ibuf[:n]`` (their e = exp(s - mx) recomputed, held in registers), then the kept ones
+        marked in ``mark_row``."""
         k = tl.arange(0, W)
         km = k < n
-        v = tl.load(buf + k, mask=km, other=0.0)
-        return _threshold_search(tl.where(km, v.to(tl.int32, bitcast=True), -1), v, target, -1,
-                                 2147483647)
+        i = tl.load(ibuf + k, mask=km, other=0)
+        v = tl.exp(tl.load(row + i, mask=km, other=float("-inf")) - mx)
+        key = tl.where(km, v.to(tl.int32, bitcast=True), -1)
+        lo = _threshold_search(key, v, target, -1, 2147483647)
+        tl.store(mark_row + i, tl.full([W], 1, tl.int8), mask=km & (key >= lo))
+        return lo
 
     @triton.jit
     def _topp_head_kernel(
-        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, scratch_ptr, stride_sr, stride_sh, stride_sg,
+        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, mark_ptr, stride_sr,
+        stride_sh, stride_sg, stride_mr, stride_mh,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
         MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
     ):
-        """One program per (request, q head): e = exp(s - max) in place, then the top-p threshold.
+        """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
+        kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
+        row is their union).
 
         Bisection over the int32 bits of e (non-negative floats order like their bits): ends on
-        the largest threshold whose kept mass reaches p * sum(e), exactly; ``lo`` is written per
-        head. Only entries above the droppable floor can be kept: they are compacted into the
-        head's scratch (SCRATCH values) as e is written, and searched there in registers, in a
-        block of SMALL or (when more) MID values; a head with more than that searches its whole
-        row chunk by chunk (slow, each step re-reads the row: for nearly flat rows only). The
-        row itself is read in CHUNK pieces (at most twice), so a long row never sits in
-        registers whole (that held the kernel to one program per SM).
+        the largest threshold whose kept mass reaches p * sum(e), exactly; ``lo``, the sum and
+        the max are written per head. Only entries above the droppable floor can be kept: their
+        indices are compacted into the head's scratch (SCRATCH entries), and they are searched
+        in registers, in a block of SMALL or (when more) MID entries; a head with more than that
+        searches its whole row chunk by chunk (slow, each step re-reads the row: for nearly flat
+        rows only). The scores are only read (e is recomputed where needed, same instructions,
+        same bits), in CHUNK pieces.
         """
         pid = tl.program_id(0)
         r = pid // (H * G)
@@ -265,246 +335,83 @@ if triton is not None:
         p = tl.load(p_ptr + r)
         row = s_ptr + r * stride_sr + h * stride_sh + g * stride_sg
         c = tl.arange(0, CHUNK)
-        # pass 1: max and sum of exp (online); one load when the row fits one CHUNK
-        m = tl.full([], float("-inf"), tl.float32)
+        m = tl.zeros([], tl.float32)
         tot = tl.zeros([], tl.float32)
-        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-            s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            tot = tot * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
-            m = m_new
-        # entries under (1 - p) * tot / count can never be kept: together they weigh less than
-        # the mass top-p may drop, so the search only looks at the ones above
-        floor = tl.where(p < 1.0, (1.0 - p) * tot / count.to(tl.float32) * 0.999, float("inf"))
-        buf = scratch_ptr + pid.to(tl.int64) * SCRATCH
-        n_surv = tl.zeros([], tl.int32)
-        # pass 2: e in place, survivors compacted into the scratch
-        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-            msk = st + c < count
-            e = tl.exp(tl.load(row + st + c, mask=msk, other=float("-inf")) - m)
-            tl.store(row + st + c, e, mask=msk)
-            surv = msk & (e >= floor)
-            pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
-            tl.store(buf + pos, e, mask=surv & (pos < SCRATCH))
-            n_surv += tl.sum(surv.to(tl.int32), 0)
         lo = tl.zeros([], tl.int32)
-        if p < 1.0:
+        if p < 1.0:  # p >= 1 keeps every candidate: nothing to find
+            # pass 1: max and sum of exp (online); one load when the row fits one CHUNK
+            m = tl.full([], float("-inf"), tl.float32)
+            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+                s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 0))
+                tot = tot * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
+                m = m_new
+            # entries under (1 - p) * tot / count can never be kept: together they weigh less
+            # than the mass top-p may drop, so the search only looks at the ones above
+            floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
+            buf = scratch_ptr + pid.to(tl.int64) * SCRATCH
+            n_surv = tl.zeros([], tl.int32)
+            # pass 2: indices of the survivors compacted into the scratch
+            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+                msk = st + c < count
+                e = tl.exp(tl.load(row + st + c, mask=msk, other=float("-inf")) - m)
+                surv = msk & (e >= floor)
+                pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
+                tl.store(buf + pos, st + c, mask=surv & (pos < SCRATCH))
+                n_surv += tl.sum(surv.to(tl.int32), 0)
             tl.debug_barrier()  # this program's stores are visible to all its threads
             target = p * tot
+            mark_row = mark_ptr + r * stride_mr + h * stride_mh
             if n_surv <= SMALL:
-                lo = _block_search(buf, n_surv, target, SMALL)
+                lo = _block_search_mark(row, buf, m, n_surv, target, mark_row, SMALL)
             elif n_surv <= MID:
-                lo = _block_search(buf, n_surv, target, MID)
+                lo = _block_search_mark(row, buf, m, n_surv, target, mark_row, MID)
             else:
-                lo = _streaming_search(row, count, target, CHUNK)
+                lo = _streaming_search_mark(row, m, count, target, mark_row, CHUNK)
         tl.store(lo_ptr + pid, lo)
         tl.store(tot_ptr + pid, tot)
-
-    @triton.jit
-    def _threshold_search_rows(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr):
-        """``quest._threshold_search`` on every row of a ``[rows, W]`` block at once (``target``
-        per row): one fused (sum, min, max) reduction a step serves all rows, and the loop runs
-        as many steps as the slowest row needs; a row that is done keeps its threshold."""
-        present = key > ABSENT
-        lo_key = tl.min(tl.where(present, key, BIG), 1)
-        hi_key = tl.max(tl.where(present, key, ABSENT), 1)
-        while tl.max((lo_key < hi_key).to(tl.int32), 0) > 0:
-            lo64 = lo_key.to(tl.int64)
-            mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 2) // 2).to(tl.int32)
-            ge = key >= mid[:, None]
-            mass, a, b = tl.reduce(
-                (tl.where(ge, val, 0.0), tl.where(ge, key, BIG),
-                 tl.where(present & (key < mid[:, None]), key, ABSENT)), 1, _sum_min_max)
-            active = lo_key < hi_key
-            ok = mass >= target
-            lo_key = tl.where(active & ok, a, lo_key)
-            hi_key = tl.where(active & (mass < target), b, hi_key)
-        return lo_key
-
-    @triton.jit
-    def _block_search_rows(buf, n, target, SCRATCH: tl.constexpr, W: tl.constexpr):
-        """``_threshold_search_rows`` over the ``n[g] <= W`` values ``buf[g][:n[g]]`` of every
-        row g (rows ``SCRATCH`` values apart), held in registers."""
-        k = tl.arange(0, W)
-        km = k[None, :] < n[:, None]
-        v = tl.load(buf[:, None] + k[None, :], mask=km, other=0.0)
-        return _threshold_search_rows(tl.where(km, v.to(tl.int32, bitcast=True), -1), v, target,
-                                      -1, 2147483647)
-
-    @triton.jit
-    def _streaming_search_rows(rows, mx, count, target, CHUNK: tl.constexpr):
-        """``_threshold_search_rows`` over e = exp(s - mx) of whole rows, recomputed chunk by
-        chunk from the scores at every step: for rows with too many entries above the floor
-        to hold in registers (nearly flat rows only)."""
-        c = tl.arange(0, CHUNK)
-        lo_key = tl.full(mx.shape, 2147483647, tl.int32)
-        hi_key = tl.full(mx.shape, -1, tl.int32)
-        for st in range(0, count, CHUNK):
-            cm = (st + c < count)[None, :]
-            e = tl.exp(tl.load(rows + st + c[None, :], mask=cm, other=float("-inf")) - mx[:, None])
-            k = e.to(tl.int32, bitcast=True)
-            lo_key = tl.minimum(lo_key, tl.min(tl.where(cm, k, 2147483647), 1))
-            hi_key = tl.maximum(hi_key, tl.max(tl.where(cm, k, -1), 1))
-        while tl.max((lo_key < hi_key).to(tl.int32), 0) > 0:
-            lo64 = lo_key.to(tl.int64)
-            mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 2) // 2).to(tl.int32)
-            mass = tl.zeros(mx.shape, tl.float32)
-            a = tl.full(mx.shape, 2147483647, tl.int32)
-            b = tl.full(mx.shape, -1, tl.int32)
-            for st in range(0, count, CHUNK):
-                cm = (st + c < count)[None, :]
-                e = tl.exp(tl.load(rows + st + c[None, :], mask=cm, other=float("-inf"))
-                           - mx[:, None])
-                k = e.to(tl.int32, bitcast=True)
-                ge = cm & (k >= mid[:, None])
-                ms, aa, bb = tl.reduce(
-                    (tl.where(ge, e, 0.0), tl.where(ge, k, 2147483647),
-                     tl.where(cm & (k < mid[:, None]), k, -1)), 1, _sum_min_max)
-                mass += ms
-                a = tl.minimum(a, aa)
-                b = tl.maximum(b, bb)
-            active = lo_key < hi_key
-            lo_key = tl.where(active & (mass >= target), a, lo_key)
-            hi_key = tl.where(active & (mass < target), b, hi_key)
-        return lo_key
-
-    @triton.jit
-    def _topp_group_kernel(
-        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, cand_ptr, kept_ptr,
-        kept_count_ptr, min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_cr,
-        stride_ch, stride_kr, stride_kh,
-        H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, CHUNK: tl.constexpr,
-        SMALL: tl.constexpr, MID: tl.constexpr, SCRATCH: tl.constexpr, P: tl.constexpr,
-        FROM_PAGES: tl.constexpr,
-    ):
-        """One program per (request, KV head): top-p of each of its G q heads, their union and
-        the compaction, with every reduction done for the G heads at once on ``[G_PAD, CHUNK]``
-        blocks (a reduction's latency, not its width, is what the per-head kernel paid for).
-
-        Per head: max and sum of e = exp(s - max) in one online pass; the entries above the
-        droppable floor compacted into the head's scratch; the threshold search on them (a
-        register block of SMALL or MID values; whole rows chunk by chunk beyond that). Then e is
-        recomputed from the scores (same instructions, same bits) for the union and the
-        compaction, so e is never written back. When a budget clamp binds, the kept count is
-        written as -1 and ``_union_compact_kernel`` (``ONLY_CLAMPED``) redoes that row.
-        """
-        rh = tl.program_id(0)
-        r = rh // H
-        h = rh % H
-        count = tl.load(count_ptr + rh)
-        p = tl.load(p_ptr + r)
-        g = tl.arange(0, G_PAD)
-        gm = g < G
-        gl = tl.minimum(g, G - 1)  # padded heads repeat the last one: the union is unchanged
-        rows = s_ptr + r * stride_sr + h * stride_sh + gl[:, None] * stride_sg
-        c = tl.arange(0, CHUNK)
-        mx = tl.zeros([G_PAD], tl.float32)
-        tot = tl.full([G_PAD], 1.0, tl.float32)
-        lo = tl.zeros([G_PAD], tl.int32)
-        if p < 1.0:
-            # pass 1: max and sum of exp per head (online)
-            mx = tl.full([G_PAD], float("-inf"), tl.float32)
-            tot = tl.zeros([G_PAD], tl.float32)
-            for st in range(0, count, CHUNK):
-                s = tl.load(rows + st + c[None, :], mask=(st + c < count)[None, :],
-                            other=float("-inf"))
-                m_new = tl.maximum(mx, tl.max(s, 1))
-                tot = tot * tl.exp(mx - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-                mx = m_new
-            # entries under (1 - p) * tot / count together weigh less than the mass top-p may
-            # drop: only the ones above can be kept, and only they are searched
-            floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
-            buf = scratch_ptr + (rh * G + gl).to(tl.int64) * SCRATCH
-            n_surv = tl.zeros([G_PAD], tl.int32)
-            # pass 2: the survivors compacted into the scratch
-            for st in range(0, count, CHUNK):
-                cm = (st + c < count)[None, :]
-                e = tl.exp(tl.load(rows + st + c[None, :], mask=cm, other=float("-inf"))
-                           - mx[:, None])
-                surv = cm & (e >= floor[:, None])
-                pos = n_surv[:, None] + tl.cumsum(surv.to(tl.int32), 1) - 1
-                tl.store(buf[:, None] + pos, e, mask=surv & (pos < SCRATCH) & gm[:, None])
-                n_surv += tl.sum(surv.to(tl.int32), 1)
-            tl.debug_barrier()  # this program's stores are visible to all its threads
-            target = p * tot
-            n_most = tl.max(n_surv, 0)
-            if n_most <= SMALL:
-                lo = _block_search_rows(buf, n_surv, target, SCRATCH, SMALL)
-            elif n_most <= MID:
-                lo = _block_search_rows(buf, n_surv, target, SCRATCH, MID)
-            else:
-                lo = _streaming_search_rows(rows, mx, count, target, CHUNK)
-        # pass 3: union over the group (plus the newest token), compaction
-        kbase = kept_ptr + r * stride_kr + h * stride_kh
-        cbase = cand_ptr + r * stride_cr + h * stride_ch
-        n_keep = tl.zeros([], tl.int32)
-        for st in range(0, count, CHUNK):
-            n = st + c
-            nm = n < count
-            e = tl.exp(tl.load(rows + n[None, :], mask=nm[None, :], other=float("-inf"))
-                       - mx[:, None])
-            hit = tl.max((e.to(tl.int32, bitcast=True) >= lo[:, None]).to(tl.int32), 0) > 0
-            keep = tl.where(p >= 1.0, nm, nm & (hit | (n == count - 1)))
-            dest = n_keep + tl.cumsum(keep.to(tl.int32), 0) - 1
-            slot = _candidate_slots(cbase, n, keep, P, FROM_PAGES)
-            tl.store(kbase + dest, slot.to(tl.int32), mask=keep)
-            n_keep += tl.sum(keep.to(tl.int32), 0)
-        k = tl.maximum(n_keep, tl.minimum(min_budget, count))
-        if max_budget > 0:
-            k = tl.minimum(k, max_budget)
-        clamped = (k != n_keep) & (p < 1.0)
-        tl.store(kept_count_ptr + rh, tl.where(clamped, -1, n_keep))
-        tl.store(lo_ptr + rh * G + g, lo, mask=gm)
-        tl.store(tot_ptr + rh * G + g, tot, mask=gm)
-        tl.store(max_ptr + rh * G + g, mx, mask=gm)
+        tl.store(max_ptr + pid, m)
 
     @triton.jit
     def _union_compact_kernel(
-        e_ptr, lo_ptr, tot_ptr, max_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
-        min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_cr, stride_ch, stride_kr,
-        stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr, P: tl.constexpr,
-        FROM_PAGES: tl.constexpr, ONLY_CLAMPED: tl.constexpr,
+        s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
+        min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_cr,
+        stride_ch, stride_kr, stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
+        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr,
     ):
-        """One program per (request, kv head): union over the group, clamps, compaction.
-
-        ``ONLY_CLAMPED``: after ``_topp_group_kernel``, only the rows it marked (kept count -1)
-        are done, from the scores (e recomputed as exp(s - max), as that kernel did); the others
-        return at once. Otherwise ``e_ptr`` holds e = exp(s - max) (``_topp_head_kernel``)."""
+        """One program per (request, kv head): the union over the group (the marks the top-p
+        kernel left, plus the newest token), the budget clamps, the compaction; the marks are
+        cleared for the next call. Only when a clamp binds are the weights needed: then
+        w = max over the group of exp(s - max) / sum is recomputed from the scores.
+        ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read)."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
-        if ONLY_CLAMPED:
-            if tl.load(kept_count_ptr + rh) >= 0:
-                return
         count = tl.load(count_ptr + r * H + h)
-        p = tl.load(p_ptr + r)
         idx = tl.arange(0, C_PAD)
         valid = idx < count
-        if p < 1.0:
-            union = idx == count - 1  # the newest token is always kept
-            w = tl.zeros([C_PAD], tl.float32)
-            for g in tl.static_range(G):
-                erow = e_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx
-                if ONLY_CLAMPED:
-                    e = tl.exp(tl.load(erow, mask=valid, other=float("-inf"))
-                               - tl.load(max_ptr + rh * G + g))
-                else:
-                    e = tl.load(erow, mask=valid, other=0.0)
-                lo = tl.load(lo_ptr + rh * G + g)
-                tot = tl.load(tot_ptr + rh * G + g)
-                union = union | (valid & (e.to(tl.int32, bitcast=True) >= lo))
-                w = tl.maximum(w, e / tot)
-            n_union = tl.sum(union.to(tl.int32), 0)
-            k = tl.maximum(n_union, tl.minimum(min_budget, count))
-            if max_budget > 0:
-                k = tl.minimum(k, max_budget)
-            if k != n_union:
-                rank_key = tl.where(valid, w + 2.0 * union.to(tl.float32), -1.0)
-                rank_key = tl.where(idx == count - 1, 4.0, rank_key)
-                union = _topk_mask(_f32_key(rank_key), valid, k)
-            keep = union & valid
-        else:
-            keep = valid
+        keep = valid
+        if not KEEP_ALL:
+            if tl.load(p_ptr + r) < 1.0:
+                mark_row = mark_ptr + r * stride_mr + h * stride_mh + idx
+                marked = tl.load(mark_row, mask=valid, other=0) != 0
+                tl.store(mark_row, tl.zeros([C_PAD], tl.int8), mask=marked)
+                union = valid & (marked | (idx == count - 1))  # the newest token is always kept
+                n_union = tl.sum(union.to(tl.int32), 0)
+                k = tl.maximum(n_union, tl.minimum(min_budget, count))
+                if max_budget > 0:
+                    k = tl.minimum(k, max_budget)
+                if k != n_union:
+                    w = tl.zeros([C_PAD], tl.float32)
+                    for g in tl.static_range(G):
+                        s = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
+                                    mask=valid, other=float("-inf"))
+                        e = tl.exp(s - tl.load(max_ptr + rh * G + g))
+                        w = tl.maximum(w, e / tl.load(tot_ptr + rh * G + g))
+                    rank_key = tl.where(valid, w + 2.0 * union.to(tl.float32), -1.0)
+                    rank_key = tl.where(idx == count - 1, 4.0, rank_key)
+                    union = _topk_mask(_f32_key(rank_key), valid, k)
+                keep = union & valid
         dest = tl.cumsum(keep.to(tl.int32), 0) - 1
         slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, keep, P, FROM_PAGES)
         tl.store(kept_ptr + r * stride_kr + h * stride_kh + dest, slot.to(tl.int32), mask=keep)
@@ -529,6 +436,8 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
         H=H, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_N=BLOCK_N, ITERS=ITERS,
         STAGES=cfg["STAGES"], SZ_PAIRED=_scale_zero_paired(kscale, kzero),
         DOT_F32=interpreting(), P=max(page_size, 1), FROM_PAGES=page_size > 0,
+        UNPACK_ASM=ESTIMATE_UNPACK == "asm" and not interpreting()
+        and q.dtype in (torch.bfloat16, torch.float16),
         num_warps=cfg["num_warps"],
     )
     return out
@@ -536,6 +445,9 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
 
 # launch shape of the estimate (tuned on the H100 by benchmarks/tune_kernels.py)
 ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=3, num_warps=2)
+# how the estimate turns int4 codes into bf16/fp16: "asm" (_unpack_nibbles) or "convert"
+# (Triton's integer ops and conversions; always in the interpreter)
+ESTIMATE_UNPACK = "asm"
 
 
 def _scale_zero_paired(kscale: torch.Tensor, kzero: torch.Tensor) -> bool:
@@ -557,7 +469,7 @@ def _row_warps(c_pad: int) -> int:
 
 
 def topp_scratch_width(capacity: int) -> int:
-    """Per q head scratch of the top-p kernel (fp32 values): half the padded row."""
+    """Per q head scratch of the top-p kernel (int32 candidate indices): half the padded row."""
     return max(16, next_pow2(capacity) // 2)
 
 
@@ -580,12 +492,11 @@ def _topp_launch(c_pad: int) -> dict:
 
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                              kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
-                             scratch=None, mx=None):
-    """Top-p per q head, then union / clamps / compaction per KV head. ``lo``, ``tot``, ``mx``
-    (R*H*G each) receive each head's threshold key, sum of e and row max, where
-    e = exp(s - max). ``scratch``: fp32, ``R*H*G*topp_scratch_width(C)`` values or more.
-    With ``PRUNE_KERNEL = "head"`` (one top-p program per q head) ``scores`` is overwritten
-    with e; the grouped kernel leaves it as it was."""
+                             scratch=None, mx=None, marks=None):
+    """Top-p per q head, then union / clamps / compaction per KV head; ``scores`` is only read.
+    ``lo``, ``tot``, ``mx`` (R*H*G each) receive each head's threshold key, sum of e and row
+    max, where e = exp(s - max). ``scratch``: int32, ``R*H*G*topp_scratch_width(C)`` entries or
+    more. ``marks``: int8 [R, H, C], all zero (it is left all zero)."""
     R, H, G, C = scores.shape
     dev = scores.device
     pr = _rows_p(p, R, dev)
@@ -599,54 +510,28 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         tot = torch.empty(R * H * G, dtype=torch.float32, device=dev)
     if mx is None:
         mx = torch.empty(R * H * G, dtype=torch.float32, device=dev)
+    if marks is None:
+        marks = torch.zeros(R, H, C, dtype=torch.int8, device=dev)
     C_PAD = next_pow2(C)
     width = topp_scratch_width(C)
     if scratch is None:
-        scratch = torch.empty(R * H * G * width, dtype=torch.float32, device=dev)
+        scratch = torch.empty(R * H * G * width, dtype=torch.int32, device=dev)
     elif scratch.numel() < R * H * G * width:
-        raise ValueError(f"top-p scratch holds {scratch.numel()} values, needs {R * H * G * width}")
+        raise ValueError(f"top-p scratch holds {scratch.numel()} entries, needs {R * H * G * width}")
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
-    tail = (cand_slots.stride(0), cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1))
-    grouped = PRUNE_KERNEL == "group"
-    if grouped:
-        cfg = _group_launch(C_PAD, G)
-        _topp_group_kernel[(R * H,)](
-            scores, cand_counts, pr, lo, tot, mx, scratch, cand_slots, kept_slots, kept_counts,
-            int(min_budget), int(max_budget or 0), *strides, *tail, H=H, G=G,
-            G_PAD=next_pow2(G), SCRATCH=width, P=max(page_size, 1), FROM_PAGES=page_size > 0,
-            **cfg)
-    else:
-        _topp_head_kernel[(R * H * G,)](
-            scores, cand_counts, pr, lo, tot, scratch, *strides, H=H, G=G, SCRATCH=width,
-            **_topp_launch(C_PAD),
-        )
+    mstrides = (marks.stride(0), marks.stride(1))
+    _topp_head_kernel[(R * H * G,)](
+        scores, cand_counts, pr, lo, tot, mx, scratch, marks, *strides, *mstrides, H=H, G=G,
+        SCRATCH=width, **_topp_launch(C_PAD),
+    )
     _union_compact_kernel[(R * H,)](
-        scores, lo, tot, mx, cand_slots, cand_counts, pr, kept_slots, kept_counts,
-        int(min_budget), int(max_budget or 0), *strides, *tail, H=H, G=G, C_PAD=C_PAD,
-        P=max(page_size, 1), FROM_PAGES=page_size > 0, ONLY_CLAMPED=grouped,
+        scores, marks, mx, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts,
+        int(min_budget), int(max_budget or 0), *strides, *mstrides, cand_slots.stride(0),
+        cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
+        P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False,
         num_warps=_row_warps(C_PAD),
     )
     return kept_slots, kept_counts
-
-
-# which top-p kernel the prune runs: "group" (one program per KV head, _topp_group_kernel) or
-# "head" (one per q head, _topp_head_kernel, then _union_compact_kernel for every row)
-PRUNE_KERNEL = "group"
-
-# launch shape of the grouped top-p kernel: rows read in CHUNK pieces per head, the survivors of
-# the floor searched in a [G, SMALL] or [G, MID] register block
-GROUP_CONFIG = dict(CHUNK=2048, SMALL=1024, MID=4096, num_warps=16)
-
-
-def _group_launch(c_pad: int, group: int) -> dict:
-    cfg = dict(GROUP_CONFIG)
-    width = topp_scratch_width(c_pad)
-    cfg["CHUNK"] = max(16, min(cfg["CHUNK"], c_pad))
-    cfg["MID"] = min(cfg["MID"], width)
-    cfg["SMALL"] = min(cfg["SMALL"], cfg["MID"])
-    if c_pad <= 256:
-        cfg["num_warps"] = min(cfg["num_warps"], 4)
-    return cfg
 
 
 def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None):
@@ -657,21 +542,21 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
         kept_slots = torch.zeros(R, H, C, dtype=torch.int32, device=cand_pages.device)
     ones = torch.ones(R, dtype=torch.float32, device=cand_pages.device)
     C_PAD = next_pow2(C)
-    # p = 1 rows never read the score buffers: pass the page list as a stand-in pointer
     _union_compact_kernel[(R * H,)](
         cand_pages, cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots,
-        cand_counts, 0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1),
+        cand_counts, 0, 0, 0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1),
         kept_slots.stride(0), kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size,
-        FROM_PAGES=True, ONLY_CLAMPED=False, num_warps=_row_warps(C_PAD),
+        FROM_PAGES=True, KEEP_ALL=True, num_warps=_row_warps(C_PAD),
     )
     return kept_slots, cand_counts
 
 
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
-                          tot=None, page_size=0, scratch=None, mx=None):
+                          tot=None, page_size=0, scratch=None, mx=None, marks=None):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
     scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores,
                                 page_size=page_size)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
-                                    kept_slots, kept_counts, lo, tot, page_size, scratch, mx)
+                                    kept_slots, kept_counts, lo, tot, page_size, scratch, mx,
+                                    marks)

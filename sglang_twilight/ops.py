@@ -135,6 +135,7 @@ class DecodeWorkspace:
     head_lo: torch.Tensor
     head_tot: torch.Tensor
     head_max: torch.Tensor
+    union_marks: torch.Tensor
     topp_scratch: torch.Tensor
     num_sms: int
     mid_o: torch.Tensor
@@ -164,8 +165,9 @@ class DecodeWorkspace:
             head_lo=torch.zeros(max_rows * H * G, dtype=torch.int32, **kw),
             head_tot=torch.zeros(max_rows * H * G, dtype=torch.float32, **kw),
             head_max=torch.zeros(max_rows * H * G, dtype=torch.float32, **kw),
+            union_marks=torch.zeros(max_rows, H, C, dtype=torch.int8, **kw),
             topp_scratch=torch.empty(max_rows * H * G * _topp.topp_scratch_width(C),
-                                     dtype=torch.float32, **kw),
+                                     dtype=torch.int32, **kw),
             num_sms=sms,
             mid_o=torch.empty(mid_rows * g_pad, head_dim, dtype=torch.float32, **kw),
             mid_lse=torch.empty(mid_rows * g_pad, dtype=torch.float32, **kw),
@@ -174,7 +176,8 @@ class DecodeWorkspace:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
             self.page_scores, self.cand_pages, self.cand_counts, self.scores, self.kept_slots,
-            self.kept_counts, self.head_lo, self.head_tot, self.head_max, self.topp_scratch,
+            self.kept_counts, self.head_lo, self.head_tot, self.head_max, self.union_marks,
+            self.topp_scratch,
             self.mid_o, self.mid_lse))
 
 
@@ -238,7 +241,8 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
             q, kq, kscale, kzero, pages, cnt, pr, sm_scale, min_budget, max_budget,
             scores=ws.scores[:R], kept_slots=ws.kept_slots[:R], kept_counts=ws.kept_counts[:R],
             lo=ws.head_lo[:n_heads], tot=ws.head_tot[:n_heads], page_size=page_size,
-            scratch=ws.topp_scratch, mx=ws.head_max[:n_heads])
+            scratch=ws.topp_scratch, mx=ws.head_max[:n_heads],
+            marks=ws.union_marks[:R])
     o = _attend.sparse_decode_attention_triton(
         q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
         splits=_attend.attend_splits(R * ws.num_kv_heads, ws.num_sms),

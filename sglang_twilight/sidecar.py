@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from sglang_twilight.kernels.int4 import scale_zero_buffers
+from sglang_twilight.kernels.int4 import code_buffer, scale_zero_buffers
 
 #: attribute under which :func:`attach_sidecar` stores the sidecar on the KV pool object
 POOL_ATTR = "twilight_sidecar"
@@ -100,7 +100,7 @@ class TwilightSidecarPool:
             kscale, kzero = scale_zero_buffers(S, H, self.device)
             self._layers[lid] = SidecarLayer(
                 layer_id=lid,
-                kq=torch.zeros((S, H, D // 2), dtype=torch.uint8, device=self.device),
+                kq=code_buffer(S, H, D, self.device),
                 kscale=kscale,
                 kzero=kzero,
                 kmax=torch.zeros((NP, H, D), dtype=dtype, device=self.device),

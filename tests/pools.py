@@ -83,7 +83,7 @@ def make_layout(seq_lens, num_kv_heads, group, head_dim, *, page_size=16, dtype=
     lay_dev = dict(device=device)
     k_buffer = k.to(dtype).to(**lay_dev)
     v_buffer = v.to(dtype).to(**lay_dev)
-    kq = torch.zeros(S, H, D // 2, dtype=torch.uint8, **lay_dev)
+    kq = ops._int4.code_buffer(S, H, D, device)
     ks, kz = ops._int4.scale_zero_buffers(S, H, device)
     kmax = torch.zeros(total_pages, H, D, dtype=dtype, **lay_dev)
     kmin = torch.zeros(total_pages, H, D, dtype=dtype, **lay_dev)

@@ -166,24 +166,21 @@ def test_decode_mixed_batch_short_rows_dense(device):
             assert bool((kc[r] < 512).all())
 
 
-@pytest.mark.parametrize("kernel", ["group", "head"])
-def test_topp_compaction_tiers_match_reference(device, monkeypatch, kernel):
+def test_topp_compaction_tiers_match_reference(device, monkeypatch):
     """The top-p kernels search the entries above the droppable floor compacted in a register
     block of SMALL or MID values, and the whole row chunk by chunk when there are more: q heads
     with peaked, medium and flat rows take the three paths; each must keep the reference's set,
     alone (one q head per KV head) and in a group whose heads take different paths."""
     from sglang_twilight.kernels import topp as T
 
-    monkeypatch.setattr(T, "PRUNE_KERNEL", kernel)
     C = 8192
     if device == "cpu":  # small rows, several chunks each
         C = 256
         monkeypatch.setattr(T, "TOPP_CONFIG", dict(CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
-        monkeypatch.setattr(T, "GROUP_CONFIG", dict(CHUNK=64, SMALL=32, MID=128, num_warps=4))
     width = T.topp_scratch_width(C)
     assert width == C // 2
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
-    launch = T._group_launch(C, 3) if kernel == "group" else T._topp_launch(C)
+    launch = T._topp_launch(C)
     small, mid = launch["SMALL"], launch["MID"]
     # medium: (SMALL + MID) / 2 random logits carry the mass, the rest sit e^-20 below (under
     # the floor), so that head takes the middle path whatever the draw
@@ -219,6 +216,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from sglang_twilight.kernels.quest import _topk_mask  # noqa: E402
+from sglang_twilight.kernels.topp import _unpack_nibbles  # noqa: E402
 
 
 @triton.jit
@@ -283,3 +281,27 @@ def test_decode_p1_as_accurate_as_flashinfer(H, G, D):
           f"mean ours {e_ours.mean():.2e} flashinfer {e_fi.mean():.2e}")
     assert float(e_ours.mean()) <= 1.25 * float(e_fi.mean()) + 1e-5
     assert float(e_ours.max()) <= 2.0 * float(e_fi.max()) + 1e-3
+
+
+@triton.jit
+def _unpack_probe(src_ptr, lo_ptr, hi_ptr, N: tl.constexpr, IS_BF16: tl.constexpr):
+    i = tl.arange(0, N)
+    b = tl.load(src_ptr + i)
+    lo, hi = _unpack_nibbles(b, tl.bfloat16 if IS_BF16 else tl.float16)
+    tl.store(lo_ptr + i, lo)
+    tl.store(hi_ptr + i, hi)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unpack_nibbles_exact(dtype):
+    """The estimate's inline-asm unpack: every byte value, in shuffled order (so each lane of the
+    packed registers sees every value), gives exactly its low and high nibble."""
+    if not torch.cuda.is_available() or INTERP:
+        pytest.skip("inline PTX needs the compiled CUDA kernels")
+    src = torch.arange(256, dtype=torch.uint8).repeat(8)[torch.randperm(2048)].cuda()
+    lo = torch.empty(2048, dtype=dtype, device="cuda")
+    hi = torch.empty_like(lo)
+    _unpack_probe[(1,)](src, lo, hi, N=2048, IS_BF16=dtype == torch.bfloat16, num_warps=4)
+    assert torch.equal(lo.float(), (src & 15).float())
+    assert torch.equal(hi.float(), (src >> 4).float())
