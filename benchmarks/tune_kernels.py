@@ -72,6 +72,19 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         err = float((ps()[..., : ws.max_pages] - ref[..., : ws.max_pages]).abs().max())
         log("page_scores", cfg, ms, max_abs_diff=err)
     Q.PAGE_SCORES_CONFIG = default
+    if not only or "layout" in only:
+        # Quest bounds page-major ([pages, H, D], what the sidecar allocates) or head-major
+        # ([H, pages, D] viewed as [pages, H, D]): same values, other strides
+        for name, kx, kn in (("page-major", inp["kmax"], inp["kmin"]),
+                             ("head-major", inp["kmax"].transpose(0, 1).contiguous().transpose(0, 1),
+                              inp["kmin"].transpose(0, 1).contiguous().transpose(0, 1))):
+            f = lambda: Q.quest_page_scores_triton(inp["q"], kx, kn, inp["r2t"], inp["rpi"],
+                                                   inp["seq"], PAGE, ws.max_pages,
+                                                   out=ws.page_scores[:bs])
+            ms = graph_ms(f)
+            err = float((f()[..., : ws.max_pages] - ref[..., : ws.max_pages]).abs().max())
+            log("page_scores_layout", dict(layout=name), ms, max_abs_diff=err)
+            del kx, kn
     sel = lambda: Q.quest_select_pages_triton(
         inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], 8192, PAGE,
         max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],

@@ -294,17 +294,17 @@ if triton is not None:
         return lo_key
 
     @triton.jit
-    def _block_search_mark(row, ibuf, mx, n, target, mark_row, W: tl.constexpr):
-        """``_threshold_search`` over the ``n <= W`` entries of ``row`` whose indices are in
-        ``ibuf[:n]`` (their e = exp(s - mx) recomputed, held in registers), then the kept ones
-        marked in ``mark_row``."""
+    def _block_search_mark(buf, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr):
+        """``_threshold_search`` over the ``n <= W`` compacted entries of a head's scratch
+        (indices in ``buf[:n]``, the bits of their e in ``buf[SCRATCH:SCRATCH + n]``), held in
+        registers, then the kept ones marked in ``mark_row``."""
         k = tl.arange(0, W)
         km = k < n
-        i = tl.load(ibuf + k, mask=km, other=0)
-        v = tl.exp(tl.load(row + i, mask=km, other=float("-inf")) - mx)
-        key = tl.where(km, v.to(tl.int32, bitcast=True), -1)
-        lo = _threshold_search(key, v, target, -1, 2147483647)
-        tl.store(mark_row + i, tl.full([W], 1, tl.int8), mask=km & (key >= lo))
+        key = tl.load(buf + SCRATCH + k, mask=km, other=-1)
+        lo = _threshold_search(key, key.to(tl.float32, bitcast=True), target, -1, 2147483647)
+        kept = km & (key >= lo)
+        i = tl.load(buf + k, mask=kept, other=0)
+        tl.store(mark_row + i, tl.full([W], 1, tl.int8), mask=kept)
         return lo
 
     @triton.jit
@@ -320,8 +320,9 @@ if triton is not None:
 
         Bisection over the int32 bits of e (non-negative floats order like their bits): ends on
         the largest threshold whose kept mass reaches p * sum(e), exactly; ``lo``, the sum and
-        the max are written per head. Only entries above the droppable floor can be kept: their
-        indices are compacted into the head's scratch (SCRATCH entries), and they are searched
+        the max are written per head. Only entries above the droppable floor can be kept: they
+        are compacted into the head's scratch (SCRATCH indices, then SCRATCH values of e, so the
+        search reads them in order, not gathered from the row), and they are searched
         in registers, in a block of SMALL or (when more) MID entries; a head with more than that
         searches its whole row chunk by chunk (slow, each step re-reads the row: for nearly flat
         rows only). The scores are only read (e is recomputed where needed, same instructions,
@@ -349,23 +350,25 @@ if triton is not None:
             # entries under (1 - p) * tot / count can never be kept: together they weigh less
             # than the mass top-p may drop, so the search only looks at the ones above
             floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
-            buf = scratch_ptr + pid.to(tl.int64) * SCRATCH
+            buf = scratch_ptr + pid.to(tl.int64) * (2 * SCRATCH)
             n_surv = tl.zeros([], tl.int32)
-            # pass 2: indices of the survivors compacted into the scratch
+            # pass 2: the survivors (index, bits of e) compacted into the scratch
             for st in tl.range(0, count, CHUNK, num_stages=STAGES):
                 msk = st + c < count
                 e = tl.exp(tl.load(row + st + c, mask=msk, other=float("-inf")) - m)
                 surv = msk & (e >= floor)
                 pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
-                tl.store(buf + pos, st + c, mask=surv & (pos < SCRATCH))
+                sm = surv & (pos < SCRATCH)
+                tl.store(buf + pos, st + c, mask=sm)
+                tl.store(buf + SCRATCH + pos, e.to(tl.int32, bitcast=True), mask=sm)
                 n_surv += tl.sum(surv.to(tl.int32), 0)
             tl.debug_barrier()  # this program's stores are visible to all its threads
             target = p * tot
             mark_row = mark_ptr + r * stride_mr + h * stride_mh
             if n_surv <= SMALL:
-                lo = _block_search_mark(row, buf, m, n_surv, target, mark_row, SMALL)
+                lo = _block_search_mark(buf, n_surv, target, mark_row, SCRATCH, SMALL)
             elif n_surv <= MID:
-                lo = _block_search_mark(row, buf, m, n_surv, target, mark_row, MID)
+                lo = _block_search_mark(buf, n_surv, target, mark_row, SCRATCH, MID)
             else:
                 lo = _streaming_search_mark(row, m, count, target, mark_row, CHUNK)
         tl.store(lo_ptr + pid, lo)
@@ -469,14 +472,15 @@ def _row_warps(c_pad: int) -> int:
 
 
 def topp_scratch_width(capacity: int) -> int:
-    """Per q head scratch of the top-p kernel (int32 candidate indices): half the padded row."""
+    """Entries per q head the top-p kernel can compact (half the padded row); its scratch holds
+    twice that many int32 per q head (an index and the bits of e for each)."""
     return max(16, next_pow2(capacity) // 2)
 
 
 # top-p kernel launch shape (tuned on the H100 by benchmarks/tune_kernels.py): the row is read
 # in CHUNK pieces; a head with at most SMALL (else MID) entries above the floor is searched in a
 # register block of that size; MID is capped at the scratch width
-TOPP_CONFIG = dict(CHUNK=1024, SMALL=1024, MID=4096, STAGES=3, num_warps=8)
+TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8)
 
 
 def _topp_launch(c_pad: int) -> dict:
@@ -495,8 +499,8 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
                              scratch=None, mx=None, marks=None):
     """Top-p per q head, then union / clamps / compaction per KV head; ``scores`` is only read.
     ``lo``, ``tot``, ``mx`` (R*H*G each) receive each head's threshold key, sum of e and row
-    max, where e = exp(s - max). ``scratch``: int32, ``R*H*G*topp_scratch_width(C)`` entries or
-    more. ``marks``: int8 [R, H, C], all zero (it is left all zero)."""
+    max, where e = exp(s - max). ``scratch``: int32, ``2*R*H*G*topp_scratch_width(C)`` entries
+    or more. ``marks``: int8 [R, H, C], all zero (it is left all zero)."""
     R, H, G, C = scores.shape
     dev = scores.device
     pr = _rows_p(p, R, dev)
@@ -515,9 +519,10 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     C_PAD = next_pow2(C)
     width = topp_scratch_width(C)
     if scratch is None:
-        scratch = torch.empty(R * H * G * width, dtype=torch.int32, device=dev)
-    elif scratch.numel() < R * H * G * width:
-        raise ValueError(f"top-p scratch holds {scratch.numel()} entries, needs {R * H * G * width}")
+        scratch = torch.empty(2 * R * H * G * width, dtype=torch.int32, device=dev)
+    elif scratch.numel() < 2 * R * H * G * width:
+        raise ValueError(
+            f"top-p scratch holds {scratch.numel()} entries, needs {2 * R * H * G * width}")
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
     mstrides = (marks.stride(0), marks.stride(1))
     _topp_head_kernel[(R * H * G,)](

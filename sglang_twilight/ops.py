@@ -166,7 +166,7 @@ class DecodeWorkspace:
             head_tot=torch.zeros(max_rows * H * G, dtype=torch.float32, **kw),
             head_max=torch.zeros(max_rows * H * G, dtype=torch.float32, **kw),
             union_marks=torch.zeros(max_rows, H, C, dtype=torch.int8, **kw),
-            topp_scratch=torch.empty(max_rows * H * G * _topp.topp_scratch_width(C),
+            topp_scratch=torch.empty(2 * max_rows * H * G * _topp.topp_scratch_width(C),
                                      dtype=torch.int32, **kw),
             num_sms=sms,
             mid_o=torch.empty(mid_rows * g_pad, head_dim, dtype=torch.float32, **kw),
