@@ -294,14 +294,18 @@ if triton is not None:
         return lo_key
 
     @triton.jit
-    def _block_search_mark(buf, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr):
+    def _block_search_mark(buf, mx, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr):
         """``_threshold_search`` over the ``n <= W`` compacted entries of a head's scratch
-        (indices in ``buf[:n]``, the bits of their e in ``buf[SCRATCH:SCRATCH + n]``), held in
-        registers, then the kept ones marked in ``mark_row``."""
+        (indices in ``buf[:n]``, their scores in ``buf[SCRATCH:SCRATCH + n]``; e = exp(s - mx)
+        computed here, the same instructions as wherever else e is needed), held in registers,
+        then the kept ones marked in ``mark_row``."""
         k = tl.arange(0, W)
         km = k < n
-        key = tl.load(buf + SCRATCH + k, mask=km, other=-1)
-        lo = _threshold_search(key, key.to(tl.float32, bitcast=True), target, -1, 2147483647)
+        s = tl.load((buf + SCRATCH + k).to(tl.pointer_type(tl.float32)), mask=km,
+                    other=float("-inf"))
+        v = tl.exp(s - mx)
+        key = tl.where(km, v.to(tl.int32, bitcast=True), -1)
+        lo = _threshold_search(key, v, target, -1, 2147483647)
         kept = km & (key >= lo)
         i = tl.load(buf + k, mask=kept, other=0)
         tl.store(mark_row + i, tl.full([W], 1, tl.int8), mask=kept)
@@ -312,7 +316,7 @@ if triton is not None:
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, mark_ptr, stride_sr,
         stride_sh, stride_sg, stride_mr, stride_mh,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
-        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
+        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, LANES: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -321,7 +325,7 @@ if triton is not None:
         Bisection over the int32 bits of e (non-negative floats order like their bits): ends on
         the largest threshold whose kept mass reaches p * sum(e), exactly; ``lo``, the sum and
         the max are written per head. Only entries above the droppable floor can be kept: they
-        are compacted into the head's scratch (SCRATCH indices, then SCRATCH values of e, so the
+        are compacted into the head's scratch (SCRATCH indices, then SCRATCH scores, so the
         search reads them in order, not gathered from the row), and they are searched
         in registers, in a block of SMALL or (when more) MID entries; a head with more than that
         searches its whole row chunk by chunk (slow, each step re-reads the row: for nearly flat
@@ -340,35 +344,51 @@ if triton is not None:
         tot = tl.zeros([], tl.float32)
         lo = tl.zeros([], tl.int32)
         if p < 1.0:  # p >= 1 keeps every candidate: nothing to find
-            # pass 1: max and sum of exp (online); one load when the row fits one CHUNK
-            m = tl.full([], float("-inf"), tl.float32)
-            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-                s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 0))
-                tot = tot * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
-                m = m_new
+            if LANES:
+                # pass 1: max and sum of exp, online per lane (no block reduction until the end)
+                mv = tl.full([CHUNK], float("-inf"), tl.float32)
+                tv = tl.zeros([CHUNK], tl.float32)
+                for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+                    s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+                    m_new = tl.maximum(mv, s)
+                    m_ok = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with nothing yet
+                    tv = tv * tl.exp(mv - m_ok) + tl.exp(s - m_ok)
+                    mv = m_new
+                m = tl.max(mv, 0)
+                tot = tl.sum(tv * tl.exp(mv - m), 0)
+            else:
+                # pass 1: max and sum of exp (online); one load when the row fits one CHUNK
+                m = tl.full([], float("-inf"), tl.float32)
+                for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+                    s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+                    m_new = tl.maximum(m, tl.max(s, 0))
+                    tot = tot * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
+                    m = m_new
             # entries under (1 - p) * tot / count can never be kept: together they weigh less
-            # than the mass top-p may drop, so the search only looks at the ones above
+            # than the mass top-p may drop, so the search only looks at the ones above. The test
+            # is on the scores, s >= max + log(floor) (less a margin far above the rounding of
+            # exp and of that sum, so every entry whose e reaches the floor survives): no exp
             floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
+            s_floor = m + tl.log(floor) - 1e-4
             buf = scratch_ptr + pid.to(tl.int64) * (2 * SCRATCH)
             n_surv = tl.zeros([], tl.int32)
-            # pass 2: the survivors (index, bits of e) compacted into the scratch
+            # pass 2: the survivors (index, score) compacted into the scratch
             for st in tl.range(0, count, CHUNK, num_stages=STAGES):
                 msk = st + c < count
-                e = tl.exp(tl.load(row + st + c, mask=msk, other=float("-inf")) - m)
-                surv = msk & (e >= floor)
+                s = tl.load(row + st + c, mask=msk, other=float("-inf"))
+                surv = msk & (s >= s_floor)
                 pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
                 sm = surv & (pos < SCRATCH)
                 tl.store(buf + pos, st + c, mask=sm)
-                tl.store(buf + SCRATCH + pos, e.to(tl.int32, bitcast=True), mask=sm)
+                tl.store(buf + SCRATCH + pos, s.to(tl.int32, bitcast=True), mask=sm)
                 n_surv += tl.sum(surv.to(tl.int32), 0)
             tl.debug_barrier()  # this program's stores are visible to all its threads
             target = p * tot
             mark_row = mark_ptr + r * stride_mr + h * stride_mh
             if n_surv <= SMALL:
-                lo = _block_search_mark(buf, n_surv, target, mark_row, SCRATCH, SMALL)
+                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, SMALL)
             elif n_surv <= MID:
-                lo = _block_search_mark(buf, n_surv, target, mark_row, SCRATCH, MID)
+                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, MID)
             else:
                 lo = _streaming_search_mark(row, m, count, target, mark_row, CHUNK)
         tl.store(lo_ptr + pid, lo)
@@ -479,8 +499,9 @@ def topp_scratch_width(capacity: int) -> int:
 
 # top-p kernel launch shape (tuned on the H100 by benchmarks/tune_kernels.py): the row is read
 # in CHUNK pieces; a head with at most SMALL (else MID) entries above the floor is searched in a
-# register block of that size; MID is capped at the scratch width
-TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8)
+# register block of that size; MID is capped at the scratch width. LANES: the max and sum pass
+# keeps per-lane partials (one block reduction at the end) instead of reducing every chunk
+TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, LANES=True)
 
 
 def _topp_launch(c_pad: int) -> dict:

@@ -176,7 +176,8 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch):
     C = 8192
     if device == "cpu":  # small rows, several chunks each
         C = 256
-        monkeypatch.setattr(T, "TOPP_CONFIG", dict(CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
+        monkeypatch.setattr(T, "TOPP_CONFIG",
+                            dict(T.TOPP_CONFIG, CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
     width = T.topp_scratch_width(C)
     assert width == C // 2
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
