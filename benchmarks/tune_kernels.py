@@ -30,12 +30,10 @@ ESTIMATE = [dict(BLOCK_N=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
 PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (64, 1, 1, 4), (32, 4, 2, 4), (32, 1, 1, 4), (32, 4, 3, 2), (16, 8, 3, 2), (32, 8, 3, 2),
     (16, 4, 2, 1), (32, 2, 2, 4)]]
-TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w, LANES=ln)
-        for c, s, m, st, w, ln in [
-            (1024, 2048, 4096, 3, 8, True), (1024, 2048, 4096, 3, 8, False),
-            (1024, 1024, 4096, 3, 8, True), (2048, 2048, 4096, 3, 8, True),
-            (512, 2048, 4096, 3, 4, True), (1024, 2048, 4096, 3, 4, True),
-            (1024, 2048, 4096, 1, 8, True), (2048, 2048, 4096, 3, 16, True)]]
+TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w) for c, s, m, st, w in [
+    (1024, 2048, 4096, 3, 8), (1024, 1024, 4096, 3, 8), (2048, 2048, 4096, 3, 8),
+    (512, 2048, 4096, 3, 4), (1024, 2048, 4096, 3, 4), (1024, 2048, 4096, 1, 8),
+    (2048, 2048, 4096, 3, 16)]]
 UNION = [8, 16]
 SELECT = [4, 8]
 
