@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import PAGE, graph_ms, make_inputs, source_commit  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
+from sglang_twilight.kernels import topp as _topp  # noqa: E402
 
 
 def profile_case(bs, ctx, steps, top_p, budget, H=8, G=4, D=128, dtype=torch.bfloat16):
@@ -56,9 +57,20 @@ def profile_case(bs, ctx, steps, top_p, budget, H=8, G=4, D=128, dtype=torch.bfl
             calls[ev.name] += 1
     kernels = sorted(((n, t / steps, calls[n] // steps) for n, t in per.items()), key=lambda x: -x[1])
     kept = float(ws.kept_counts[:bs].float().mean())
+    # entries per q head above the top-p kernel's droppable floor: heads with more than its
+    # register block (MID) are searched by the union kernel instead
+    C = ws.scores.shape[-1]
+    cnt = ws.cand_counts[:bs].float()[:, :, None, None]
+    valid = torch.arange(C, device="cuda") < cnt
+    probs = torch.softmax(torch.where(valid, ws.scores[:bs], float("-inf")), -1)
+    surv = (valid & (probs >= (1 - top_p) / cnt * 0.999)).sum(-1).flatten()
+    mid = _topp._topp_launch(1 << (C - 1).bit_length())["MID"]
     inp.clear()
     torch.cuda.empty_cache()
     return dict(batch=bs, context=ctx, graph_ms=graph, kept_tokens=kept,
+                above_floor=dict(mean=float(surv.float().mean()), max=int(surv.max()),
+                                 heads=surv.numel(), heads_over_block=int((surv > mid).sum()),
+                                 block=mid),
                 kernels=[dict(name=n, us=round(u, 2), calls=c) for n, u, c in kernels])
 
 
@@ -75,7 +87,8 @@ def main():
     for bs in map(int, args.batches.split(",")):
         r = profile_case(bs, args.context, args.steps, args.top_p, args.budget)
         res.append(r)
-        print(f"batch {bs} x {args.context}: graph {r['graph_ms']:.4f} ms, kept {r['kept_tokens']:.0f}")
+        print(f"batch {bs} x {args.context}: graph {r['graph_ms']:.4f} ms, kept {r['kept_tokens']:.0f}"
+              f", above the floor {r['above_floor']}")
         for k in r["kernels"]:
             print(f"  {k['us']:9.2f} us  x{k['calls']}  {k['name'][:90]}")
     if args.out:

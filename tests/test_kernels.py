@@ -167,10 +167,11 @@ def test_decode_mixed_batch_short_rows_dense(device):
 
 
 def test_topp_compaction_tiers_match_reference(device, monkeypatch):
-    """The top-p kernels search the entries above the droppable floor compacted in a register
-    block of SMALL or MID values, and the whole row chunk by chunk when there are more: q heads
-    with peaked, medium and flat rows take the three paths; each must keep the reference's set,
-    alone (one q head per KV head) and in a group whose heads take different paths."""
+    """The top-p kernel searches the entries above the droppable floor compacted in a register
+    block of SMALL or MID values; a head with more is flagged and searched by the union kernel,
+    its whole row in registers: q heads with peaked, medium and flat rows take the three paths;
+    each must keep the reference's set, alone (one q head per KV head) and in a group whose
+    heads take different paths."""
     from sglang_twilight.kernels import topp as T
 
     C = 8192
