@@ -79,11 +79,21 @@ def test_select_matches_reference(device):
                 budget, 16)
         c1, n1 = ops.quest_select(*args, backend="torch")
         c2, n2 = ops.quest_select(*args, backend="triton", max_pages=max(seq) // 16 + 3)
+        pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices,
+                                                lay.seq_lens, 16)
+        scores = ops._quest.quest_page_scores_ref(lay.q, lay.kmax, lay.kmin, pt, n_pages)
         assert torch.equal(n1, n2)
         for r in range(len(seq)):
             for h in range(H):
                 n = int(n1[r, h])
-                assert torch.equal(c1[r, h, :n], c2[r, h, :n]), (r, h)
+                if torch.equal(c1[r, h, :n], c2[r, h, :n]):
+                    continue
+                # only a near-tie at the K-th page may differ: the kernel's tensor-core dots sum
+                # in another order than the reference
+                swapped = set((c1[r, h, :n] // 16).tolist()) ^ set((c2[r, h, :n] // 16).tolist())
+                s = torch.stack([scores[r, h][pt[r] == pg][0] for pg in swapped])
+                tol = 1e-4 * (1 + float(s.abs().max()))
+                assert len(swapped) == 2 and float(s.max() - s.min()) <= tol, (r, h, s)
 
 
 def _assert_same_kept(k1, n1, k2, n2, probs):
