@@ -44,8 +44,8 @@ def f16_round_up(x: torch.Tensor) -> torch.Tensor:
 def code_buffer(num_slots: int, num_heads: int, head_dim: int, device=None):
     """int4 codes, uint8 [S, H, D//2], stored head-major (a [H, S, D//2] buffer viewed as
     [S, H, D//2]): the candidates of one head's page are one contiguous run, so the estimate's
-    gathers touch fewer, fuller sectors (4-8% faster on the H100 than slot-major,
-    ``benchmarks/tune_kernels.py --only layout``). Every kernel takes strides."""
+    gathers touch fewer, fuller sectors (about 20% faster on the H100 than slot-major,
+    ``benchmarks/results/tune_unpack_layout_h100.json``). Every kernel takes strides."""
     return torch.zeros(num_heads, num_slots, head_dim // 2, dtype=torch.uint8,
                        device=device).transpose(0, 1)
 

@@ -34,7 +34,7 @@ class SidecarLayer:
     """The sidecar buffers of one sparse layer (views of the pool's tensors, no copies)."""
 
     layer_id: int
-    kq: torch.Tensor  # uint8 [S, H, D//2]
+    kq: torch.Tensor  # uint8 [S, H, D//2], stored head-major (int4.code_buffer)
     kscale: torch.Tensor  # fp16 [S, H]
     kzero: torch.Tensor  # fp16 [S, H]
     kmax: torch.Tensor  # KV dtype [S_pages, H, D]
