@@ -474,7 +474,7 @@ def _row_warps(c_pad: int) -> int:
 
 def topp_scratch_width(capacity: int) -> int:
     """Entries per q head the top-p kernel can compact (half the padded row); its scratch holds
-    twice that many int32 per q head (an index and the bits of e for each)."""
+    twice that many int32 per q head (an index and the bits of the score for each)."""
     return max(16, next_pow2(capacity) // 2)
 
 
