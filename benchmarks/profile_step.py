@@ -58,7 +58,7 @@ def profile_case(bs, ctx, steps, top_p, budget, H=8, G=4, D=128, dtype=torch.bfl
     kernels = sorted(((n, t / steps, calls[n] // steps) for n, t in per.items()), key=lambda x: -x[1])
     kept = float(ws.kept_counts[:bs].float().mean())
     # entries per q head above the top-p kernel's droppable floor: heads with more than its
-    # register block (MID) are searched by the union kernel instead
+    # register block (MID) are searched by _topp_overflow_kernel instead
     C = ws.scores.shape[-1]
     cnt = ws.cand_counts[:bs].float()[:, :, None, None]
     valid = torch.arange(C, device="cuda") < cnt
