@@ -137,6 +137,31 @@ if triton is not None:
         else:
             return tl.load(base + n, mask=nm, other=0).to(tl.int64)
 
+    # int4 codes -> bf16/fp16 (see _unpack_nibbles): one PTX template, the constants per type
+    # (packed twice, one per 16-bit lane): 1.0, minus the magic value, the magic value (128.0
+    # in bf16, 1024.0 in fp16: their last mantissa step is 1)
+    _UNPACK_PTX = """{{
+            .reg .b32 t0, t1, one, base;
+            mov.b32 one, {one};
+            mov.b32 base, {base};
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            lop3.b32 $0, t0, 0x000F000F, {magic}, 0xEA;
+            lop3.b32 $1, t1, 0x000F000F, {magic}, 0xEA;
+            shr.u32 t0, t0, 4;
+            shr.u32 t1, t1, 4;
+            lop3.b32 $2, t0, 0x000F000F, {magic}, 0xEA;
+            lop3.b32 $3, t1, 0x000F000F, {magic}, 0xEA;
+            fma.rn.{fma} $0, $0, one, base;
+            fma.rn.{fma} $1, $1, one, base;
+            fma.rn.{fma} $2, $2, one, base;
+            fma.rn.{fma} $3, $3, one, base;
+            }}"""
+    _UNPACK_BF16 = tl.constexpr(_UNPACK_PTX.format(
+        one="0x3F803F80", base="0xC300C300", magic="0x43004300", fma="bf16x2"))
+    _UNPACK_FP16 = tl.constexpr(_UNPACK_PTX.format(
+        one="0x3C003C00", base="0xE400E400", magic="0x64006400", fma="f16x2"))
+
     @triton.jit
     def _unpack_nibbles(packed, dtype: tl.constexpr):
         """uint8 codes -> (low nibbles, high nibbles) as bf16/fp16, exactly, four bytes per
@@ -144,49 +169,10 @@ if triton is not None:
         into the mantissa of 128.0 (bf16) / 1024.0 (fp16), whose last mantissa step is 1, so
         the lane holds 128 + v / 1024 + v (lop3), and one packed fma subtracts 128 / 1024.
         About 3 instructions per 2 codes, where converting each code costs several."""
-        if dtype == tl.bfloat16:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, one, base;
-                mov.b32 one, 0x3F803F80;
-                mov.b32 base, 0xC300C300;
-                prmt.b32 t0, $4, 0, 0x4140;
-                prmt.b32 t1, $4, 0, 0x4342;
-                lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
-                shr.u32 t0, t0, 4;
-                shr.u32 t1, t1, 4;
-                lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
-                fma.rn.bf16x2 $0, $0, one, base;
-                fma.rn.bf16x2 $1, $1, one, base;
-                fma.rn.bf16x2 $2, $2, one, base;
-                fma.rn.bf16x2 $3, $3, one, base;
-                }""",
-                constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.bfloat16, tl.bfloat16),
-                is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, one, base;
-                mov.b32 one, 0x3C003C00;
-                mov.b32 base, 0xE400E400;
-                prmt.b32 t0, $4, 0, 0x4140;
-                prmt.b32 t1, $4, 0, 0x4342;
-                lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
-                shr.u32 t0, t0, 4;
-                shr.u32 t1, t1, 4;
-                lop3.b32 $2, t0, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $3, t1, 0x000F000F, 0x64006400, 0xEA;
-                fma.rn.f16x2 $0, $0, one, base;
-                fma.rn.f16x2 $1, $1, one, base;
-                fma.rn.f16x2 $2, $2, one, base;
-                fma.rn.f16x2 $3, $3, one, base;
-                }""",
-                constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16),
-                is_pure=True, pack=4)
-        return lo, hi
+        return tl.inline_asm_elementwise(
+            asm=_UNPACK_BF16 if dtype == tl.bfloat16 else _UNPACK_FP16,
+            constraints="=r,=r,=r,=r,r", args=[packed], dtype=(dtype.value, dtype.value),
+            is_pure=True, pack=4)
 
     @triton.jit
     def _estimate_kernel(
@@ -252,6 +238,15 @@ if triton is not None:
             tl.store(obase + n[:, None], s, mask=nm[:, None] & gm[None, :])
 
     @triton.jit
+    def _topp_threshold(s, present, mx, target):
+        """Top-p over e = exp(s - mx) of the present scores (both search paths compute e here,
+        so their keys are the same bits): -> (key of each entry, -1 where absent; the
+        threshold key, ``_threshold_search``)."""
+        v = tl.exp(s - mx)
+        key = tl.where(present, v.to(tl.int32, bitcast=True), -1)
+        return key, _threshold_search(key, v, target, -1, 2147483647)
+
+    @triton.jit
     def _block_search_mark(buf, mx, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr):
         """``_threshold_search`` over the ``n <= W`` compacted entries of a head's scratch
         (indices in ``buf[:n]``, their scores in ``buf[SCRATCH:SCRATCH + n]``; e = exp(s - mx)
@@ -261,9 +256,7 @@ if triton is not None:
         km = k < n
         s = tl.load((buf + SCRATCH + k).to(tl.pointer_type(tl.float32)), mask=km,
                     other=float("-inf"))
-        v = tl.exp(s - mx)
-        key = tl.where(km, v.to(tl.int32, bitcast=True), -1)
-        lo = _threshold_search(key, v, target, -1, 2147483647)
+        key, lo = _topp_threshold(s, km, mx, target)
         kept = km & (key >= lo)
         i = tl.load(buf + k, mask=kept, other=0)
         tl.store(mark_row + i, tl.full([W], 1, tl.int8), mask=kept)
@@ -368,10 +361,8 @@ if triton is not None:
         valid = idx < count
         s = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx, mask=valid,
                     other=float("-inf"))
-        v = tl.exp(s - tl.load(max_ptr + pid))
-        key = tl.where(valid, v.to(tl.int32, bitcast=True), -1)
-        t = _threshold_search(key, v, tl.load(p_ptr + r) * tl.load(tot_ptr + pid), -1,
-                              2147483647)
+        key, t = _topp_threshold(s, valid, tl.load(max_ptr + pid),
+                                 tl.load(p_ptr + r) * tl.load(tot_ptr + pid))
         tl.store(mark_ptr + r * stride_mr + h * stride_mh + idx, tl.full([C_PAD], 1, tl.int8),
                  mask=valid & (key >= t))
         tl.store(lo_ptr + pid, t)

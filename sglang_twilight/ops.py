@@ -177,8 +177,7 @@ class DecodeWorkspace:
         return sum(t.numel() * t.element_size() for t in (
             self.page_scores, self.cand_pages, self.cand_counts, self.scores, self.kept_slots,
             self.kept_counts, self.head_lo, self.head_tot, self.head_max, self.union_marks,
-            self.topp_scratch,
-            self.mid_o, self.mid_lse))
+            self.topp_scratch, self.mid_o, self.mid_lse))
 
 
 def _static_keep_all(p) -> bool:
