@@ -35,6 +35,7 @@ TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w) for c, s, m, st, w
     (512, 2048, 4096, 3, 4), (1024, 2048, 4096, 3, 4), (1024, 2048, 4096, 1, 8),
     (2048, 2048, 4096, 3, 16)]]
 UNION = [8, 16]
+OVERFLOW = [4, 8, 16]
 SELECT = [4, 8]
 
 
@@ -102,13 +103,17 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
                                        out=ws.scores[:bs], page_size=PAGE)
     ref = est().clone()
     valid = torch.isfinite(ref)
-    default = dict(T.ESTIMATE_CONFIG)
+    default = dict(T.ESTIMATE_CONFIG), T.ESTIMATE_WIDE_ROWS
+    if not only or "estimate" in only:
+        log("estimate_default", dict(rows=bs * H, wide=bs * H >= T.ESTIMATE_WIDE_ROWS),
+            graph_ms(est))
+    T.ESTIMATE_WIDE_ROWS = 1 << 30  # the sweep sets the one launch shape used at every batch
     for cfg in ESTIMATE if not only or "estimate" in only else []:
         T.ESTIMATE_CONFIG = cfg
         ms = graph_ms(est)
         err = float((est()[valid] - ref[valid]).abs().max())
         log("estimate", cfg, ms, max_abs_diff=err)
-    T.ESTIMATE_CONFIG = default
+    T.ESTIMATE_CONFIG, T.ESTIMATE_WIDE_ROWS = dict(default[0]), default[1]
     # the two unpack paths at the default launch shape (the sweep above times the shapes with
     # the default path)
     unpack_default = T.ESTIMATE_UNPACK
@@ -159,6 +164,15 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
             rows_differing=same_sets(k0, n0, k1, n1))
     T.UNION_WARPS.clear()
     T.UNION_WARPS.update(union_default)
+    overflow_default = dict(T.OVERFLOW_WARPS)
+    for w in OVERFLOW if not only or "overflow" in only else []:
+        T.OVERFLOW_WARPS[8192] = w
+        ms = graph_ms(prune)
+        k1, n1 = prune()
+        log("overflow", dict(num_warps=w), ms, minus_estimate_ms=ms - est_ms,
+            rows_differing=same_sets(k0, n0, k1, n1))
+    T.OVERFLOW_WARPS.clear()
+    T.OVERFLOW_WARPS.update(overflow_default)
     inp.clear()
     torch.cuda.empty_cache()
 
@@ -168,7 +182,8 @@ def main():
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
-                    help="comma list: page_scores,select,estimate,unpack,layout,topp,union")
+                    help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
+                         "overflow")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

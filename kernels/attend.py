@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import interpreting, next_pow2
+from ._launch import interpreting, next_pow2, pdl
 
 try:
     import triton
@@ -36,14 +36,16 @@ def sparse_decode_attention_ref(q, k_buffer, v_buffer, kept_slots, kept_counts, 
 
 
 if triton is not None:
+    from ._launch import _pdl_prologue
 
     @triton.jit
     def _attend_split_kernel(
         q_ptr, k_ptr, v_ptr, kept_ptr, count_ptr, mid_o_ptr, mid_lse_ptr, sm_scale,
         stride_qr, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_cr, stride_ch,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+        SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
     ):
+        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
@@ -93,8 +95,9 @@ if triton is not None:
     def _attend_reduce_kernel(
         mid_o_ptr, mid_lse_ptr, o_ptr, stride_or, stride_oh,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        SPLITS: tl.constexpr,
+        SPLITS: tl.constexpr, PDL: tl.constexpr,
     ):
+        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         g = tl.program_id(1)
         r = rh // H
@@ -138,10 +141,11 @@ def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_count
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0),
         v_buffer.stride(1), kept_slots.stride(0), kept_slots.stride(1),
         H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, BLOCK_N=BLOCK_N,
-        DOT_F32=interpreting(), num_warps=4, num_stages=2,
+        DOT_F32=interpreting(), num_warps=4, num_stages=2, PDL=pdl(q), launch_pdl=pdl(q),
     )
     _attend_reduce_kernel[(R * H, G)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1),
-        H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, num_warps=2 if D <= 64 else 4,
+        H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, num_warps=2 if D <= 64 else 4, PDL=pdl(q),
+        launch_pdl=pdl(q),
     )
     return out

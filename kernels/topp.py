@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import interpreting, next_pow2
+from ._launch import interpreting, next_pow2, pdl
 
 try:
     import triton
@@ -126,6 +126,7 @@ def twilight_prune_ref(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scal
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
+    from ._launch import _pdl_prologue
     from .quest import _f32_key, _sum_min_max, _threshold_search, _topk_mask
 
     @triton.jit
@@ -182,7 +183,7 @@ if triton is not None:
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, SZ_PAIRED: tl.constexpr,
         DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
-        UNPACK_ASM: tl.constexpr,
+        UNPACK_ASM: tl.constexpr, PDL: tl.constexpr,
     ):
         """Grid (R*H, C/(BLOCK_N*ITERS)): s = sm_scale * (scale * q.codes + zero * sum(q)).
 
@@ -193,6 +194,7 @@ if triton is not None:
         after scale (the sidecar's interleaved buffer), read as one 32-bit word. ``UNPACK_ASM``:
         the codes become bf16/fp16 through ``_unpack_nibbles`` (CUDA only).
         """
+        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         start = tl.program_id(1) * (BLOCK_N * ITERS)
         r = rh // H
@@ -247,6 +249,16 @@ if triton is not None:
         return key, _threshold_search(key, v, target, -1, 2147483647)
 
     @triton.jit
+    def _topp_floor(m, tot, p, count):
+        """The droppable floor in score space: entries under (1 - p) * tot / count can never be
+        kept (together they weigh less than the mass top-p may drop), so a search looks only at
+        the ones above. Tested on the scores, s >= max + log(floor), less a margin far above the
+        rounding of exp and of the sum, so every entry whose e reaches the floor is in: no exp.
+        Both search paths test the same bits against this same value."""
+        floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
+        return m + tl.log(floor) - 1e-4
+
+    @triton.jit
     def _block_search_mark(buf, mx, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr):
         """``_threshold_search`` over the ``n <= W`` compacted entries of a head's scratch
         (indices in ``buf[:n]``, their scores in ``buf[SCRATCH:SCRATCH + n]``; e = exp(s - mx)
@@ -267,7 +279,7 @@ if triton is not None:
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, mark_ptr, stride_sr,
         stride_sh, stride_sg, stride_mr, stride_mh,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
-        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
+        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -285,6 +297,7 @@ if triton is not None:
         every step, one such head held up the whole kernel). The scores are only read (e is
         recomputed where needed, same instructions, same bits), in CHUNK pieces.
         """
+        _pdl_prologue(PDL)
         pid = tl.program_id(0)
         r = pid // (H * G)
         h = (pid // G) % H
@@ -309,12 +322,7 @@ if triton is not None:
                 mv = m_new
             m = tl.max(mv, 0)
             tot = tl.sum(tv * tl.exp(mv - m), 0)
-            # entries under (1 - p) * tot / count can never be kept: together they weigh less
-            # than the mass top-p may drop, so the search only looks at the ones above. The test
-            # is on the scores, s >= max + log(floor) (less a margin far above the rounding of
-            # exp and of that sum, so every entry whose e reaches the floor survives): no exp
-            floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
-            s_floor = m + tl.log(floor) - 1e-4
+            s_floor = _topp_floor(m, tot, p, count)
             buf = scratch_ptr + pid.to(tl.int64) * (2 * SCRATCH)
             n_surv = tl.zeros([], tl.int32)
             # pass 2: the survivors (index, score) compacted into the scratch
@@ -344,12 +352,16 @@ if triton is not None:
     def _topp_overflow_kernel(
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, mark_ptr, stride_sr, stride_sh,
         stride_sg, stride_mr, stride_mh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One program per (request, q head); only the heads ``_topp_head_kernel`` flagged
         (``lo`` = -1: more entries above the floor than its register block) do anything: the
-        same search over the whole row, held in registers, then their kept entries marked. A
+        same search over the whole row, held in registers, over the entries above the same floor
+        (the ones under it cannot be kept, and left in they widen the key range the bisection
+        walks), then their kept entries marked. A
         kernel of its own so that the union kernel, which runs for every row, stays lean (with
         this search inside it took 13.6 instead of 7.7 us at batch 8 x 32k on the H100)."""
+        _pdl_prologue(PDL)
         pid = tl.program_id(0)
         if tl.load(lo_ptr + pid) >= 0:
             return
@@ -357,14 +369,17 @@ if triton is not None:
         h = (pid // G) % H
         g = pid % G
         count = tl.load(count_ptr + r * H + h)
+        p = tl.load(p_ptr + r)
+        m = tl.load(max_ptr + pid)
+        tot = tl.load(tot_ptr + pid)
         idx = tl.arange(0, C_PAD)
         valid = idx < count
         s = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx, mask=valid,
                     other=float("-inf"))
-        key, t = _topp_threshold(s, valid, tl.load(max_ptr + pid),
-                                 tl.load(p_ptr + r) * tl.load(tot_ptr + pid))
+        above = valid & (s >= _topp_floor(m, tot, p, count))
+        key, t = _topp_threshold(s, above, m, p * tot)
         tl.store(mark_ptr + r * stride_mr + h * stride_mh + idx, tl.full([C_PAD], 1, tl.int8),
-                 mask=valid & (key >= t))
+                 mask=above & (key >= t))
         tl.store(lo_ptr + pid, t)
 
     @triton.jit
@@ -372,13 +387,14 @@ if triton is not None:
         s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
         min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_cr,
         stride_ch, stride_kr, stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
-        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr,
+        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per (request, kv head): the union over the group (the marks the top-p
         kernel left, plus the newest token), the budget clamps, the compaction; the marks are
         cleared for the next call. Only when a clamp binds are the weights needed: then
         w = max over the group of exp(s - max) / sum is recomputed from the scores.
         ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read)."""
+        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -422,7 +438,7 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
     C = cand_slots.shape[-1] * max(page_size, 1)
     if out is None:
         out = torch.full((R, H, G, C), float("-inf"), dtype=torch.float32, device=q.device)
-    cfg = ESTIMATE_CONFIG
+    cfg = ESTIMATE_CONFIG_WIDE if R * H >= ESTIMATE_WIDE_ROWS else ESTIMATE_CONFIG
     BLOCK_N, ITERS = cfg["BLOCK_N"], cfg["ITERS"]
     _estimate_kernel[(R * H, triton.cdiv(C, BLOCK_N * ITERS))](
         q, kq, kscale, kzero, cand_slots, cand_counts, out, float(sm_scale),
@@ -433,13 +449,17 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
         DOT_F32=interpreting(), P=max(page_size, 1), FROM_PAGES=page_size > 0,
         UNPACK_ASM=ESTIMATE_UNPACK == "asm" and not interpreting()
         and q.dtype in (torch.bfloat16, torch.float16),
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], PDL=pdl(q), launch_pdl=pdl(q),
     )
     return out
 
 
-# launch shape of the estimate (tuned on the H100 by benchmarks/tune_kernels.py)
+# launch shape of the estimate (tuned on the H100 by benchmarks/tune_kernels.py); from
+# ESTIMATE_WIDE_ROWS (request, KV head) rows on, ESTIMATE_CONFIG_WIDE: with enough programs to
+# fill the GPU many times over, smaller programs at one warp win
 ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=3, num_warps=2)
+ESTIMATE_CONFIG_WIDE = dict(BLOCK_N=64, ITERS=4, STAGES=3, num_warps=1)
+ESTIMATE_WIDE_ROWS = 256
 # how the estimate turns int4 codes into bf16/fp16: "asm" (_unpack_nibbles) or "convert"
 # (Triton's integer ops and conversions; always in the interpreter)
 ESTIMATE_UNPACK = "asm"
@@ -460,6 +480,10 @@ UNION_WARPS: dict[int, int] = {8192: 16}
 
 def _row_warps(c_pad: int) -> int:
     return UNION_WARPS.get(c_pad, 4 if c_pad <= 2048 else 8)
+
+
+# warps of the overflow top-p kernel by padded row; rows not listed: as the union kernel
+OVERFLOW_WARPS: dict[int, int] = {}
 
 
 
@@ -519,18 +543,19 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     mstrides = (marks.stride(0), marks.stride(1))
     _topp_head_kernel[(R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, scratch, marks, *strides, *mstrides, H=H, G=G,
-        SCRATCH=width, **_topp_launch(C_PAD),
+        SCRATCH=width, **_topp_launch(C_PAD), PDL=pdl(scores), launch_pdl=pdl(scores),
     )
     _topp_overflow_kernel[(R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, marks, *strides, *mstrides, H=H, G=G, C_PAD=C_PAD,
-        num_warps=_row_warps(C_PAD),
+        num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)), PDL=pdl(scores),
+        launch_pdl=pdl(scores),
     )
     _union_compact_kernel[(R * H,)](
         scores, marks, mx, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts,
         int(min_budget), int(max_budget or 0), *strides, *mstrides, cand_slots.stride(0),
         cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
         P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False,
-        num_warps=_row_warps(C_PAD),
+        num_warps=_row_warps(C_PAD), PDL=pdl(scores), launch_pdl=pdl(scores),
     )
     return kept_slots, kept_counts
 
@@ -547,7 +572,8 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
         cand_pages, cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots,
         cand_counts, 0, 0, 0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1),
         kept_slots.stride(0), kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size,
-        FROM_PAGES=True, KEEP_ALL=True, num_warps=_row_warps(C_PAD),
+        FROM_PAGES=True, KEEP_ALL=True, num_warps=_row_warps(C_PAD), PDL=pdl(cand_pages),
+        launch_pdl=pdl(cand_pages),
     )
     return kept_slots, cand_counts
 
