@@ -29,7 +29,6 @@ import triton
 import triton.testing
 
 from sglang_twilight import ops
-from sglang_twilight.kernels import _launch
 from sglang_twilight.kernels import attend as _attend
 from sglang_twilight.kernels import int4 as _int4
 from sglang_twilight.kernels import quest as _quest
@@ -245,12 +244,8 @@ def main():
     ap.add_argument("--max-budget", type=int, default=0, help="Twilight max kept tokens (0 = no cap)")
     ap.add_argument("--tail", type=float, default=1.3, help="key heavy-tail scale (peakedness)")
     ap.add_argument("--page-locality", type=float, default=1.0, help="per-page logit spread")
-    ap.add_argument("--no-pdl", action="store_true",
-                    help="launch the kernels without programmatic dependent launch (TWILIGHT_PDL=0)")
     ap.add_argument("--out", default="benchmarks/results/bench_attention.json")
     args = ap.parse_args()
-    if args.no_pdl:
-        os.environ["TWILIGHT_PDL"] = "0"
     H, G, D, dtype = 8, 4, 128, torch.bfloat16
     rows, stage_rows = [], []
     free = torch.cuda.mem_get_info()[0]
@@ -299,7 +294,6 @@ def write_results(args, rows, stage_rows, H, G, D):
         keys=("k_t = noise + c_t * qhat, c_t = %g * N(0,1) per page + %g * Exp(1) per token; "
               "q heads of a group share qhat" % (args.page_locality, args.tail)),
         timing="median of CUDA-graph replays (triton.testing.do_bench_cudagraph)",
-        pdl=_launch.pdl(torch.empty(0, device="cuda")),
         rows=rows,
         stages=stage_rows,
     )

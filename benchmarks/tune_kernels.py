@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import PAGE, graph_ms, make_inputs, source_commit  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
+from sglang_twilight.kernels import attend as A  # noqa: E402
 from sglang_twilight.kernels import quest as Q  # noqa: E402
 from sglang_twilight.kernels import topp as T  # noqa: E402
 
@@ -36,6 +37,8 @@ TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w) for c, s, m, st, w
     (2048, 2048, 4096, 3, 16)]]
 UNION = [8, 16]
 OVERFLOW = [4, 8, 16]
+ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
+          for sp in (1, 2, 4, 8, 16) for b in (32, 64) for w in (2, 4)]
 SELECT = [4, 8]
 
 
@@ -173,6 +176,24 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
             rows_differing=same_sets(k0, n0, k1, n1))
     T.OVERFLOW_WARPS.clear()
     T.OVERFLOW_WARPS.update(overflow_default)
+    # attend over the kept slots: split count and launch shape of the split kernel
+    out = torch.empty_like(inp["q"])
+    g_pad = max(16, 1 << (G - 1).bit_length())
+    mid_o = torch.empty(bs * H * 16 * g_pad, D, dtype=torch.float32, device="cuda")
+    mid_lse = torch.empty(bs * H * 16 * g_pad, dtype=torch.float32, device="cuda")
+    att = lambda sp: A.sparse_decode_attention_triton(inp["q"], inp["k"], inp["v"], k0, n0, sm,
+                                                      out=out, splits=sp, mid_o=mid_o,
+                                                      mid_lse=mid_lse)
+    default = dict(A.ATTEND_CONFIG)
+    sp0 = A.attend_splits(bs * H, ws.num_sms)
+    ref = att(sp0).float().clone()
+    if not only or "attend" in only:
+        log("attend_default", dict(default, splits=sp0), graph_ms(lambda: att(sp0)))
+    for cfg in ATTEND if not only or "attend" in only else []:
+        A.ATTEND_CONFIG = dict(default, **{k: v for k, v in cfg.items() if k != "splits"})
+        ms = graph_ms(lambda: att(cfg["splits"]))
+        log("attend", cfg, ms, max_abs_diff=float((att(cfg["splits"]).float() - ref).abs().max()))
+    A.ATTEND_CONFIG = default
     inp.clear()
     torch.cuda.empty_cache()
 
@@ -183,7 +204,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow")
+                         "overflow,attend")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

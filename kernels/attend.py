@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import interpreting, next_pow2, pdl
+from ._launch import interpreting, next_pow2
 
 try:
     import triton
@@ -36,16 +36,14 @@ def sparse_decode_attention_ref(q, k_buffer, v_buffer, kept_slots, kept_counts, 
 
 
 if triton is not None:
-    from ._launch import _pdl_prologue
 
     @triton.jit
     def _attend_split_kernel(
         q_ptr, k_ptr, v_ptr, kept_ptr, count_ptr, mid_o_ptr, mid_lse_ptr, sm_scale,
         stride_qr, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_cr, stride_ch,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+        SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
@@ -88,16 +86,16 @@ if triton is not None:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v).to(tl.float32)
             m_i = m_new
-        tl.store(mid_o_ptr + (mid + g)[:, None] * D + d[None, :], acc / l_i[:, None])
+        tl.store(mid_o_ptr + (mid + g)[:, None] * D + d[None, :], acc / l_i[:, None],
+                 mask=gm[:, None])  # the padding rows of the dot are never read
         tl.store(mid_lse_ptr + mid + g, m_i + tl.log(l_i))
 
     @triton.jit
     def _attend_reduce_kernel(
         mid_o_ptr, mid_lse_ptr, o_ptr, stride_or, stride_oh,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        SPLITS: tl.constexpr, PDL: tl.constexpr,
+        SPLITS: tl.constexpr,
     ):
-        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         g = tl.program_id(1)
         r = rh // H
@@ -114,10 +112,15 @@ if triton is not None:
 
 
 def attend_splits(num_rows: int, num_sms: int = 132) -> int:
-    """Splits per row: enough programs to fill the GPU four times (gathers need many loads in
-    flight), at most 16 (a power of two)."""
-    want = max(1, -(-4 * num_sms // max(num_rows, 1)))
+    """Splits per row: enough programs to fill the GPU ATTEND_CONFIG["waves"] times (gathers
+    need many loads in flight), at most 16 (a power of two)."""
+    want = max(1, -(-ATTEND_CONFIG["waves"] * num_sms // max(num_rows, 1)))
     return min(16, next_pow2(want))
+
+
+# launch shape of the attend split kernel (tuned on the H100 by benchmarks/tune_kernels.py);
+# BLOCK_N 0: 64 for head_dim >= 128, else 128
+ATTEND_CONFIG = dict(waves=4, BLOCK_N=0, num_warps=4, num_stages=2)
 
 
 def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale,
@@ -135,17 +138,17 @@ def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_count
         mid_o = torch.empty(R * H * splits * G_PAD, D, dtype=torch.float32, device=q.device)
     if mid_lse is None:
         mid_lse = torch.empty(R * H * splits * G_PAD, dtype=torch.float32, device=q.device)
-    BLOCK_N = 64 if D >= 128 else 128
+    cfg = ATTEND_CONFIG
+    BLOCK_N = cfg["BLOCK_N"] or (64 if D >= 128 else 128)
     _attend_split_kernel[(R * H, splits)](
         q, k_buffer, v_buffer, kept_slots, kept_counts, mid_o, mid_lse, float(sm_scale),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0),
         v_buffer.stride(1), kept_slots.stride(0), kept_slots.stride(1),
         H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, BLOCK_N=BLOCK_N,
-        DOT_F32=interpreting(), num_warps=4, num_stages=2, PDL=pdl(q), launch_pdl=pdl(q),
+        DOT_F32=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _attend_reduce_kernel[(R * H, G)](
         mid_o, mid_lse, out, out.stride(0), out.stride(1),
-        H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, num_warps=2 if D <= 64 else 4, PDL=pdl(q),
-        launch_pdl=pdl(q),
+        H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, num_warps=2 if D <= 64 else 4,
     )
     return out

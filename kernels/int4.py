@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import pdl
-
 try:  # Triton is a dependency of torch on Linux; keep the references importable without it.
     import triton
     import triton.language as tl
@@ -136,7 +134,6 @@ def store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size):
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
-    from ._launch import _pdl_prologue
 
     @triton.jit
     def _f16_bits_step(h, down: tl.constexpr):
@@ -151,9 +148,8 @@ if triton is not None:
     def _store_sidecar_kernel(
         k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, n,
         stride_ks, stride_kh, stride_qs, stride_qh, stride_ss, stride_sh, stride_bp, stride_bh,
-        H: tl.constexpr, D: tl.constexpr, P: tl.constexpr, PDL: tl.constexpr,
+        H: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     ):
-        _pdl_prologue(PDL)
         i = tl.program_id(0)
         h = tl.program_id(1)
         slot = tl.load(loc_ptr + i).to(tl.int64)
@@ -206,5 +202,5 @@ def store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size
         k_buffer, loc, kq, kscale, kzero, kmax, kmin, n,
         k_buffer.stride(0), k_buffer.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0),
         kscale.stride(1), kmax.stride(0), kmax.stride(1), H=H, D=D, P=page_size,
-        num_warps=1 if D <= 64 else 2, PDL=pdl(k_buffer), launch_pdl=pdl(k_buffer),
+        num_warps=1 if D <= 64 else 2,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import interpreting, next_pow2, pdl
+from ._launch import interpreting, next_pow2
 
 try:
     import triton
@@ -99,7 +99,6 @@ def quest_select_ref(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, bu
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
-    from ._launch import _pdl_prologue
 
     @triton.jit
     def _page_scores_kernel(
@@ -107,14 +106,13 @@ if triton is not None:
         stride_qr, stride_qh, stride_bp, stride_bh, stride_r2t, stride_or, stride_oh,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
         BLOCK_P: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, G_PAD: tl.constexpr,
-        DOT_F32: tl.constexpr, PDL: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
         """One program: one (request, kv head) x ITERS blocks of BLOCK_P logical pages -> scores
         (-inf past end), the blocks software-pipelined (STAGES).
 
         sum_d max(q_d M_d, q_d m_d) = relu(q) . M + min(q, 0) . m: two tensor-core dots.
         """
-        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         start = tl.program_id(1) * (BLOCK_P * ITERS)
         r = rh // H
@@ -203,11 +201,9 @@ if triton is not None:
         scores_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, cand_ptr, count_ptr,
         stride_sr, stride_sh, stride_r2t, stride_cr, stride_ch,
         H: tl.constexpr, P: tl.constexpr, K: tl.constexpr, NP_PAD: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         """One program per (request, kv head): choose pages; write their physical ids in
         ascending logical order (only the last can be partial) and the candidate token count."""
-        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -245,7 +241,6 @@ def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_
         out.stride(0), out.stride(1),
         H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, ITERS=ITERS, STAGES=cfg["STAGES"],
         G_PAD=max(16, next_pow2(G)), DOT_F32=interpreting(), num_warps=cfg["num_warps"],
-        PDL=pdl(q), launch_pdl=pdl(q),
     )
     return out
 
@@ -281,8 +276,7 @@ def quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq
         scores, req_to_token, req_pool_indices, seq_lens, cand_pages, cand_counts,
         scores.stride(0), scores.stride(1), req_to_token.stride(0), cand_pages.stride(0),
         cand_pages.stride(1), H=H, P=page_size, K=K, NP_PAD=NP_PAD,
-        num_warps=SELECT_WARPS.get(NP_PAD, 4 if NP_PAD <= 1024 else 8), PDL=pdl(q),
-        launch_pdl=pdl(q),
+        num_warps=SELECT_WARPS.get(NP_PAD, 4 if NP_PAD <= 1024 else 8),
     )
     return cand_pages, cand_counts
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import interpreting, next_pow2, pdl
+from ._launch import interpreting, next_pow2
 
 try:
     import triton
@@ -126,7 +126,6 @@ def twilight_prune_ref(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scal
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
-    from ._launch import _pdl_prologue
     from .quest import _f32_key, _sum_min_max, _threshold_search, _topk_mask
 
     @triton.jit
@@ -183,7 +182,7 @@ if triton is not None:
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, SZ_PAIRED: tl.constexpr,
         DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
-        UNPACK_ASM: tl.constexpr, PDL: tl.constexpr,
+        UNPACK_ASM: tl.constexpr,
     ):
         """Grid (R*H, C/(BLOCK_N*ITERS)): s = sm_scale * (scale * q.codes + zero * sum(q)).
 
@@ -194,7 +193,6 @@ if triton is not None:
         after scale (the sidecar's interleaved buffer), read as one 32-bit word. ``UNPACK_ASM``:
         the codes become bf16/fp16 through ``_unpack_nibbles`` (CUDA only).
         """
-        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         start = tl.program_id(1) * (BLOCK_N * ITERS)
         r = rh // H
@@ -279,7 +277,7 @@ if triton is not None:
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, mark_ptr, stride_sr,
         stride_sh, stride_sg, stride_mr, stride_mh,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
-        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -297,7 +295,6 @@ if triton is not None:
         every step, one such head held up the whole kernel). The scores are only read (e is
         recomputed where needed, same instructions, same bits), in CHUNK pieces.
         """
-        _pdl_prologue(PDL)
         pid = tl.program_id(0)
         r = pid // (H * G)
         h = (pid // G) % H
@@ -352,7 +349,6 @@ if triton is not None:
     def _topp_overflow_kernel(
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, mark_ptr, stride_sr, stride_sh,
         stride_sg, stride_mr, stride_mh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         """One program per (request, q head); only the heads ``_topp_head_kernel`` flagged
         (``lo`` = -1: more entries above the floor than its register block) do anything: the
@@ -361,7 +357,6 @@ if triton is not None:
         walks), then their kept entries marked. A
         kernel of its own so that the union kernel, which runs for every row, stays lean (with
         this search inside it took 13.6 instead of 7.7 us at batch 8 x 32k on the H100)."""
-        _pdl_prologue(PDL)
         pid = tl.program_id(0)
         if tl.load(lo_ptr + pid) >= 0:
             return
@@ -387,14 +382,13 @@ if triton is not None:
         s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
         min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_cr,
         stride_ch, stride_kr, stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
-        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr, PDL: tl.constexpr,
+        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr,
     ):
         """One program per (request, kv head): the union over the group (the marks the top-p
         kernel left, plus the newest token), the budget clamps, the compaction; the marks are
         cleared for the next call. Only when a clamp binds are the weights needed: then
         w = max over the group of exp(s - max) / sum is recomputed from the scores.
         ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read)."""
-        _pdl_prologue(PDL)
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -449,7 +443,7 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
         DOT_F32=interpreting(), P=max(page_size, 1), FROM_PAGES=page_size > 0,
         UNPACK_ASM=ESTIMATE_UNPACK == "asm" and not interpreting()
         and q.dtype in (torch.bfloat16, torch.float16),
-        num_warps=cfg["num_warps"], PDL=pdl(q), launch_pdl=pdl(q),
+        num_warps=cfg["num_warps"],
     )
     return out
 
@@ -484,7 +478,6 @@ def _row_warps(c_pad: int) -> int:
 
 # warps of the overflow top-p kernel by padded row; rows not listed: as the union kernel
 OVERFLOW_WARPS: dict[int, int] = {}
-
 
 
 def topp_scratch_width(capacity: int) -> int:
@@ -543,19 +536,18 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     mstrides = (marks.stride(0), marks.stride(1))
     _topp_head_kernel[(R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, scratch, marks, *strides, *mstrides, H=H, G=G,
-        SCRATCH=width, **_topp_launch(C_PAD), PDL=pdl(scores), launch_pdl=pdl(scores),
+        SCRATCH=width, **_topp_launch(C_PAD),
     )
     _topp_overflow_kernel[(R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, marks, *strides, *mstrides, H=H, G=G, C_PAD=C_PAD,
-        num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)), PDL=pdl(scores),
-        launch_pdl=pdl(scores),
+        num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)),
     )
     _union_compact_kernel[(R * H,)](
         scores, marks, mx, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts,
         int(min_budget), int(max_budget or 0), *strides, *mstrides, cand_slots.stride(0),
         cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
         P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False,
-        num_warps=_row_warps(C_PAD), PDL=pdl(scores), launch_pdl=pdl(scores),
+        num_warps=_row_warps(C_PAD),
     )
     return kept_slots, kept_counts
 
@@ -572,8 +564,7 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
         cand_pages, cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots,
         cand_counts, 0, 0, 0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1),
         kept_slots.stride(0), kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size,
-        FROM_PAGES=True, KEEP_ALL=True, num_warps=_row_warps(C_PAD), PDL=pdl(cand_pages),
-        launch_pdl=pdl(cand_pages),
+        FROM_PAGES=True, KEEP_ALL=True, num_warps=_row_warps(C_PAD),
     )
     return kept_slots, cand_counts
 
