@@ -178,9 +178,8 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     T.OVERFLOW_WARPS.update(overflow_default)
     # attend over the kept slots: split count and launch shape of the split kernel
     out = torch.empty_like(inp["q"])
-    g_pad = max(16, 1 << (G - 1).bit_length())
-    mid_o = torch.empty(bs * H * 16 * g_pad, D, dtype=torch.float32, device="cuda")
-    mid_lse = torch.empty(bs * H * 16 * g_pad, dtype=torch.float32, device="cuda")
+    mid_o = torch.empty(bs * H * 16 * G, D, dtype=torch.float32, device="cuda")
+    mid_lse = torch.empty(bs * H * 16 * G, dtype=torch.float32, device="cuda")
     att = lambda sp: A.sparse_decode_attention_triton(inp["q"], inp["k"], inp["v"], k0, n0, sm,
                                                       out=out, splits=sp, mid_o=mid_o,
                                                       mid_lse=mid_lse)

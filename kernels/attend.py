@@ -55,9 +55,9 @@ if triton is not None:
         g = tl.arange(0, G_PAD)
         gm = g < G
         d = tl.arange(0, D)
-        mid = (rh * SPLITS + sp) * G_PAD
+        mid = (rh * SPLITS + sp) * G  # G rows per (row, split): the dot's padding is not kept
         if start >= end:
-            tl.store(mid_lse_ptr + mid + g, tl.full([G_PAD], float("-inf"), tl.float32))
+            tl.store(mid_lse_ptr + mid + g, tl.full([G_PAD], float("-inf"), tl.float32), mask=gm)
             return
         q = tl.load(q_ptr + r * stride_qr + (h * G + g)[:, None] * stride_qh + d[None, :],
                     mask=gm[:, None], other=0.0)
@@ -87,8 +87,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v).to(tl.float32)
             m_i = m_new
         tl.store(mid_o_ptr + (mid + g)[:, None] * D + d[None, :], acc / l_i[:, None],
-                 mask=gm[:, None])  # the padding rows of the dot are never read
-        tl.store(mid_lse_ptr + mid + g, m_i + tl.log(l_i))
+                 mask=gm[:, None])
+        tl.store(mid_lse_ptr + mid + g, m_i + tl.log(l_i), mask=gm)
 
     @triton.jit
     def _attend_reduce_kernel(
@@ -102,10 +102,10 @@ if triton is not None:
         h = rh % H
         d = tl.arange(0, D)
         sp = tl.arange(0, SPLITS)
-        lse = tl.load(mid_lse_ptr + (rh * SPLITS + sp) * G_PAD + g)
+        lse = tl.load(mid_lse_ptr + (rh * SPLITS + sp) * G + g)
         m = tl.max(lse, 0)
         wgt = tl.exp(lse - m)  # empty splits: exp(-inf) = 0
-        o = tl.load(mid_o_ptr + ((rh * SPLITS + sp) * G_PAD + g)[:, None] * D + d[None, :],
+        o = tl.load(mid_o_ptr + ((rh * SPLITS + sp) * G + g)[:, None] * D + d[None, :],
                     mask=(lse > float("-inf"))[:, None], other=0.0)
         out = tl.sum(o * wgt[:, None], 0) / tl.sum(wgt, 0)
         tl.store(o_ptr + r * stride_or + (h * G + g) * stride_oh + d, out.to(o_ptr.dtype.element_ty))
@@ -119,8 +119,10 @@ def attend_splits(num_rows: int, num_sms: int = 132) -> int:
 
 
 # launch shape of the attend split kernel (tuned on the H100 by benchmarks/tune_kernels.py);
-# BLOCK_N 0: 64 for head_dim >= 128, else 128
-ATTEND_CONFIG = dict(waves=4, BLOCK_N=0, num_warps=4, num_stages=2)
+# BLOCK_N 0: 64 for head_dim >= 128, else 128. waves 32 gives 16 splits up to 264 (request, KV
+# head) rows and 8 up to 528: at 32k, 16 splits were the fastest or within 0.3 us of it at
+# every batch 8-64 (batch 64: 61.1 vs 72.0 us with the 2 splits of waves 4)
+ATTEND_CONFIG = dict(waves=32, BLOCK_N=0, num_warps=4, num_stages=2)
 
 
 def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale,
@@ -135,9 +137,9 @@ def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_count
     if out is None:
         out = torch.empty_like(q)
     if mid_o is None:
-        mid_o = torch.empty(R * H * splits * G_PAD, D, dtype=torch.float32, device=q.device)
+        mid_o = torch.empty(R * H * splits * G, D, dtype=torch.float32, device=q.device)
     if mid_lse is None:
-        mid_lse = torch.empty(R * H * splits * G_PAD, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(R * H * splits * G, dtype=torch.float32, device=q.device)
     cfg = ATTEND_CONFIG
     BLOCK_N = cfg["BLOCK_N"] or (64 if D >= 128 else 128)
     _attend_split_kernel[(R * H, splits)](

@@ -16,7 +16,6 @@ from sglang_twilight.kernels import attend as _attend
 from sglang_twilight.kernels import int4 as _int4
 from sglang_twilight.kernels import quest as _quest
 from sglang_twilight.kernels import topp as _topp
-from sglang_twilight.kernels._launch import next_pow2
 
 __all__ = [
     "quantize_int4",
@@ -152,7 +151,6 @@ class DecodeWorkspace:
                if torch.device(device).type == "cuda" else 8)
         # the split count depends on R only; size the scratch for the worst R
         mid_rows = max(r * H * _attend.attend_splits(r * H, sms) for r in range(1, max_rows + 1))
-        g_pad = max(16, next_pow2(G))
         kw = dict(device=device)
         return cls(
             max_rows, H, G, head_dim, C, max_pages,
@@ -169,8 +167,8 @@ class DecodeWorkspace:
             topp_scratch=torch.empty(2 * max_rows * H * G * _topp.topp_scratch_width(C),
                                      dtype=torch.int32, **kw),
             num_sms=sms,
-            mid_o=torch.empty(mid_rows * g_pad, head_dim, dtype=torch.float32, **kw),
-            mid_lse=torch.empty(mid_rows * g_pad, dtype=torch.float32, **kw),
+            mid_o=torch.empty(mid_rows * G, head_dim, dtype=torch.float32, **kw),
+            mid_lse=torch.empty(mid_rows * G, dtype=torch.float32, **kw),
         )
 
     def nbytes(self) -> int:
