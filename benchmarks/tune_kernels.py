@@ -193,6 +193,17 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         ms = graph_ms(lambda: att(cfg["splits"]))
         log("attend", cfg, ms, max_abs_diff=float((att(cfg["splits"]).float() - ref).abs().max()))
     A.ATTEND_CONFIG = default
+    # Quest alone: attend over every candidate, by split count (default launch shape)
+    qk, qn = T.expand_candidates_triton(cand, cnt, PAGE, ws.kept_slots[:bs])
+    qk, qn = qk.clone(), qn.clone()
+    qatt = lambda sp: A.sparse_decode_attention_triton(inp["q"], inp["k"], inp["v"], qk, qn, sm,
+                                                       out=out, splits=sp, mid_o=mid_o,
+                                                       mid_lse=mid_lse)
+    sp0 = A.attend_splits(bs * H, ws.num_sms, keep_all=True)
+    ref = qatt(sp0).float().clone()
+    for sp in (1, 2, 4, 8, 16) if not only or "attend" in only else []:
+        log("attend_keep_all", dict(splits=sp, default=sp == sp0), graph_ms(lambda: qatt(sp)),
+            max_abs_diff=float((qatt(sp).float() - ref).abs().max()))
     inp.clear()
     torch.cuda.empty_cache()
 

@@ -111,18 +111,21 @@ if triton is not None:
         tl.store(o_ptr + r * stride_or + (h * G + g) * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-def attend_splits(num_rows: int, num_sms: int = 132) -> int:
+def attend_splits(num_rows: int, num_sms: int = 132, keep_all: bool = False) -> int:
     """Splits per row: enough programs to fill the GPU ATTEND_CONFIG["waves"] times (gathers
-    need many loads in flight), at most 16 (a power of two)."""
-    want = max(1, -(-ATTEND_CONFIG["waves"] * num_sms // max(num_rows, 1)))
+    need many loads in flight), at most 16 (a power of two). ``keep_all``: every candidate is
+    attended (Quest alone, known on the host), so rows are long: ``waves_keep_all``."""
+    waves = ATTEND_CONFIG["waves_keep_all" if keep_all else "waves"]
+    want = max(1, -(-waves * num_sms // max(num_rows, 1)))
     return min(16, next_pow2(want))
 
 
 # launch shape of the attend split kernel (tuned on the H100 by benchmarks/tune_kernels.py);
 # BLOCK_N 0: 64 for head_dim >= 128, else 128. waves 32 gives 16 splits up to 264 (request, KV
 # head) rows and 8 up to 528: at 32k, 16 splits were the fastest or within 0.3 us of it at
-# every batch 8-64 (batch 64: 61.1 vs 72.0 us with the 2 splits of waves 4)
-ATTEND_CONFIG = dict(waves=32, BLOCK_N=0, num_warps=4, num_stages=2)
+# every batch 8-64 (batch 64: 61.1 vs 72.0 us with the 2 splits of waves 4). Quest alone keeps
+# every candidate: its rows are B0 long and fill the GPU with fewer splits (waves_keep_all)
+ATTEND_CONFIG = dict(waves=32, waves_keep_all=4, BLOCK_N=0, num_warps=4, num_stages=2)
 
 
 def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale,

@@ -150,7 +150,8 @@ class DecodeWorkspace:
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if torch.device(device).type == "cuda" else 8)
         # the split count depends on R only; size the scratch for the worst R
-        mid_rows = max(r * H * _attend.attend_splits(r * H, sms) for r in range(1, max_rows + 1))
+        mid_rows = max(r * H * _attend.attend_splits(r * H, sms, keep_all)
+                       for r in range(1, max_rows + 1) for keep_all in (False, True))
         kw = dict(device=device)
         return cls(
             max_rows, H, G, head_dim, C, max_pages,
@@ -242,6 +243,6 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
             marks=ws.union_marks[:R])
     o = _attend.sparse_decode_attention_triton(
         q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
-        splits=_attend.attend_splits(R * ws.num_kv_heads, ws.num_sms),
+        splits=_attend.attend_splits(R * ws.num_kv_heads, ws.num_sms, _static_keep_all(p)),
         mid_o=ws.mid_o, mid_lse=ws.mid_lse)
     return o, kcnt
