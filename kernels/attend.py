@@ -114,9 +114,12 @@ if triton is not None:
 def attend_splits(num_rows: int, num_sms: int = 132, keep_all: bool = False) -> int:
     """Splits per row: enough programs to fill the GPU ATTEND_CONFIG["waves"] times (gathers
     need many loads in flight), at most 16 (a power of two). ``keep_all``: every candidate is
-    attended (Quest alone, known on the host), so rows are long: ``waves_keep_all``."""
-    waves = ATTEND_CONFIG["waves_keep_all" if keep_all else "waves"]
-    want = max(1, -(-waves * num_sms // max(num_rows, 1)))
+    attended (Quest alone, known on the host), so rows are long and the fewest splits win: at
+    most ``waves_keep_all`` GPU fills, rounded down to a power of two."""
+    if keep_all:
+        fit = max(1, ATTEND_CONFIG["waves_keep_all"] * num_sms // max(num_rows, 1))
+        return min(16, 1 << (fit.bit_length() - 1))
+    want = max(1, -(-ATTEND_CONFIG["waves"] * num_sms // max(num_rows, 1)))
     return min(16, next_pow2(want))
 
 
@@ -124,7 +127,8 @@ def attend_splits(num_rows: int, num_sms: int = 132, keep_all: bool = False) -> 
 # BLOCK_N 0: 64 for head_dim >= 128, else 128. waves 32 gives 16 splits up to 264 (request, KV
 # head) rows and 8 up to 528: at 32k, 16 splits were the fastest or within 0.3 us of it at
 # every batch 8-64 (batch 64: 61.1 vs 72.0 us with the 2 splits of waves 4). Quest alone keeps
-# every candidate: its rows are B0 long and fill the GPU with fewer splits (waves_keep_all)
+# every candidate: over its B0-long rows the fewest splits that fill the GPU 4 times were the
+# fastest at every batch (8, 4, 2, 1 at batch 8, 16, 32, 64; 728.7 vs 738.6 us with 2 at 64)
 ATTEND_CONFIG = dict(waves=32, waves_keep_all=4, BLOCK_N=0, num_warps=4, num_stages=2)
 
 
