@@ -125,8 +125,8 @@ def attend_splits(num_rows: int, num_sms: int = 132, keep_all: bool = False) -> 
 
 # launch shape of the attend split kernel (tuned on the H100 by benchmarks/tune_kernels.py);
 # BLOCK_N 0: 64 for head_dim >= 128, else 128. waves 32 gives 16 splits up to 264 (request, KV
-# head) rows and 8 up to 528: at 32k, 16 splits were the fastest or within 0.3 us of it at
-# every batch 8-64 (batch 64: 61.1 vs 72.0 us with the 2 splits of waves 4). Quest alone keeps
+# head) rows and 8 up to 528: at 32k, 16 splits were the fastest or within 0.4 us of it at
+# every batch 8-64 (batch 64: 60.3 vs 70.2 us with the 2 splits of waves 4). Quest alone keeps
 # every candidate: over its B0-long rows the fewest splits that fill the GPU 4 times were the
 # fastest at every batch (8, 4, 2, 1 at batch 8, 16, 32, 64; 728.7 vs 738.6 us with 2 at 64)
 ATTEND_CONFIG = dict(waves=32, waves_keep_all=4, BLOCK_N=0, num_warps=4, num_stages=2)
