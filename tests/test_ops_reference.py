@@ -270,3 +270,24 @@ def test_chained_step_sparse_keeps_the_mass_and_short_rows_dense():
             masses.append(float(w[keep].sum()))
     # p of the candidates' estimated mass, less what Quest left out and int4 error
     assert min(masses) > 0.8 and sum(masses) / len(masses) > 0.9, masses
+
+
+@pytest.mark.parametrize("sms", [8, 78, 132])
+def test_attend_splits_fit_the_workspace(sms):
+    """The attend split count is a power of two in [1, 16], Quest alone (every candidate kept)
+    never gets more splits than a pruned step, and the workspace's partials hold the split rows
+    of every batch up to its capacity, under both rules (a short buffer would be overrun on the
+    GPU, where nothing checks it)."""
+    from sglang_twilight.kernels import attend as A
+
+    H, G, D = 8, 4, 128
+    for rows in range(1, 600):
+        for keep_all in (False, True):
+            sp = A.attend_splits(rows, sms, keep_all)
+            assert 1 <= sp <= 16 and sp & (sp - 1) == 0
+        assert A.attend_splits(rows, sms, True) <= A.attend_splits(rows, sms, False)
+    ws = ops.DecodeWorkspace.allocate(70, H, G, D, 1024, 16, 4096, "cpu")
+    for R in range(1, 71):
+        for keep_all in (False, True):
+            need = R * H * A.attend_splits(R * H, ws.num_sms, keep_all) * G
+            assert ws.mid_lse.numel() >= need and ws.mid_o.shape[0] >= need
