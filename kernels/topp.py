@@ -352,11 +352,10 @@ if triton is not None:
     ):
         """One program per (request, q head); only the heads ``_topp_head_kernel`` flagged
         (``lo`` = -1: more entries above the floor than its register block) do anything: the
-        same search over the whole row, held in registers, over the entries above the same floor
-        (the ones under it cannot be kept, and left in they widen the key range the bisection
-        walks), then their kept entries marked. A
-        kernel of its own so that the union kernel, which runs for every row, stays lean (with
-        this search inside it took 13.6 instead of 7.7 us at batch 8 x 32k on the H100)."""
+        same search over the whole row, held in registers, among the entries above the same
+        floor (both paths search the same set), then their kept entries marked. A kernel of its
+        own so that the union kernel, which runs for every row, stays lean (with this search
+        inside it took 13.6 instead of 7.7 us at batch 8 x 32k on the H100)."""
         pid = tl.program_id(0)
         if tl.load(lo_ptr + pid) >= 0:
             return
