@@ -150,32 +150,27 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
         scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs])
     k0, n0 = [t.clone() for t in prune()]
+
+    def log_prune(kind, cfg):
+        """Time the prune with the variant in place; check its kept sets against the default's."""
+        ms = graph_ms(prune)
+        k1, n1 = prune()
+        log(kind, cfg, ms, minus_estimate_ms=ms - est_ms, rows_differing=same_sets(k0, n0, k1, n1))
+
     default = dict(T.TOPP_CONFIG)
     for cfg in TOPP if not only or "topp" in only else []:
         T.TOPP_CONFIG = cfg
-        ms = graph_ms(prune)
-        k1, n1 = prune()
-        log("topp+union", cfg, ms, minus_estimate_ms=ms - est_ms,
-            rows_differing=same_sets(k0, n0, k1, n1))
+        log_prune("topp+union", cfg)
     T.TOPP_CONFIG = default
-    union_default = dict(T.UNION_WARPS)
-    for w in UNION if not only or "union" in only else []:
-        T.UNION_WARPS[8192] = w
-        ms = graph_ms(prune)
-        k1, n1 = prune()
-        log("union", dict(num_warps=w), ms, minus_estimate_ms=ms - est_ms,
-            rows_differing=same_sets(k0, n0, k1, n1))
-    T.UNION_WARPS.clear()
-    T.UNION_WARPS.update(union_default)
-    overflow_default = dict(T.OVERFLOW_WARPS)
-    for w in OVERFLOW if not only or "overflow" in only else []:
-        T.OVERFLOW_WARPS[8192] = w
-        ms = graph_ms(prune)
-        k1, n1 = prune()
-        log("overflow", dict(num_warps=w), ms, minus_estimate_ms=ms - est_ms,
-            rows_differing=same_sets(k0, n0, k1, n1))
-    T.OVERFLOW_WARPS.clear()
-    T.OVERFLOW_WARPS.update(overflow_default)
+    # warps of the 8192-candidate union and overflow kernels (their tables restored after)
+    for kind, table, choices in (("union", T.UNION_WARPS, UNION),
+                                 ("overflow", T.OVERFLOW_WARPS, OVERFLOW)):
+        saved = dict(table)
+        for w in choices if not only or kind in only else []:
+            table[8192] = w
+            log_prune(kind, dict(num_warps=w))
+        table.clear()
+        table.update(saved)
     # attend over the kept slots: split count and launch shape of the split kernel
     out = torch.empty_like(inp["q"])
     mid_o = torch.empty(bs * H * 16 * G, D, dtype=torch.float32, device="cuda")
