@@ -178,7 +178,7 @@ def test_decode_mixed_batch_short_rows_dense(device):
 
 def test_topp_compaction_tiers_match_reference(device, monkeypatch):
     """The top-p kernel searches the entries above the droppable floor compacted in a register
-    block of SMALL or MID values; a head with more is flagged and searched by the union kernel,
+    block of SMALL or MID values; a head with more is flagged and searched by the overflow kernel,
     its whole row in registers: q heads with peaked, medium and flat rows take the three paths;
     each must keep the reference's set, alone (one q head per KV head) and in a group whose
     heads take different paths."""
