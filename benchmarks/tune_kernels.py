@@ -40,6 +40,7 @@ OVERFLOW = [4, 8, 16]
 ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
           for sp in (1, 2, 4, 8, 16) for b in (32, 64) for w in (2, 4)]
 SELECT = [4, 8]
+GROUPS = [1, 2, 3, 4]
 
 
 def same_sets(k1, n1, k2, n2):
@@ -199,6 +200,27 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     for sp in (1, 2, 4, 8, 16) if not only or "attend" in only else []:
         log("attend_keep_all", dict(splits=sp, default=sp == sp0), graph_ms(lambda: qatt(sp)),
             max_abs_diff=float((qatt(sp).float() - ref).abs().max()))
+    # the whole step (select, prune, attend) with its requests in 1-4 row groups, one stream
+    # each (ops.DECODE_GROUPS), for Twilight and for Quest alone (p = 1 on the host)
+    groups_default = dict(ops.DECODE_GROUPS)
+    ref = {}
+    for n in GROUPS if (not only or "groups" in only) and bs > 1 else []:
+        ops.DECODE_GROUPS = dict(min_requests=1, groups=n)
+        gws = ops.DecodeWorkspace.allocate(bs, H, G, D, 8192, PAGE, ctx, "cuda")
+        for name, p in (("step_groups", pr), ("step_groups_quest", 1.0)):
+            step = lambda: ops.twilight_decode(
+                inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"],
+                inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], p, budget=8192, page_size=PAGE,
+                sm_scale=sm, min_budget=1, max_budget=0, backend="triton", workspace=gws,
+                out=out)
+            ms = graph_ms(step)
+            o, kc = step()
+            torch.cuda.synchronize()
+            ref.setdefault(name, (o.float().clone(), kc.clone()))
+            log(name, dict(groups=n, streams=len(gws.streams) + 1), ms,
+                max_abs_diff=float((o.float() - ref[name][0]).abs().max()),
+                counts_equal=bool(torch.equal(kc, ref[name][1])))
+    ops.DECODE_GROUPS = groups_default
     inp.clear()
     torch.cuda.empty_cache()
 
@@ -209,7 +231,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,attend")
+                         "overflow,attend,groups")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

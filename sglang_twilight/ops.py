@@ -8,7 +8,7 @@ tie rules - is written down in docs/OPS.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -139,6 +139,7 @@ class DecodeWorkspace:
     num_sms: int
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
+    streams: list = field(default_factory=list)  # side streams of the row groups (CUDA)
 
     @classmethod
     def allocate(cls, max_rows, num_kv_heads, group, head_dim, budget, page_size, max_context,
@@ -147,11 +148,12 @@ class DecodeWorkspace:
         max_pages = max(1, -(-int(max_context) // page_size))
         H, G = num_kv_heads, group
         np_alloc = -(-max_pages // 64) * 64
-        sms = (torch.cuda.get_device_properties(device).multi_processor_count
-               if torch.device(device).type == "cuda" else 8)
-        # the split count depends on R only; size the scratch for the worst R
-        mid_rows = max(r * H * _attend.attend_splits(r * H, sms, keep_all)
+        cuda = torch.device(device).type == "cuda"
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 8
+        # the split counts depend on R only; size the partials for the worst R
+        mid_rows = max(_attend_mid_rows(r, H, sms, keep_all)
                        for r in range(1, max_rows + 1) for keep_all in (False, True))
+        n_groups = max(decode_groups(r) for r in range(1, max_rows + 1))
         kw = dict(device=device)
         return cls(
             max_rows, H, G, head_dim, C, max_pages,
@@ -170,6 +172,7 @@ class DecodeWorkspace:
             num_sms=sms,
             mid_o=torch.empty(mid_rows * G, head_dim, dtype=torch.float32, **kw),
             mid_lse=torch.empty(mid_rows * G, dtype=torch.float32, **kw),
+            streams=[torch.cuda.Stream(device) for _ in range(n_groups - 1)] if cuda else [],
         )
 
     def nbytes(self) -> int:
@@ -226,23 +229,99 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
                                       page_size, max_ctx, q.device)
     elif selector == "none" and ws.capacity < ws.max_pages * page_size:
         raise ValueError("selector 'none' needs a workspace whose capacity covers the max context")
+    keep_all = _static_keep_all(p)
+    H, G = ws.num_kv_heads, ws.group
+    need = _attend_mid_rows(R, H, ws.num_sms, keep_all) * G
+    if ws.mid_lse.numel() < need:
+        raise ValueError(f"workspace partials hold {ws.mid_lse.numel()} rows, a step of {R} "
+                         f"requests needs {need}: allocate it under the same DECODE_GROUPS")
+    if out is None:
+        out = torch.empty_like(q)
+    groups = _row_groups(R, decode_groups(R))
+    streams = ws.streams if q.is_cuda else []
+    if len(groups) == 1 or len(streams) < len(groups) - 1:
+        streams = []  # one stream: the groups run one after the other
+    main = torch.cuda.current_stream(q.device) if streams else None
+    for s in streams[: len(groups) - 1]:
+        s.wait_stream(main)  # every group starts after what came before the step
+    mid = 0
+    width = _topp.topp_scratch_width(ws.capacity)
+    for i, (r0, r1) in enumerate(groups):
+        rows = slice(r0, r1)
+        heads = slice(r0 * H * G, r1 * H * G)
+        splits = _attend.attend_splits((r1 - r0) * H, ws.num_sms, keep_all)
+        n_mid = (r1 - r0) * H * splits * G
+        args = (q[rows], k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to_token,
+                req_pool_indices[rows], seq_lens[rows], p if keep_all else pr[rows])
+        bufs = dict(page_scores=ws.page_scores[rows], cand_pages=ws.cand_pages[rows],
+                    cand_counts=ws.cand_counts[rows], scores=ws.scores[rows],
+                    kept_slots=ws.kept_slots[rows], kept_counts=ws.kept_counts[rows],
+                    lo=ws.head_lo[heads], tot=ws.head_tot[heads], mx=ws.head_max[heads],
+                    marks=ws.union_marks[rows], scratch=ws.topp_scratch[2 * r0 * H * G * width:],
+                    mid_o=ws.mid_o[mid: mid + n_mid], mid_lse=ws.mid_lse[mid: mid + n_mid])
+        mid += n_mid
+        kw = dict(budget=ws.capacity, page_size=page_size, sm_scale=sm_scale,
+                  min_budget=min_budget, max_budget=max_budget, max_pages=ws.max_pages,
+                  splits=splits, out=out[rows], **bufs)
+        if i > 0 and streams:
+            with torch.cuda.stream(streams[i - 1]):
+                _decode_rows_triton(*args, **kw)
+        else:
+            _decode_rows_triton(*args, **kw)
+    for s in streams[: len(groups) - 1]:
+        main.wait_stream(s)  # the step ends when every group has
+    return out, (ws.cand_counts if keep_all else ws.kept_counts)[:R]  # Quest alone: candidates
+
+
+def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to_token,
+                        req_pool_indices, seq_lens, p, *, budget, page_size, sm_scale, min_budget,
+                        max_budget, max_pages, splits, out, page_scores, cand_pages, cand_counts,
+                        scores, kept_slots, kept_counts, lo, tot, mx, marks, scratch, mid_o,
+                        mid_lse):
+    """select -> prune -> attend of a group of rows, in the caller's workspace slices: a Python
+    float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row."""
     pages, cnt = _quest.quest_select_pages_triton(
-        q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, ws.capacity, page_size,
-        max_pages=ws.max_pages, scores=ws.page_scores[:R], cand_pages=ws.cand_pages[:R],
-        cand_counts=ws.cand_counts[:R])
-    if _static_keep_all(p):  # Quest alone: attend over every candidate
-        kept, kcnt = _topp.expand_candidates_triton(pages, cnt, page_size, ws.kept_slots[:R])
+        q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size,
+        max_pages=max_pages, scores=page_scores, cand_pages=cand_pages, cand_counts=cand_counts)
+    if _static_keep_all(p):
+        kept, kcnt = _topp.expand_candidates_triton(pages, cnt, page_size, kept_slots)
     else:
-        G = q.shape[1] // kq.shape[1]
-        n_heads = R * kq.shape[1] * G
         kept, kcnt = _topp.twilight_prune_triton(
-            q, kq, kscale, kzero, pages, cnt, pr, sm_scale, min_budget, max_budget,
-            scores=ws.scores[:R], kept_slots=ws.kept_slots[:R], kept_counts=ws.kept_counts[:R],
-            lo=ws.head_lo[:n_heads], tot=ws.head_tot[:n_heads], page_size=page_size,
-            scratch=ws.topp_scratch, mx=ws.head_max[:n_heads],
-            marks=ws.union_marks[:R])
-    o = _attend.sparse_decode_attention_triton(
-        q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
-        splits=_attend.attend_splits(R * ws.num_kv_heads, ws.num_sms, _static_keep_all(p)),
-        mid_o=ws.mid_o, mid_lse=ws.mid_lse)
-    return o, kcnt
+            q, kq, kscale, kzero, pages, cnt, p, sm_scale, min_budget, max_budget,
+            scores=scores, kept_slots=kept_slots, kept_counts=kept_counts, lo=lo, tot=tot,
+            page_size=page_size, scratch=scratch, mx=mx, marks=marks)
+    _attend.sparse_decode_attention_triton(q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
+                                           splits=splits, mid_o=mid_o, mid_lse=mid_lse)
+
+
+# Row groups of a decode step (tuned on the H100 by benchmarks/tune_kernels.py): from
+# ``min_requests`` requests on, a step's requests are split into ``groups`` groups of about the
+# same size, each on its own CUDA stream (a branch of the CUDA graph), so the latency-bound
+# kernels of one group (top-K pages, top-p, union) overlap with the bandwidth-bound ones of
+# another (page scores, estimate) instead of leaving the GPU idle
+DECODE_GROUPS = dict(min_requests=1 << 30, groups=1)
+
+
+def decode_groups(num_requests: int) -> int:
+    """How many row groups (streams) a step of ``num_requests`` requests runs in."""
+    cfg = DECODE_GROUPS
+    if num_requests < cfg["min_requests"]:
+        return 1
+    return max(1, min(int(cfg["groups"]), num_requests))
+
+
+def _row_groups(R: int, n: int) -> list[tuple[int, int]]:
+    """[r0, r1) of ``n`` groups of about R / n requests each (the larger ones first)."""
+    base, extra = divmod(R, n)
+    bounds, r0 = [], 0
+    for i in range(n):
+        r1 = r0 + base + (i < extra)
+        bounds.append((r0, r1))
+        r0 = r1
+    return bounds
+
+
+def _attend_mid_rows(R: int, H: int, sms: int, keep_all: bool) -> int:
+    """(request, KV head, split) partial rows a step of R requests uses, over its row groups."""
+    return sum((r1 - r0) * H * _attend.attend_splits((r1 - r0) * H, sms, keep_all)
+               for r0, r1 in _row_groups(R, decode_groups(R)))

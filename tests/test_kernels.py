@@ -159,6 +159,40 @@ def test_decode_p1_full_budget_equals_dense(device):
         torch.testing.assert_close(o.float(), lay.dense(sm), atol=2e-2, rtol=2e-2)
 
 
+def test_decode_row_groups_equal_one_group(device, monkeypatch):
+    """A step split into row groups (on CUDA, one stream each; 3 groups of 2, 2, 1 requests on
+    the CPU) keeps exactly the sets of the one-group step, for Twilight and for Quest alone; the
+    output differs only by the attend's split count (its rounding)."""
+    H, G, D = 2, 4, 64
+    groups = 3
+    seq = [40, 700, 300, 64, 333] if device == "cpu" else [40, 30000, 9000, 64, 100, 20000, 777]
+    budget = 128 if device == "cpu" else 512
+    lay = make_layout(seq, H, G, D, device=device, peaked=8.0, backend="triton")
+    sm = 1 / math.sqrt(D)
+    R = len(seq)
+    p = torch.rand(R, device=device) * 0.5 + 0.5
+    results = {}
+    for n in (1, groups):
+        monkeypatch.setattr(ops, "DECODE_GROUPS", dict(min_requests=2, groups=n))
+        ws = ops.DecodeWorkspace.allocate(R, H, G, D, budget, 16, max(seq), device)
+        assert len(ws.streams) == (n - 1 if device == "cuda" else 0)
+        for pp in (p, 1.0):
+            o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar,
+                                        lay.req_to_token, lay.req_pool_indices, lay.seq_lens, pp,
+                                        budget=budget, page_size=16, sm_scale=sm,
+                                        min_sparse_len=128, backend="triton", workspace=ws)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            kept = ws.kept_slots if not isinstance(pp, float) else ws.cand_pages
+            results[n, isinstance(pp, float)] = (o.float().clone(), kc.clone(), kept[:R].clone())
+    for quest_alone in (False, True):
+        o1, k1, s1 = results[1, quest_alone]
+        o2, k2, s2 = results[groups, quest_alone]
+        assert torch.equal(k1, k2)
+        assert torch.equal(s1, s2)
+        torch.testing.assert_close(o2, o1, atol=1e-2, rtol=1e-2)
+
+
 def test_decode_mixed_batch_short_rows_dense(device):
     H, G, D = 2, 4, 64
     seq = [40, 700, 1200, 64] if device == "cpu" else [40, 30000, 9000, 64, 100]
