@@ -205,7 +205,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     groups_default = dict(ops.DECODE_GROUPS)
     ref = {}
     for n in GROUPS if (not only or "groups" in only) and bs > 1 else []:
-        ops.DECODE_GROUPS = dict(min_requests=1, groups=n)
+        ops.DECODE_GROUPS = dict(min_requests=1, groups=n, keep_all_groups=n)
         gws = ops.DecodeWorkspace.allocate(bs, H, G, D, 8192, PAGE, ctx, "cuda")
         for name, p in (("step_groups", pr), ("step_groups_quest", 1.0)):
             step = lambda: ops.twilight_decode(

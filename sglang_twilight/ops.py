@@ -153,7 +153,8 @@ class DecodeWorkspace:
         # the split counts depend on R only; size the partials for the worst R
         mid_rows = max(_attend_mid_rows(r, H, sms, keep_all)
                        for r in range(1, max_rows + 1) for keep_all in (False, True))
-        n_groups = max(decode_groups(r) for r in range(1, max_rows + 1))
+        n_groups = max(decode_groups(r, keep_all) for r in range(1, max_rows + 1)
+                       for keep_all in (False, True))
         kw = dict(device=device)
         return cls(
             max_rows, H, G, head_dim, C, max_pages,
@@ -237,7 +238,7 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
                          f"requests needs {need}: allocate it under the same DECODE_GROUPS")
     if out is None:
         out = torch.empty_like(q)
-    groups = _row_groups(R, decode_groups(R))
+    groups = _row_groups(R, decode_groups(R, keep_all))
     streams = ws.streams if q.is_cuda else []
     if len(groups) == 1 or len(streams) < len(groups) - 1:
         streams = []  # one stream: the groups run one after the other
@@ -298,16 +299,22 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, re
 # ``min_requests`` requests on, a step's requests are split into ``groups`` groups of about the
 # same size, each on its own CUDA stream (a branch of the CUDA graph), so the latency-bound
 # kernels of one group (top-K pages, top-p, union) overlap with the bandwidth-bound ones of
-# another (page scores, estimate) instead of leaving the GPU idle
-DECODE_GROUPS = dict(min_requests=1 << 30, groups=1)
+# another (page scores, estimate) instead of leaving the GPU idle. At 32k, Twilight's step with
+# 4 groups against 1: 185.6 vs 200.5 us at batch 16, 320.6 vs 349.3 at 32, 614.3 vs 648.1 at 64,
+# 109.7 vs 111.2 at 8. Quest alone (every candidate attended, ``keep_all_groups``) gained
+# nothing at any batch and lost with 4 (994.9 vs 969.8 us at 64), so it keeps one
+# (tune_groups_h100.json)
+DECODE_GROUPS = dict(min_requests=8, groups=4, keep_all_groups=1)
 
 
-def decode_groups(num_requests: int) -> int:
-    """How many row groups (streams) a step of ``num_requests`` requests runs in."""
+def decode_groups(num_requests: int, keep_all: bool = False) -> int:
+    """How many row groups (streams) a step of ``num_requests`` requests runs in; ``keep_all``:
+    Quest alone (a static p >= 1)."""
     cfg = DECODE_GROUPS
     if num_requests < cfg["min_requests"]:
         return 1
-    return max(1, min(int(cfg["groups"]), num_requests))
+    n = cfg.get("keep_all_groups", cfg["groups"]) if keep_all else cfg["groups"]
+    return max(1, min(int(n), num_requests))
 
 
 def _row_groups(R: int, n: int) -> list[tuple[int, int]]:
@@ -324,4 +331,4 @@ def _row_groups(R: int, n: int) -> list[tuple[int, int]]:
 def _attend_mid_rows(R: int, H: int, sms: int, keep_all: bool) -> int:
     """(request, KV head, split) partial rows a step of R requests uses, over its row groups."""
     return sum((r1 - r0) * H * _attend.attend_splits((r1 - r0) * H, sms, keep_all)
-               for r0, r1 in _row_groups(R, decode_groups(R)))
+               for r0, r1 in _row_groups(R, decode_groups(R, keep_all)))

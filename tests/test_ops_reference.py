@@ -275,7 +275,8 @@ def test_chained_step_sparse_keeps_the_mass_and_short_rows_dense():
 @pytest.mark.parametrize("sms", [8, 78, 132])
 @pytest.mark.parametrize("groups", [dict(min_requests=1 << 30, groups=1),
                                     dict(min_requests=2, groups=2),
-                                    dict(min_requests=8, groups=3)])
+                                    dict(min_requests=8, groups=3, keep_all_groups=1),
+                                    dict(ops.DECODE_GROUPS)])
 def test_attend_splits_fit_the_workspace(sms, groups, monkeypatch):
     """The attend split count is a power of two in [1, 16], Quest alone (every candidate kept)
     never gets more splits than a pruned step, and the workspace's partials hold the split rows
@@ -293,12 +294,13 @@ def test_attend_splits_fit_the_workspace(sms, groups, monkeypatch):
         assert A.attend_splits(rows, sms, True) <= A.attend_splits(rows, sms, False)
     ws = ops.DecodeWorkspace.allocate(70, H, G, D, 1024, 16, 4096, "cpu")
     for R in range(1, 71):
-        n = 1 if R < groups["min_requests"] else min(groups["groups"], R)
-        sizes = [R // n + (i < R % n) for i in range(n)]
-        assert sum(sizes) == R and min(sizes) >= 1
-        bounds = ops._row_groups(R, ops.decode_groups(R))
-        assert [r1 - r0 for r0, r1 in bounds] == sizes
-        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and bounds[0][0] == 0
         for keep_all in (False, True):
+            n = groups.get("keep_all_groups", groups["groups"]) if keep_all else groups["groups"]
+            n = 1 if R < groups["min_requests"] else min(n, R)
+            sizes = [R // n + (i < R % n) for i in range(n)]
+            assert sum(sizes) == R and min(sizes) >= 1
+            bounds = ops._row_groups(R, ops.decode_groups(R, keep_all))
+            assert [r1 - r0 for r0, r1 in bounds] == sizes
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and bounds[0][0] == 0
             need = sum(r * H * A.attend_splits(r * H, ws.num_sms, keep_all) for r in sizes) * G
             assert ws.mid_lse.numel() >= need and ws.mid_o.shape[0] >= need
