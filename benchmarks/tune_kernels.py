@@ -41,6 +41,9 @@ ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
           for sp in (1, 2, 4, 8, 16) for b in (32, 64) for w in (2, 4)]
 SELECT = [4, 8]
 GROUPS = [1, 2, 3, 4]
+MAXNREG = [dict(topp=80), dict(topp=72), dict(topp=64), dict(union=64), dict(union=80),
+           dict(overflow=64), dict(topp=80, union=64, overflow=64),
+           dict(topp=64, union=64, overflow=64)]
 
 
 def same_sets(k1, n1, k2, n2):
@@ -172,6 +175,19 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
             log_prune(kind, dict(num_warps=w))
         table.clear()
         table.update(saved)
+    # register caps of the prune kernels (how many programs share an SM): the prune alone, and
+    # the whole step (select, prune, attend; default row groups)
+    out = torch.empty_like(inp["q"])
+    step = lambda: ops.twilight_decode(
+        inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"],
+        inp["r2t"], inp["rpi"], inp["seq"], pr, budget=8192, page_size=PAGE, sm_scale=sm,
+        min_budget=1, max_budget=0, backend="triton", workspace=ws, out=out)
+    saved = dict(T.MAXNREG)
+    for cfg in [{}] + MAXNREG if not only or "maxnreg" in only else []:
+        T.MAXNREG = dict(saved, **cfg)
+        log_prune("maxnreg", dict(T.MAXNREG))
+        log("step_maxnreg", dict(T.MAXNREG), graph_ms(step))
+    T.MAXNREG = saved
     # attend over the kept slots: split count and launch shape of the split kernel
     out = torch.empty_like(inp["q"])
     mid_o = torch.empty(bs * H * 16 * G, D, dtype=torch.float32, device="cuda")
@@ -231,7 +247,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,attend,groups")
+                         "overflow,maxnreg,attend,groups")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

@@ -490,9 +490,19 @@ def topp_scratch_width(capacity: int) -> int:
 # register block of that size; MID is capped at the scratch width
 TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8)
 
+# register cap a thread (ptxas .maxnreg) of the prune kernels; None: the compiler's choice. An SM
+# holds 64K registers, so a cap sets how many programs share it (tuned on the H100 by
+# benchmarks/tune_kernels.py)
+MAXNREG: dict[str, int | None] = dict(topp=None, union=None, overflow=None)
+
+
+def _maxnreg(kernel: str) -> dict:
+    n = MAXNREG.get(kernel)
+    return {} if n is None else dict(maxnreg=int(n))
+
 
 def _topp_launch(c_pad: int) -> dict:
-    cfg = dict(TOPP_CONFIG)
+    cfg = dict(TOPP_CONFIG, **_maxnreg("topp"))
     width = topp_scratch_width(c_pad)
     cfg["CHUNK"] = min(cfg["CHUNK"], c_pad)
     cfg["MID"] = min(cfg["MID"], width)
@@ -539,14 +549,14 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     )
     _topp_overflow_kernel[(R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, marks, *strides, *mstrides, H=H, G=G, C_PAD=C_PAD,
-        num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)),
+        num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)), **_maxnreg("overflow"),
     )
     _union_compact_kernel[(R * H,)](
         scores, marks, mx, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts,
         int(min_budget), int(max_budget or 0), *strides, *mstrides, cand_slots.stride(0),
         cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
         P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False,
-        num_warps=_row_warps(C_PAD),
+        num_warps=_row_warps(C_PAD), **_maxnreg("union"),
     )
     return kept_slots, kept_counts
 
