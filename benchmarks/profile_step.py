@@ -57,19 +57,29 @@ def profile_case(bs, ctx, steps, top_p, budget, H=8, G=4, D=128, dtype=torch.bfl
             calls[ev.name] += 1
     kernels = sorted(((n, t / steps, calls[n] // steps) for n, t in per.items()), key=lambda x: -x[1])
     kept = float(ws.kept_counts[:bs].float().mean())
-    # entries per q head above the top-p kernel's droppable floor: heads with more than its
-    # register block (MID) are searched by _topp_overflow_kernel instead
+    # entries per q head above the top-p kernel's droppable floor: a head with more than its
+    # register block (MID) tries floors 2-16x higher (the highest under which the row's mass is
+    # still droppable), and one still over MID is searched by _topp_overflow_kernel
     C = ws.scores.shape[-1]
     cnt = ws.cand_counts[:bs].float()[:, :, None, None]
     valid = torch.arange(C, device="cuda") < cnt
     probs = torch.softmax(torch.where(valid, ws.scores[:bs], float("-inf")), -1)
-    surv = (valid & (probs >= (1 - top_p) / cnt * 0.999)).sum(-1).flatten()
+    floor = (1 - top_p) / cnt * 0.999
+    surv = (valid & (probs >= floor)).sum(-1).flatten()
+    raised = floor.expand(probs.shape[:-1] + (1,)).clone()
+    for k in (1, 2, 3, 4):
+        fk = floor * 2 ** k
+        ok = torch.where(valid & (probs < fk), probs, 0.0).sum(-1, keepdim=True) <= (1 - top_p) * 0.999
+        raised = torch.where(ok, fk, raised)
+    surv_raised = (valid & (probs >= raised)).sum(-1).flatten()
     mid = _topp._topp_launch(1 << (C - 1).bit_length())["MID"]
     inp.clear()
     torch.cuda.empty_cache()
     return dict(batch=bs, context=ctx, graph_ms=graph, kept_tokens=kept,
                 above_floor=dict(mean=float(surv.float().mean()), max=int(surv.max()),
                                  heads=surv.numel(), heads_over_block=int((surv > mid).sum()),
+                                 heads_over_block_raised=int(((surv > mid)
+                                                              & (surv_raised > mid)).sum()),
                                  block=mid),
                 kernels=[dict(name=n, us=round(u, 2), calls=c) for n, u, c in kernels])
 

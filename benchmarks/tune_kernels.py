@@ -31,10 +31,12 @@ ESTIMATE = [dict(BLOCK_N=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
 PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (64, 1, 1, 4), (32, 4, 2, 4), (32, 1, 1, 4), (32, 4, 3, 2), (16, 8, 3, 2), (32, 8, 3, 2),
     (16, 4, 2, 1), (32, 2, 2, 4)]]
-TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w) for c, s, m, st, w in [
-    (1024, 2048, 4096, 3, 8), (1024, 1024, 4096, 3, 8), (2048, 2048, 4096, 3, 8),
-    (512, 2048, 4096, 3, 4), (1024, 2048, 4096, 3, 4), (1024, 2048, 4096, 1, 8),
-    (2048, 2048, 4096, 3, 16)]]
+TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w, REFLOOR=rf)
+        for c, s, m, st, w, rf in [
+            (1024, 2048, 4096, 3, 8, True), (1024, 2048, 4096, 3, 8, False),
+            (1024, 1024, 4096, 3, 8, True), (2048, 2048, 4096, 3, 8, True),
+            (512, 2048, 4096, 3, 4, True), (1024, 2048, 4096, 3, 4, True),
+            (1024, 2048, 4096, 1, 8, True), (2048, 2048, 4096, 3, 16, True)]]
 UNION = [8, 16]
 OVERFLOW = [4, 8, 16]
 ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
@@ -155,14 +157,23 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs])
     k0, n0 = [t.clone() for t in prune()]
 
+    out = torch.empty_like(inp["q"])
+    step = lambda: ops.twilight_decode(
+        inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"],
+        inp["r2t"], inp["rpi"], inp["seq"], pr, budget=8192, page_size=PAGE, sm_scale=sm,
+        min_budget=1, max_budget=0, backend="triton", workspace=ws, out=out)
+
     def log_prune(kind, cfg):
-        """Time the prune with the variant in place; check its kept sets against the default's."""
+        """Time the prune with the variant in place, and the whole step (select, prune, attend;
+        default row groups); check its kept sets against the default's."""
         ms = graph_ms(prune)
         k1, n1 = prune()
-        log(kind, cfg, ms, minus_estimate_ms=ms - est_ms, rows_differing=same_sets(k0, n0, k1, n1))
+        log(kind, cfg, ms, minus_estimate_ms=ms - est_ms, rows_differing=same_sets(k0, n0, k1, n1),
+            step_ms=graph_ms(step))
 
     default = dict(T.TOPP_CONFIG)
-    for cfg in TOPP if not only or "topp" in only else []:
+    # ("refloor": only the first two, the default with and without the raised floor)
+    for cfg in TOPP if not only or "topp" in only else TOPP[:2] if "refloor" in only else []:
         T.TOPP_CONFIG = cfg
         log_prune("topp+union", cfg)
     T.TOPP_CONFIG = default
@@ -175,18 +186,11 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
             log_prune(kind, dict(num_warps=w))
         table.clear()
         table.update(saved)
-    # register caps of the prune kernels (how many programs share an SM): the prune alone, and
-    # the whole step (select, prune, attend; default row groups)
-    out = torch.empty_like(inp["q"])
-    step = lambda: ops.twilight_decode(
-        inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"],
-        inp["r2t"], inp["rpi"], inp["seq"], pr, budget=8192, page_size=PAGE, sm_scale=sm,
-        min_budget=1, max_budget=0, backend="triton", workspace=ws, out=out)
+    # register caps of the prune kernels (how many programs share an SM)
     saved = dict(T.MAXNREG)
     for cfg in [{}] + MAXNREG if not only or "maxnreg" in only else []:
         T.MAXNREG = dict(saved, **cfg)
         log_prune("maxnreg", dict(T.MAXNREG))
-        log("step_maxnreg", dict(T.MAXNREG), graph_ms(step))
     T.MAXNREG = saved
     # attend over the kept slots: split count and launch shape of the split kernel
     out = torch.empty_like(inp["q"])
@@ -247,7 +251,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups")
+                         "overflow,maxnreg,attend,groups,refloor")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

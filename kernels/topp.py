@@ -126,7 +126,7 @@ def twilight_prune_ref(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scal
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
-    from .quest import _f32_key, _sum_min_max, _threshold_search, _topk_mask
+    from .quest import _f32_key, _threshold_search, _topk_mask
 
     @triton.jit
     def _candidate_slots(base, n, nm, P: tl.constexpr, FROM_PAGES: tl.constexpr):
@@ -252,7 +252,8 @@ if triton is not None:
         kept (together they weigh less than the mass top-p may drop), so a search looks only at
         the ones above. Tested on the scores, s >= max + log(floor), less a margin far above the
         rounding of exp and of the sum, so every entry whose e reaches the floor is in: no exp.
-        Both search paths test the same bits against this same value."""
+        Both search paths start from this same value (the top-p kernel may raise it for a row
+        with too many entries above, ``_topp_refloor``)."""
         floor = (1.0 - p) * tot / count.to(tl.float32) * 0.999
         return m + tl.log(floor) - 1e-4
 
@@ -273,11 +274,52 @@ if triton is not None:
         return lo
 
     @triton.jit
+    def _compact_above(row, count, s_floor, buf, SCRATCH: tl.constexpr, CHUNK: tl.constexpr,
+                       STAGES: tl.constexpr):
+        """The entries of a score row at or above ``s_floor`` compacted into a head's scratch
+        (indices in ``buf[:n]``, the bits of their scores in ``buf[SCRATCH:SCRATCH + n]``, at
+        most SCRATCH kept) -> n, however many there are."""
+        c = tl.arange(0, CHUNK)
+        n_surv = tl.zeros([], tl.int32)
+        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+            msk = st + c < count
+            s = tl.load(row + st + c, mask=msk, other=float("-inf"))
+            surv = msk & (s >= s_floor)
+            pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
+            sm = surv & (pos < SCRATCH)
+            tl.store(buf + pos, st + c, mask=sm)
+            tl.store(buf + SCRATCH + pos, s.to(tl.int32, bitcast=True), mask=sm)
+            n_surv += tl.sum(surv.to(tl.int32), 0)
+        return n_surv
+
+    @triton.jit
+    def _topp_refloor(row, count, m, tot, p, s_floor, CHUNK: tl.constexpr, STAGES: tl.constexpr):
+        """A higher droppable floor for a row with more entries above ``s_floor`` than the
+        register block holds: the highest of s_floor + k ln 2 (k = 1..4, e.g. twice to 16 times
+        the floor in e) under which the row's whole mass still weighs no more than top-p may
+        drop ((1 - p) * tot, less the same 0.1% margin). Every kept entry is above it, so the
+        search over the fewer entries above it ends on the same threshold. On the benchmark's
+        keys the heads over 4096 entries have ~1850 above 4x the floor (``tests`` check the
+        kept sets); -> ``s_floor`` itself when no candidate qualifies."""
+        c = tl.arange(0, CHUNK)
+        k = tl.arange(0, 4) + 1
+        s_k = s_floor + k.to(tl.float32) * 0.6931471805599453  # [4] candidate floors
+        acc = tl.zeros([4, CHUNK], tl.float32)
+        for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+            s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+            e = tl.exp(s - m)
+            acc += tl.where(s[None, :] < s_k[:, None], e[None, :], 0.0)
+        under = tl.sum(acc, 1)  # [4] mass under each candidate
+        ok = under <= (1.0 - p) * tot * 0.999
+        best = tl.max(tl.where(ok, k, 0), 0)
+        return s_floor + best.to(tl.float32) * 0.6931471805599453
+
+    @triton.jit
     def _topp_head_kernel(
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, mark_ptr, stride_sr,
         stride_sh, stride_sg, stride_mr, stride_mh,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
-        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr,
+        MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, REFLOOR: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -288,7 +330,8 @@ if triton is not None:
         the max are written per head. Only entries above the droppable floor can be kept: they
         are compacted into the head's scratch (SCRATCH indices, then SCRATCH scores, so the
         search reads them in order, not gathered from the row), and they are searched
-        in registers, in a block of SMALL or (when more) MID entries; a head with more than that
+        in registers, in a block of SMALL or (when more) MID entries. A head with more than MID
+        first tries a higher floor (``_topp_refloor``) and compacts again; one still over MID
         is flagged (``lo`` = -1) and searched by ``_topp_overflow_kernel``, its whole row in
         registers (nearly flat rows, a few heads in a thousand on the benchmark's keys:
         ``profile_step.py`` counts them; searched here chunk by chunk, re-reading the row at
@@ -321,17 +364,12 @@ if triton is not None:
             tot = tl.sum(tv * tl.exp(mv - m), 0)
             s_floor = _topp_floor(m, tot, p, count)
             buf = scratch_ptr + pid.to(tl.int64) * (2 * SCRATCH)
-            n_surv = tl.zeros([], tl.int32)
             # pass 2: the survivors (index, score) compacted into the scratch
-            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-                msk = st + c < count
-                s = tl.load(row + st + c, mask=msk, other=float("-inf"))
-                surv = msk & (s >= s_floor)
-                pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
-                sm = surv & (pos < SCRATCH)
-                tl.store(buf + pos, st + c, mask=sm)
-                tl.store(buf + SCRATCH + pos, s.to(tl.int32, bitcast=True), mask=sm)
-                n_surv += tl.sum(surv.to(tl.int32), 0)
+            n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES)
+            if REFLOOR and n_surv > MID:  # a nearly flat row: a higher floor before flagging it
+                s_floor = _topp_refloor(row, count, m, tot, p, s_floor, CHUNK, STAGES)
+                tl.debug_barrier()  # every thread is done with the first compaction
+                n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES)
             tl.debug_barrier()  # this program's stores are visible to all its threads
             target = p * tot
             mark_row = mark_ptr + r * stride_mr + h * stride_mh
@@ -351,9 +389,10 @@ if triton is not None:
         stride_sg, stride_mr, stride_mh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
     ):
         """One program per (request, q head); only the heads ``_topp_head_kernel`` flagged
-        (``lo`` = -1: more entries above the floor than its register block) do anything: the
-        same search over the whole row, held in registers, among the entries above the same
-        floor (both paths search the same set), then their kept entries marked. A kernel of its
+        (``lo`` = -1: more entries above the floor, even a raised one, than its register block) do
+        anything: the same search over the whole row, held in registers, among the entries above
+        the first floor (every floor used keeps every entry top-p keeps, so the search ends on the
+        same threshold), then their kept entries marked. A kernel of its
         own so that the union kernel, which runs for every row, stays lean (with this search
         inside it took 13.6 instead of 7.7 us at batch 8 x 32k on the H100)."""
         pid = tl.program_id(0)
@@ -487,8 +526,9 @@ def topp_scratch_width(capacity: int) -> int:
 
 # top-p kernel launch shape (tuned on the H100 by benchmarks/tune_kernels.py): the row is read
 # in CHUNK pieces; a head with at most SMALL (else MID) entries above the floor is searched in a
-# register block of that size; MID is capped at the scratch width
-TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8)
+# register block of that size; MID is capped at the scratch width; REFLOOR: a head with more than
+# MID entries above the floor tries a higher floor before it is left to the overflow kernel
+TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFLOOR=True)
 
 # register cap a thread (ptxas .maxnreg) of the prune kernels; None: the compiler's choice. An SM
 # holds 64K registers, so a cap sets how many programs share it (tuned on the H100 by

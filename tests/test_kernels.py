@@ -212,10 +212,11 @@ def test_decode_mixed_batch_short_rows_dense(device):
 
 def test_topp_compaction_tiers_match_reference(device, monkeypatch):
     """The top-p kernel searches the entries above the droppable floor compacted in a register
-    block of SMALL or MID values; a head with more is flagged and searched by the overflow kernel,
-    its whole row in registers: q heads with peaked, medium and flat rows take the three paths;
-    each must keep the reference's set, alone (one q head per KV head) and in a group whose
-    heads take different paths."""
+    block of SMALL or MID values; a head with more first raises its floor and compacts again,
+    and one still over MID is flagged and searched by the overflow kernel, its whole row in
+    registers: q heads with peaked, medium, flat and heavy rows take these paths; each must keep
+    the reference's set, alone (one q head per KV head) and in a group whose heads take
+    different paths."""
     from sglang_twilight.kernels import topp as T
 
     C = 8192
@@ -233,8 +234,31 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch):
     n_mid = (small + mid) // 2
     medium = torch.randn(C, generator=gen) * 0.5
     medium[torch.randperm(C, generator=gen)[n_mid:]] -= 20.0
+    # heavy: 3/4 MID logits carry the mass, 3/4 MID more sit at 1.5x the floor of p = 0.95 (a
+    # sliver of the mass), the rest under it: over MID entries above the floor, under MID above
+    # twice it, so that head takes the raised floor (_topp_refloor)
+    n_big = 3 * mid // 4
+    big = torch.randn(n_big, generator=gen, dtype=torch.float64) * 0.3
+    a = 1.5 * 0.05 / C  # the probability of each tail entry
+    tail_logit = math.log(a * big.exp().sum() / (1 - a * n_big))
+    heavy = torch.full((C,), -40.0, dtype=torch.float64)
+    order = torch.randperm(C, generator=gen)
+    heavy[order[:n_big]] = big
+    heavy[order[n_big: 2 * n_big]] = tail_logit + torch.rand(n_big, generator=gen,
+                                                              dtype=torch.float64) * 1e-3
     rows = [torch.randn(C, generator=gen) * 12.0, medium,  # peaked, medium,
-            torch.randn(C, generator=gen) * 0.01]  # flat logits
+            torch.randn(C, generator=gen) * 0.01, heavy.float()]  # flat, heavy
+    flagged = []  # the heads left to the overflow kernel, seen as it is launched
+    overflow = T._topp_overflow_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                flagged.append((args[3] < 0).nonzero().view(-1).tolist())  # lo, before it
+                return overflow[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(T, "_topp_overflow_kernel", Spy())
     scores = torch.stack(rows).to(device)
     probs = torch.softmax(scores.float(), -1)
     for p in (0.5, 0.9, 0.95):
@@ -243,14 +267,18 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch):
         assert mid == width
         assert surv[0] <= small and surv[2] > mid, surv  # the tiers are exercised
         assert p < 0.9 or small < surv[1] <= mid, surv
+        if p == 0.95:  # over MID above the floor, at most MID above twice it
+            assert surv[3] > mid >= int((probs[3] >= 2 * floor).sum()), surv
         newest = torch.arange(C, device=device) == C - 1
         ref = T.topp_mask_ref(probs, p) | newest  # per head, plus the newest token
-        for H, G in ((1, 3), (3, 1)):
+        for H, G in ((1, 4), (4, 1)):
             s = scores.view(1, H, G, C)
             cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
             cnt = torch.full((1, H), C, dtype=torch.int32, device=device)
             k1, n1 = T.prune_from_scores_ref(s.clone(), cand, cnt, p, 1, 0)
             k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
+            if p == 0.95:  # row i is head i: the flat one flagged, the heavy one not
+                assert 2 in flagged[-1] and 3 not in flagged[-1], flagged[-1]
             for h in range(H):
                 got = set(k2[0, h, : int(n2[0, h])].tolist())
                 assert set(k1[0, h, : int(n1[0, h])].tolist()) == got, (p, surv, H)
