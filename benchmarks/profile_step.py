@@ -3,7 +3,8 @@
 Same inputs as ``bench_attention.py`` (Llama-3.1-8B layer shapes, its key law); the step runs
 eagerly under ``torch.profiler`` and every kernel's device time is averaged over the steps, so
 the stage totals of ``bench_attention.py`` can be split into kernels (the graph replay time is
-printed beside them).
+printed beside them). By default the step runs in one row group, so that kernels do not overlap
+and each one's time is its own (``--groups 0``: the default rule of ``ops.DECODE_GROUPS``).
 
 Usage: python benchmarks/profile_step.py --batches 8,64 --context 32768 --out prof.json
 """
@@ -26,7 +27,21 @@ from sglang_twilight import ops  # noqa: E402
 from sglang_twilight.kernels import topp as _topp  # noqa: E402
 
 
-def profile_case(bs, ctx, steps, top_p, budget, H=8, G=4, D=128, dtype=torch.bfloat16):
+def profile_case(bs, ctx, steps, top_p, budget, groups, H=8, G=4, D=128, dtype=torch.bfloat16):
+    """``groups``: row groups while profiling (``ops.DECODE_GROUPS``; 1: the kernels run one
+    after the other, so each one's device time is its own, not shared with another group's)."""
+    default = dict(ops.DECODE_GROUPS)
+    try:
+        graph_default = _profile(bs, ctx, 0, top_p, budget, H, G, D, dtype)["graph_ms"]
+        if groups:
+            ops.DECODE_GROUPS = dict(min_requests=1, groups=groups, keep_all_groups=groups)
+        r = _profile(bs, ctx, steps, top_p, budget, H, G, D, dtype)
+    finally:
+        ops.DECODE_GROUPS = default
+    return dict(r, graph_ms_default_groups=graph_default, groups=groups or "default")
+
+
+def _profile(bs, ctx, steps, top_p, budget, H, G, D, dtype):
     inp = make_inputs(bs, ctx, H, G, D, dtype, "cuda")
     sm = 1 / math.sqrt(D)
     ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
@@ -45,6 +60,9 @@ def profile_case(bs, ctx, steps, top_p, budget, H=8, G=4, D=128, dtype=torch.bfl
         step()
     torch.cuda.synchronize()
     graph = graph_ms(step)
+    if not steps:
+        inp.clear()
+        return dict(graph_ms=graph)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -91,13 +109,16 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--budget", type=int, default=8192)
+    ap.add_argument("--groups", type=int, default=1,
+                    help="row groups while profiling (0: the default rule, ops.DECODE_GROUPS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     res = []
     for bs in map(int, args.batches.split(",")):
-        r = profile_case(bs, args.context, args.steps, args.top_p, args.budget)
+        r = profile_case(bs, args.context, args.steps, args.top_p, args.budget, args.groups)
         res.append(r)
-        print(f"batch {bs} x {args.context}: graph {r['graph_ms']:.4f} ms, kept {r['kept_tokens']:.0f}"
+        print(f"batch {bs} x {args.context}: graph {r['graph_ms']:.4f} ms ({r['groups']} groups; "
+              f"{r['graph_ms_default_groups']:.4f} with the default), kept {r['kept_tokens']:.0f}"
               f", above the floor {r['above_floor']}")
         for k in r["kernels"]:
             print(f"  {k['us']:9.2f} us  x{k['calls']}  {k['name'][:90]}")
