@@ -299,8 +299,8 @@ if triton is not None:
         the floor in e) under which the row's whole mass still weighs no more than top-p may
         drop ((1 - p) * tot, less the same 0.1% margin). Every kept entry is above it, so the
         search over the fewer entries above it ends on the same threshold. On the benchmark's
-        keys the heads over 4096 entries have ~1850 above 4x the floor (``tests`` check the
-        kept sets); -> ``s_floor`` itself when no candidate qualifies."""
+        keys no head is left over the 4096 block above it (``profile_step.py`` counts them);
+        -> ``s_floor`` itself when no candidate qualifies."""
         c = tl.arange(0, CHUNK)
         k = tl.arange(0, 4) + 1
         s_k = s_floor + k.to(tl.float32) * 0.6931471805599453  # [4] candidate floors
