@@ -198,7 +198,9 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
     runs them (rows with ``p >= 1`` keep every candidate). Rows with ``seq_len < min_sparse_len``
     keep every token (exact dense attention); that needs
     ``min_sparse_len <= budget``. ``selector="none"`` takes every token as a candidate (needs
-    ``budget >= max seq_len``). All shapes depend on (R, budget, max context) only.
+    ``budget >= max seq_len``). All shapes depend on (R, budget, max context) only. With the
+    Triton backend the requests may run in row groups (``DECODE_GROUPS``), each on one of the
+    workspace's CUDA streams, forked from the caller's stream and joined back before returning.
     """
     R = q.shape[0]
     if min_sparse_len > capacity_for(budget, page_size):
@@ -301,9 +303,11 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, re
 # kernels of one group (top-K pages, top-p, union) overlap with the bandwidth-bound ones of
 # another (page scores, estimate) instead of leaving the GPU idle. At 32k, Twilight's step with
 # 4 groups against 1: 185.6 vs 200.5 us at batch 16, 320.6 vs 349.3 at 32, 614.3 vs 648.1 at 64,
-# 109.7 vs 111.2 at 8. Quest alone (every candidate attended, ``keep_all_groups``) gained
-# nothing at any batch and lost with 4 (994.9 vs 969.8 us at 64), so it keeps one
-# (tune_groups_h100.json)
+# 109.7 vs 111.2 at 8 (tune_groups_h100.json; a second sweep, tune_refloor_groups_h100.json:
+# 180.7 vs 185.4, 315.6 vs 331.0, 615.3 vs 629.9, 110.5 vs 110.8). Quest alone (every candidate
+# attended, ``keep_all_groups``) gained nothing at any batch and lost with 4 (994.9 vs 969.8 us
+# at 64), so it keeps one. The grouped step's time varies more between processes than one
+# group's (docs/KERNELS.md)
 DECODE_GROUPS = dict(min_requests=8, groups=4, keep_all_groups=1)
 
 
