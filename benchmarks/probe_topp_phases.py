@@ -1,0 +1,137 @@
+"""Where the top-p kernel's time goes: per-program phase times from ``%globaltimer`` stamps.
+
+A copy of ``kernels/topp.py`` is instrumented: each program of ``_topp_head_kernel`` stores the
+GPU's global timer at its start, after the max/sum pass, after the compaction (and the raised
+floor, when taken) and before its last stores. On the inputs of ``bench_attention.py`` (its key
+law, Quest B0 = 8192 candidates, top-p 0.95) the kernel runs once after warm-up; per batch the
+JSON has the mean time of each phase, the mean and max time of a program, the kernel's span,
+when programs started (quantiles: the waves), and how many programs were resident on average
+(programs x mean time / span / SMs). The stamps add a few instructions, so absolute times are a
+little above the kernel's own; compare phases, not the total.
+
+Usage: python benchmarks/probe_topp_phases.py --batches 8,64 --out topp_phases.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import PAGE, make_inputs, source_commit  # noqa: E402
+
+from sglang_twilight import ops  # noqa: E402
+from sglang_twilight.kernels import quest as Q  # noqa: E402
+from sglang_twilight.kernels import topp as T0  # noqa: E402
+
+# (line the stamp goes before, name of the phase that ends there)
+MARKS = [("c = tl.arange(0, CHUNK)", None),
+         ("s_floor = _topp_floor(", "max/sum pass"),
+         ("tl.debug_barrier()  # this program's stores", "compaction (+ raised floor)"),
+         ("tl.store(lo_ptr + pid, lo)", "search + marks")]
+STAMP = "tl.store(tptr + tl.program_id(0) * 8 + {i}, tl.extra.cuda.globaltimer())"
+
+
+def instrumented_topp():
+    """kernels/topp.py with the stamps in _topp_head_kernel (an extra first argument ``tptr``),
+    loaded as a module of the kernels package so its relative imports resolve."""
+    src = open(T0.__file__).read()
+    a = src.index("def _topp_head_kernel(")
+    b = src.index("@triton.jit", a)
+    body = src[a:b].replace("def _topp_head_kernel(\n", "def _topp_head_kernel(\n        tptr,\n", 1)
+    for i, (line, _) in enumerate(MARKS):
+        m = re.search(r"\n( *)" + re.escape(line), body)
+        if m is None:
+            raise SystemExit(f"probe_topp_phases: '{line}' is no longer in _topp_head_kernel")
+        body = body.replace(m.group(0), "\n" + m.group(1) + STAMP.format(i=i) + m.group(0), 1)
+    path = os.path.join(os.path.dirname(T0.__file__), "_topp_probe_tmp.py")
+    with open(path, "w") as f:
+        f.write(src[:a] + body + src[b:])
+    try:
+        spec = importlib.util.spec_from_file_location(T0.__package__ + "._topp_probe_tmp", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    finally:
+        os.unlink(path)
+    return mod
+
+
+def probe(T, bs, ctx, H=8, G=4, D=128):
+    inp = make_inputs(bs, ctx, H, G, D, torch.bfloat16, "cuda")
+    sm = 1 / math.sqrt(D)
+    ws = ops.DecodeWorkspace.allocate(bs, H, G, D, 8192, PAGE, ctx, "cuda")
+    pr = torch.full((bs,), 0.95, dtype=torch.float32, device="cuda")
+    cand, cnt = Q.quest_select_pages_triton(
+        inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], ws.capacity,
+        PAGE, max_pages=ws.max_pages, cand_pages=ws.cand_pages[:bs], cand_counts=ws.cand_counts[:bs])
+    scores = T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
+                                  out=ws.scores[:bs], page_size=PAGE)
+    C = scores.shape[-1]
+    c_pad = 1 << (C - 1).bit_length()
+    n = bs * H * G
+    lo, tot, mx = ws.head_lo[:n], ws.head_tot[:n], ws.head_max[:n]
+    marks = ws.union_marks[:bs]
+    stamps = torch.zeros(n * 8, dtype=torch.int64, device="cuda")
+
+    def launch():
+        T._topp_head_kernel[(n,)](
+            stamps, scores, cnt, pr, lo, tot, mx, ws.topp_scratch, marks, scores.stride(0),
+            scores.stride(1), scores.stride(2), marks.stride(0), marks.stride(1), H=H, G=G,
+            SCRATCH=T.topp_scratch_width(C), **T._topp_launch(c_pad))
+        marks.zero_()
+
+    for _ in range(3):
+        launch()
+    torch.cuda.synchronize()
+    stamps.zero_()
+    launch()
+    torch.cuda.synchronize()
+    t = stamps.view(n, 8)[:, : len(MARKS)].double() / 1e3  # us
+    t0 = t[:, 0].min()
+    dur = t[:, -1] - t[:, 0]
+    span = float(t[:, -1].max() - t0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    starts = t[:, 0] - t0
+    res = dict(batch=bs, context=ctx, programs=n, config=T._topp_launch(c_pad),
+               phases_us={name: round(float((t[:, i] - t[:, i - 1]).mean()), 2)
+                          for i, (_, name) in enumerate(MARKS) if name},
+               program_us_mean=round(float(dur.mean()), 2), program_us_max=round(float(dur.max()), 2),
+               span_us=round(span, 2),
+               start_quantiles_us=[round(float(starts.quantile(q)), 2) for q in (0, .25, .5, .75, 1)],
+               resident_per_sm=round(float(n * dur.mean() / span / sms), 2))
+    inp.clear()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="8,64")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    T = instrumented_topp()
+    rows = []
+    for bs in map(int, args.batches.split(",")):
+        rows.append(probe(T, bs, args.context))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        import triton
+
+        with open(args.out, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(),
+                           versions=dict(torch=torch.__version__, triton=triton.__version__),
+                           commit=source_commit(), command="python " + " ".join(sys.argv),
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
