@@ -151,7 +151,7 @@ class DecodeWorkspace:
         cuda = torch.device(device).type == "cuda"
         sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 8
         # the split counts depend on R only; size the partials for the worst R
-        mid_rows = max(_attend_mid_rows(r, H, sms, keep_all)
+        mid_rows = max(_mid_rows(_group_plan(r, H, sms, keep_all), H)
                        for r in range(1, max_rows + 1) for keep_all in (False, True))
         n_groups = max(decode_groups(r, keep_all) for r in range(1, max_rows + 1)
                        for keep_all in (False, True))
@@ -234,25 +234,24 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
         raise ValueError("selector 'none' needs a workspace whose capacity covers the max context")
     keep_all = _static_keep_all(p)
     H, G = ws.num_kv_heads, ws.group
-    need = _attend_mid_rows(R, H, ws.num_sms, keep_all) * G
+    plan = _group_plan(R, H, ws.num_sms, keep_all)
+    need = _mid_rows(plan, H) * G
     if ws.mid_lse.numel() < need:
         raise ValueError(f"workspace partials hold {ws.mid_lse.numel()} rows, a step of {R} "
                          f"requests needs {need}: allocate it under the same DECODE_GROUPS")
     if out is None:
         out = torch.empty_like(q)
-    groups = _row_groups(R, decode_groups(R, keep_all))
-    streams = ws.streams if q.is_cuda else []
-    if len(groups) == 1 or len(streams) < len(groups) - 1:
-        streams = []  # one stream: the groups run one after the other
+    streams = ws.streams[: len(plan) - 1] if q.is_cuda else []
+    if len(streams) < len(plan) - 1:
+        streams = []  # too few streams (or one group): the groups run one after the other
     main = torch.cuda.current_stream(q.device) if streams else None
-    for s in streams[: len(groups) - 1]:
+    for s in streams:
         s.wait_stream(main)  # every group starts after what came before the step
     mid = 0
     width = _topp.topp_scratch_width(ws.capacity)
-    for i, (r0, r1) in enumerate(groups):
+    for i, (r0, r1, splits) in enumerate(plan):
         rows = slice(r0, r1)
         heads = slice(r0 * H * G, r1 * H * G)
-        splits = _attend.attend_splits((r1 - r0) * H, ws.num_sms, keep_all)
         n_mid = (r1 - r0) * H * splits * G
         args = (q[rows], k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to_token,
                 req_pool_indices[rows], seq_lens[rows], p if keep_all else pr[rows])
@@ -271,7 +270,7 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
                 _decode_rows_triton(*args, **kw)
         else:
             _decode_rows_triton(*args, **kw)
-    for s in streams[: len(groups) - 1]:
+    for s in streams:
         main.wait_stream(s)  # the step ends when every group has
     return out, (ws.cand_counts if keep_all else ws.kept_counts)[:R]  # Quest alone: candidates
 
@@ -332,7 +331,13 @@ def _row_groups(R: int, n: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _attend_mid_rows(R: int, H: int, sms: int, keep_all: bool) -> int:
-    """(request, KV head, split) partial rows a step of R requests uses, over its row groups."""
-    return sum((r1 - r0) * H * _attend.attend_splits((r1 - r0) * H, sms, keep_all)
-               for r0, r1 in _row_groups(R, decode_groups(R, keep_all)))
+def _group_plan(R: int, H: int, sms: int, keep_all: bool) -> list[tuple[int, int, int]]:
+    """(r0, r1, attend splits) of each row group of a step of R requests: each group splits its
+    own (request, KV head) rows."""
+    return [(r0, r1, _attend.attend_splits((r1 - r0) * H, sms, keep_all))
+            for r0, r1 in _row_groups(R, decode_groups(R, keep_all))]
+
+
+def _mid_rows(plan: list[tuple[int, int, int]], H: int) -> int:
+    """(request, KV head, split) partial rows a step of ``plan``'s groups uses."""
+    return sum((r1 - r0) * H * splits for r0, r1, splits in plan)
