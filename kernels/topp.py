@@ -311,8 +311,7 @@ if triton is not None:
             acc += tl.where(s[None, :] < s_k[:, None], e[None, :], 0.0)
         under = tl.sum(acc, 1)  # [4] mass under each candidate
         ok = under <= (1.0 - p) * tot * 0.999
-        best = tl.max(tl.where(ok, k, 0), 0)
-        return s_floor + best.to(tl.float32) * 0.6931471805599453
+        return tl.max(tl.where(ok, s_k, s_floor), 0)  # the candidates rise with k
 
     @triton.jit
     def _topp_head_kernel(
