@@ -30,19 +30,23 @@ from sglang_twilight.kernels import topp as _topp  # noqa: E402
 def profile_case(bs, ctx, steps, top_p, budget, groups, H=8, G=4, D=128, dtype=torch.bfloat16):
     """``groups``: row groups while profiling (``ops.DECODE_GROUPS``; 1: the kernels run one
     after the other, so each one's device time is its own, not shared with another group's)."""
+    inp = make_inputs(bs, ctx, H, G, D, dtype, "cuda")
     default = dict(ops.DECODE_GROUPS)
     try:
-        graph_default = _profile(bs, ctx, 0, top_p, budget, H, G, D, dtype)["graph_ms"]
+        graph_default = _profile(inp, bs, ctx, 0, top_p, budget, H, G, D)["graph_ms"]
         if groups:
             ops.DECODE_GROUPS = dict(min_requests=1, groups=groups, keep_all_groups=groups)
-        r = _profile(bs, ctx, steps, top_p, budget, H, G, D, dtype)
+        r = _profile(inp, bs, ctx, steps, top_p, budget, H, G, D)
     finally:
         ops.DECODE_GROUPS = default
+        inp.clear()
+        torch.cuda.empty_cache()
     return dict(r, graph_ms_default_groups=graph_default, groups=groups or "default")
 
 
-def _profile(bs, ctx, steps, top_p, budget, H, G, D, dtype):
-    inp = make_inputs(bs, ctx, H, G, D, dtype, "cuda")
+def _profile(inp, bs, ctx, steps, top_p, budget, H, G, D):
+    """Graph replay time of the step on ``inp`` in a workspace of the current row groups, and
+    with ``steps`` > 0 the per-kernel profile."""
     sm = 1 / math.sqrt(D)
     ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
     pr = torch.full((bs,), top_p, dtype=torch.float32, device="cuda")
@@ -61,7 +65,6 @@ def _profile(bs, ctx, steps, top_p, budget, H, G, D, dtype):
     torch.cuda.synchronize()
     graph = graph_ms(step)
     if not steps:
-        inp.clear()
         return dict(graph_ms=graph)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -91,8 +94,6 @@ def _profile(bs, ctx, steps, top_p, budget, H, G, D, dtype):
         raised = torch.where(ok, fk, raised)
     surv_raised = (valid & (probs >= raised)).sum(-1).flatten()
     mid = _topp._topp_launch(1 << (C - 1).bit_length())["MID"]
-    inp.clear()
-    torch.cuda.empty_cache()
     return dict(batch=bs, context=ctx, graph_ms=graph, kept_tokens=kept,
                 above_floor=dict(mean=float(surv.float().mean()), max=int(surv.max()),
                                  heads=surv.numel(), heads_over_block=int((surv > mid).sum()),

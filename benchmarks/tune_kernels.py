@@ -158,10 +158,16 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     k0, n0 = [t.clone() for t in prune()]
 
     out = torch.empty_like(inp["q"])
-    step = lambda: ops.twilight_decode(
-        inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"],
-        inp["r2t"], inp["rpi"], inp["seq"], pr, budget=8192, page_size=PAGE, sm_scale=sm,
-        min_budget=1, max_budget=0, backend="triton", workspace=ws, out=out)
+
+    def decode(workspace, p):
+        """The whole step (select, prune, attend) in ``workspace`` (its row groups)."""
+        return ops.twilight_decode(
+            inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"],
+            inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], p, budget=8192, page_size=PAGE,
+            sm_scale=sm, min_budget=1, max_budget=0, backend="triton", workspace=workspace,
+            out=out)
+
+    step = lambda: decode(ws, pr)
 
     def log_prune(kind, cfg):
         """Time the prune with the variant in place, and the whole step (select, prune, attend;
@@ -193,7 +199,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         log_prune("maxnreg", dict(T.MAXNREG))
     T.MAXNREG = saved
     # attend over the kept slots: split count and launch shape of the split kernel
-    out = torch.empty_like(inp["q"])
     mid_o = torch.empty(bs * H * 16 * G, D, dtype=torch.float32, device="cuda")
     mid_lse = torch.empty(bs * H * 16 * G, dtype=torch.float32, device="cuda")
     att = lambda sp: A.sparse_decode_attention_triton(inp["q"], inp["k"], inp["v"], k0, n0, sm,
@@ -228,11 +233,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         ops.DECODE_GROUPS = dict(min_requests=1, groups=n, keep_all_groups=n)
         gws = ops.DecodeWorkspace.allocate(bs, H, G, D, 8192, PAGE, ctx, "cuda")
         for name, p in (("step_groups", pr), ("step_groups_quest", 1.0)):
-            step = lambda: ops.twilight_decode(
-                inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"],
-                inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], p, budget=8192, page_size=PAGE,
-                sm_scale=sm, min_budget=1, max_budget=0, backend="triton", workspace=gws,
-                out=out)
+            step = lambda: decode(gws, p)
             ms = graph_ms(step)
             o, kc = step()
             torch.cuda.synchronize()
