@@ -61,7 +61,8 @@ def test_topp_matches_sort_definition(n):
             continue
         # only allowed to differ where float summation order decides: cumsum within 1e-5 of p
         k = int(cnt[r])
-        near = abs(float(cs[k - 1]) - float(p[r])) < 1e-5 or (k >= 2 and abs(float(cs[k - 2]) - float(p[r])) < 1e-5)
+        near = (abs(float(cs[r, k - 1]) - float(p[r])) < 1e-5
+                or (k >= 2 and abs(float(cs[r, k - 2]) - float(p[r])) < 1e-5))
         assert near, (r, got[r].sum(), want[r].sum())
     # definition holds on every row: reaches p, and dropping the smallest kept entry does not
     kept_mass = (probs * got).sum(-1)
