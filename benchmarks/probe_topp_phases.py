@@ -46,11 +46,11 @@ def instrumented_topp():
     a = src.index("def _topp_head_kernel(")
     b = src.index("@triton.jit", a)
     body = src[a:b].replace("def _topp_head_kernel(\n", "def _topp_head_kernel(\n        tptr,\n", 1)
-    for i, (line, _) in enumerate(MARKS):
-        m = re.search(r"\n( *)" + re.escape(line), body)
-        if m is None:
+    for i, (line, _) in enumerate(MARKS):  # every place the line is (one per branch)
+        body, n = re.subn(r"\n( *)" + re.escape(line),
+                          lambda m: "\n" + m.group(1) + STAMP.format(i=i) + m.group(0), body)
+        if not n:
             raise SystemExit(f"probe_topp_phases: '{line}' is no longer in _topp_head_kernel")
-        body = body.replace(m.group(0), "\n" + m.group(1) + STAMP.format(i=i) + m.group(0), 1)
     path = os.path.join(os.path.dirname(T0.__file__), "_topp_probe_tmp.py")
     with open(path, "w") as f:
         f.write(src[:a] + body + src[b:])
@@ -150,13 +150,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--variants", default="",
+                    help="';'-separated variants of the kernel, each a ','-list of TOPP_CONFIG "
+                         "entries and maxnreg, e.g. 'ROW_MAX=8192,maxnreg=128;num_warps=16'; "
+                         "an empty one is the default")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     T = instrumented_topp()
     rows = []
+    variants = [dict(x.split("=") for x in v.split(",") if x) for v in args.variants.split(";")]
+    default, maxnreg = dict(T.TOPP_CONFIG), dict(T.MAXNREG)
     for bs in map(int, args.batches.split(",")):
-        rows.append(probe(T, bs, args.context))
-        print(json.dumps(rows[-1]), flush=True)
+        for v in variants:  # TOPP_CONFIG entries, and maxnreg (the top-p kernel's cap)
+            v = {k: (v[k] == "True" if v[k] in ("True", "False") else int(v[k])) for k in v}
+            T.MAXNREG = dict(maxnreg, topp=v.pop("maxnreg", maxnreg.get("topp")))
+            T.TOPP_CONFIG = dict(default, **v)
+            rows.append(dict(probe(T, bs, args.context), maxnreg=T.MAXNREG["topp"]))
+            print(json.dumps(rows[-1]), flush=True)
+    T.TOPP_CONFIG, T.MAXNREG = default, maxnreg
     if args.out:
         import triton
 
