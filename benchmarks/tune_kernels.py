@@ -37,11 +37,6 @@ TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w, REFLOOR=rf)
             (1024, 1024, 4096, 3, 8, True), (2048, 2048, 4096, 3, 8, True),
             (512, 2048, 4096, 3, 4, True), (1024, 2048, 4096, 3, 4, True),
             (1024, 2048, 4096, 1, 8, True), (2048, 2048, 4096, 3, 16, True)]]
-# the top-p row read whole into registers (ROW_MAX) or in chunks, at 8/16 warps, with the
-# register cap (maxnreg) that lets 2 programs share an SM
-ROWPASS = [(dict(ROW_MAX=0), None), (dict(ROW_MAX=8192), 128), (dict(ROW_MAX=8192), None),
-           (dict(ROW_MAX=8192, num_warps=16), 64), (dict(ROW_MAX=8192, num_warps=16), None),
-           (dict(ROW_MAX=0, num_warps=16), 64)]
 UNION = [8, 16]
 OVERFLOW = [4, 8, 16]
 ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
@@ -187,12 +182,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     for cfg in TOPP if not only or "topp" in only else TOPP[:2] if "refloor" in only else []:
         T.TOPP_CONFIG = cfg
         log_prune("topp+union", cfg)
-    saved = dict(T.MAXNREG)
-    for cfg, cap in ROWPASS if not only or "rowpass" in only else []:
-        T.TOPP_CONFIG = dict(default, **cfg)
-        T.MAXNREG = dict(saved, topp=cap)
-        log_prune("topp_rowpass", dict(cfg, maxnreg=cap))
-    T.TOPP_CONFIG, T.MAXNREG = default, saved
+    T.TOPP_CONFIG = default
     # warps of the 8192-candidate union and overflow kernels (their tables restored after)
     for kind, table, choices in (("union", T.UNION_WARPS, UNION),
                                  ("overflow", T.OVERFLOW_WARPS, OVERFLOW)):
@@ -262,7 +252,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups,refloor,rowpass")
+                         "overflow,maxnreg,attend,groups,refloor")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

@@ -293,17 +293,6 @@ if triton is not None:
         return n_surv
 
     @triton.jit
-    def _compact_row(s, idx, s_floor, buf, SCRATCH: tl.constexpr):
-        """``_compact_above`` of a whole row held in registers (``s``, -inf past the count): one
-        block scan instead of one a chunk -> n, however many there are."""
-        surv = s >= s_floor
-        pos = tl.cumsum(surv.to(tl.int32), 0) - 1
-        sm = surv & (pos < SCRATCH)
-        tl.store(buf + pos, idx, mask=sm)
-        tl.store(buf + SCRATCH + pos, s.to(tl.int32, bitcast=True), mask=sm)
-        return tl.sum(surv.to(tl.int32), 0)
-
-    @triton.jit
     def _topp_refloor(row, count, m, tot, p, s_floor, CHUNK: tl.constexpr, STAGES: tl.constexpr):
         """A higher droppable floor for a row with more entries above ``s_floor`` than the
         register block holds: the highest of s_floor + k ln 2 (k = 1..4, e.g. twice to 16 times
@@ -330,7 +319,6 @@ if triton is not None:
         stride_sh, stride_sg, stride_mr, stride_mh,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
         MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, REFLOOR: tl.constexpr,
-        ROW: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -347,9 +335,7 @@ if triton is not None:
         registers (nearly flat rows, a few heads in a thousand on the benchmark's keys:
         ``profile_step.py`` counts them; searched here chunk by chunk, re-reading the row at
         every step, one such head held up the whole kernel). The scores are only read (e is
-        recomputed where needed, same instructions, same bits), in CHUNK pieces; or, when
-        ``ROW`` (the padded row, at most ``TOPP_CONFIG["ROW_MAX"]``) is set, the whole row is
-        read once into registers for the max, the sum and the compaction (one block scan).
+        recomputed where needed, same instructions, same bits), in CHUNK pieces.
         """
         pid = tl.program_id(0)
         r = pid // (H * G)
@@ -363,31 +349,22 @@ if triton is not None:
         tot = tl.zeros([], tl.float32)
         lo = tl.zeros([], tl.int32)
         if p < 1.0:  # p >= 1 keeps every candidate: nothing to find
+            # pass 1: max and sum of exp, online per lane (one block reduction at the end, not
+            # two per chunk: top-p + union 54.8 vs 56.7 us at batch 8, 401.8 vs 415.3 at 64, H100)
+            mv = tl.full([CHUNK], float("-inf"), tl.float32)
+            tv = tl.zeros([CHUNK], tl.float32)
+            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+                s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+                m_new = tl.maximum(mv, s)
+                m_ok = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with nothing yet
+                tv = tv * tl.exp(mv - m_ok) + tl.exp(s - m_ok)
+                mv = m_new
+            m = tl.max(mv, 0)
+            tot = tl.sum(tv * tl.exp(mv - m), 0)
+            s_floor = _topp_floor(m, tot, p, count)
             buf = scratch_ptr + pid.to(tl.int64) * (2 * SCRATCH)
-            if ROW:  # the whole row in registers: read once, one scan
-                idx = tl.arange(0, ROW)
-                s_row = tl.load(row + idx, mask=idx < count, other=float("-inf"))
-                m = tl.max(s_row, 0)
-                tot = tl.sum(tl.exp(s_row - m), 0)
-                s_floor = _topp_floor(m, tot, p, count)
-                n_surv = _compact_row(s_row, idx, s_floor, buf, SCRATCH)
-            else:
-                # pass 1: max and sum of exp, online per lane (one block reduction at the end,
-                # not two per chunk: top-p + union 54.8 vs 56.7 us at batch 8, 401.8 vs 415.3
-                # at 64, H100)
-                mv = tl.full([CHUNK], float("-inf"), tl.float32)
-                tv = tl.zeros([CHUNK], tl.float32)
-                for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-                    s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
-                    m_new = tl.maximum(mv, s)
-                    m_ok = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with nothing yet
-                    tv = tv * tl.exp(mv - m_ok) + tl.exp(s - m_ok)
-                    mv = m_new
-                m = tl.max(mv, 0)
-                tot = tl.sum(tv * tl.exp(mv - m), 0)
-                s_floor = _topp_floor(m, tot, p, count)
-                # pass 2: the survivors (index, score) compacted into the scratch
-                n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES)
+            # pass 2: the survivors (index, score) compacted into the scratch
+            n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES)
             if REFLOOR and n_surv > MID:  # a nearly flat row: a higher floor before flagging it
                 s_floor = _topp_refloor(row, count, m, tot, p, s_floor, CHUNK, STAGES)
                 tl.debug_barrier()  # every thread is done with the first compaction
@@ -550,10 +527,7 @@ def topp_scratch_width(capacity: int) -> int:
 # in CHUNK pieces; a head with at most SMALL (else MID) entries above the floor is searched in a
 # register block of that size; MID is capped at the scratch width; REFLOOR: a head with more than
 # MID entries above the floor tries a higher floor before it is left to the overflow kernel
-# ROW_MAX: a padded row up to that many entries is read whole into registers (one pass, one
-# scan); 0: always in CHUNK pieces
-TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFLOOR=True,
-                   ROW_MAX=0)
+TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFLOOR=True)
 
 # register cap a thread (ptxas .maxnreg) of the prune kernels; None: the compiler's choice. An SM
 # holds 64K registers, so a cap sets how many programs share it (tuned on the H100 by
@@ -572,7 +546,6 @@ def _topp_launch(c_pad: int) -> dict:
     cfg["CHUNK"] = min(cfg["CHUNK"], c_pad)
     cfg["MID"] = min(cfg["MID"], width)
     cfg["SMALL"] = min(cfg["SMALL"], cfg["MID"])
-    cfg["ROW"] = c_pad if c_pad <= cfg.pop("ROW_MAX", 0) else 0
     if c_pad <= 256:
         cfg["num_warps"] = min(cfg["num_warps"], 4)
     return cfg
