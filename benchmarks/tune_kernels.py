@@ -27,16 +27,21 @@ from sglang_twilight.kernels import topp as T  # noqa: E402
 ESTIMATE = [dict(BLOCK_N=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (128, 1, 1, 4), (64, 4, 3, 2), (128, 4, 3, 4), (64, 2, 3, 2), (64, 8, 3, 2), (64, 4, 4, 2),
     (128, 4, 3, 2), (32, 4, 3, 1), (64, 4, 3, 1), (64, 8, 4, 2), (32, 8, 3, 2), (128, 2, 3, 2),
-    (64, 8, 3, 4), (64, 4, 3, 4)]]
+    (64, 8, 3, 4), (64, 4, 3, 4), (64, 8, 5, 2), (64, 8, 6, 2), (32, 16, 6, 2), (64, 4, 5, 1),
+    (32, 8, 5, 1)]]
 PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (64, 1, 1, 4), (32, 4, 2, 4), (32, 1, 1, 4), (32, 4, 3, 2), (16, 8, 3, 2), (32, 8, 3, 2),
-    (16, 4, 2, 1), (32, 2, 2, 4)]]
+    (16, 4, 2, 1), (32, 2, 2, 4), (32, 4, 3, 4), (32, 4, 4, 4), (16, 4, 3, 2), (64, 2, 2, 8)]]
 TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w, REFLOOR=rf)
         for c, s, m, st, w, rf in [
             (1024, 2048, 4096, 3, 8, True), (1024, 2048, 4096, 3, 8, False),
             (1024, 1024, 4096, 3, 8, True), (2048, 2048, 4096, 3, 8, True),
             (512, 2048, 4096, 3, 4, True), (1024, 2048, 4096, 3, 4, True),
-            (1024, 2048, 4096, 1, 8, True), (2048, 2048, 4096, 3, 16, True)]]
+            (1024, 2048, 4096, 1, 8, True), (2048, 2048, 4096, 3, 16, True),
+            # deeper pipelining of the row passes (more chunks in flight)
+            (1024, 2048, 4096, 4, 8, True), (1024, 2048, 4096, 5, 8, True),
+            (1024, 2048, 4096, 6, 8, True), (512, 2048, 4096, 6, 8, True),
+            (512, 2048, 4096, 8, 8, True), (2048, 2048, 4096, 4, 8, True)]]
 UNION = [8, 16]
 OVERFLOW = [4, 8, 16]
 ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
