@@ -28,7 +28,7 @@ ESTIMATE = [dict(BLOCK_N=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (128, 1, 1, 4), (64, 4, 3, 2), (128, 4, 3, 4), (64, 2, 3, 2), (64, 8, 3, 2), (64, 4, 4, 2),
     (128, 4, 3, 2), (32, 4, 3, 1), (64, 4, 3, 1), (64, 8, 4, 2), (32, 8, 3, 2), (128, 2, 3, 2),
     (64, 8, 3, 4), (64, 4, 3, 4), (64, 8, 5, 2), (64, 8, 6, 2), (32, 16, 6, 2), (64, 4, 5, 1),
-    (32, 8, 5, 1)]]
+    (32, 8, 5, 1), (64, 8, 8, 2), (64, 16, 8, 2), (64, 4, 6, 1), (128, 4, 5, 2)]]
 PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (64, 1, 1, 4), (32, 4, 2, 4), (32, 1, 1, 4), (32, 4, 3, 2), (16, 8, 3, 2), (32, 8, 3, 2),
     (16, 4, 2, 1), (32, 2, 2, 4), (32, 4, 3, 4), (32, 4, 4, 4), (16, 4, 3, 2), (64, 2, 2, 8)]]
@@ -182,12 +182,18 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         log(kind, cfg, ms, minus_estimate_ms=ms - est_ms, rows_differing=same_sets(k0, n0, k1, n1),
             step_ms=graph_ms(step))
 
-    default = dict(T.TOPP_CONFIG)
+    default = dict(T.TOPP_CONFIG), T.TOPP_WIDE_HEADS
+    T.TOPP_WIDE_HEADS = 1 << 30  # the sweep sets the one launch shape used at every batch
     # ("refloor": only the first two, the default with and without the raised floor)
     for cfg in TOPP if not only or "topp" in only else TOPP[:2] if "refloor" in only else []:
         T.TOPP_CONFIG = cfg
         log_prune("topp+union", cfg)
-    T.TOPP_CONFIG = default
+    T.TOPP_CONFIG = default[0]
+    # the wide top-p launch shape (TOPP_CONFIG_WIDE) at this batch or not
+    for wide in (False, True) if not only or "topp_wide" in only else []:
+        T.TOPP_WIDE_HEADS = 0 if wide else 1 << 30
+        log_prune("topp_wide", dict(T.TOPP_CONFIG_WIDE if wide else T.TOPP_CONFIG, wide=wide))
+    T.TOPP_WIDE_HEADS = default[1]
     # warps of the 8192-candidate union and overflow kernels (their tables restored after)
     for kind, table, choices in (("union", T.UNION_WARPS, UNION),
                                  ("overflow", T.OVERFLOW_WARPS, OVERFLOW)):
@@ -257,7 +263,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups,refloor")
+                         "overflow,maxnreg,attend,groups,refloor,topp_wide")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

@@ -488,8 +488,8 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
 # launch shape of the estimate (tuned on the H100 by benchmarks/tune_kernels.py); from
 # ESTIMATE_WIDE_ROWS (request, KV head) rows on, ESTIMATE_CONFIG_WIDE: with enough programs to
 # fill the GPU many times over, smaller programs at one warp win
-ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=3, num_warps=2)
-ESTIMATE_CONFIG_WIDE = dict(BLOCK_N=64, ITERS=4, STAGES=3, num_warps=1)
+ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=6, num_warps=2)
+ESTIMATE_CONFIG_WIDE = dict(BLOCK_N=64, ITERS=4, STAGES=5, num_warps=1)
 ESTIMATE_WIDE_ROWS = 256
 # how the estimate turns int4 codes into bf16/fp16: "asm" (_unpack_nibbles) or "convert"
 # (Triton's integer ops and conversions; always in the interpreter)
@@ -528,6 +528,10 @@ def topp_scratch_width(capacity: int) -> int:
 # register block of that size; MID is capped at the scratch width; REFLOOR: a head with more than
 # MID entries above the floor tries a higher floor before it is left to the overflow kernel
 TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFLOOR=True)
+# from TOPP_WIDE_HEADS q heads in the whole decode step (every row group) on, smaller programs:
+# with the GPU full many times over, more of them share an SM
+TOPP_CONFIG_WIDE = dict(TOPP_CONFIG, CHUNK=512, num_warps=4)
+TOPP_WIDE_HEADS = 2048
 
 # register cap a thread (ptxas .maxnreg) of the prune kernels; None: the compiler's choice. An SM
 # holds 64K registers, so a cap sets how many programs share it (tuned on the H100 by
@@ -540,8 +544,11 @@ def _maxnreg(kernel: str) -> dict:
     return {} if n is None else dict(maxnreg=int(n))
 
 
-def _topp_launch(c_pad: int) -> dict:
-    cfg = dict(TOPP_CONFIG, **_maxnreg("topp"))
+def _topp_launch(c_pad: int, step_heads: int = 0) -> dict:
+    """Launch shape of the top-p kernel for padded rows of ``c_pad`` in a decode step of
+    ``step_heads`` q heads in all (``TOPP_CONFIG_WIDE`` from ``TOPP_WIDE_HEADS`` on)."""
+    base = TOPP_CONFIG_WIDE if step_heads >= TOPP_WIDE_HEADS else TOPP_CONFIG
+    cfg = dict(base, **_maxnreg("topp"))
     width = topp_scratch_width(c_pad)
     cfg["CHUNK"] = min(cfg["CHUNK"], c_pad)
     cfg["MID"] = min(cfg["MID"], width)
@@ -553,11 +560,12 @@ def _topp_launch(c_pad: int) -> dict:
 
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                              kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
-                             scratch=None, mx=None, marks=None):
+                             scratch=None, mx=None, marks=None, step_heads=None):
     """Top-p per q head, then union / clamps / compaction per KV head; ``scores`` is only read.
     ``lo``, ``tot``, ``mx`` (R*H*G each) receive each head's threshold key, sum of e and row
     max, where e = exp(s - max). ``scratch``: int32, ``2*R*H*G*topp_scratch_width(C)`` entries
-    or more. ``marks``: int8 [R, H, C], all zero (it is left all zero)."""
+    or more. ``marks``: int8 [R, H, C], all zero (it is left all zero). ``step_heads``: q heads
+    of the whole decode step when these rows are one of its row groups (the launch shape)."""
     R, H, G, C = scores.shape
     dev = scores.device
     pr = _rows_p(p, R, dev)
@@ -584,7 +592,7 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     mstrides = (marks.stride(0), marks.stride(1))
     _topp_head_kernel[(R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, scratch, marks, *strides, *mstrides, H=H, G=G,
-        SCRATCH=width, **_topp_launch(C_PAD),
+        SCRATCH=width, **_topp_launch(C_PAD, step_heads or R * H * G),
     )
     _topp_overflow_kernel[(R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, marks, *strides, *mstrides, H=H, G=G, C_PAD=C_PAD,
@@ -619,10 +627,11 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
 
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
-                          tot=None, page_size=0, scratch=None, mx=None, marks=None):
+                          tot=None, page_size=0, scratch=None, mx=None, marks=None,
+                          step_heads=None):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
     scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores,
                                 page_size=page_size)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                                     kept_slots, kept_counts, lo, tot, page_size, scratch, mx,
-                                    marks)
+                                    marks, step_heads)

@@ -264,7 +264,7 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
         mid += n_mid
         kw = dict(budget=ws.capacity, page_size=page_size, sm_scale=sm_scale,
                   min_budget=min_budget, max_budget=max_budget, max_pages=ws.max_pages,
-                  splits=splits, out=out[rows], **bufs)
+                  splits=splits, out=out[rows], step_heads=R * H * G, **bufs)
         if i > 0 and streams:
             with torch.cuda.stream(streams[i - 1]):
                 _decode_rows_triton(*args, **kw)
@@ -279,9 +279,10 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, re
                         req_pool_indices, seq_lens, p, *, budget, page_size, sm_scale, min_budget,
                         max_budget, max_pages, splits, out, page_scores, cand_pages, cand_counts,
                         scores, kept_slots, kept_counts, lo, tot, mx, marks, scratch, mid_o,
-                        mid_lse):
+                        mid_lse, step_heads):
     """select -> prune -> attend of a group of rows, in the caller's workspace slices: a Python
-    float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row."""
+    float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row.
+    ``step_heads``: q heads of the whole step (the top-p launch shape)."""
     pages, cnt = _quest.quest_select_pages_triton(
         q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size,
         max_pages=max_pages, scores=page_scores, cand_pages=cand_pages, cand_counts=cand_counts)
@@ -291,7 +292,7 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, re
         kept, kcnt = _topp.twilight_prune_triton(
             q, kq, kscale, kzero, pages, cnt, p, sm_scale, min_budget, max_budget,
             scores=scores, kept_slots=kept_slots, kept_counts=kept_counts, lo=lo, tot=tot,
-            page_size=page_size, scratch=scratch, mx=mx, marks=marks)
+            page_size=page_size, scratch=scratch, mx=mx, marks=marks, step_heads=step_heads)
     _attend.sparse_decode_attention_triton(q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
                                            splits=splits, mid_o=mid_o, mid_lse=mid_lse)
 
