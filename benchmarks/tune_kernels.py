@@ -203,6 +203,12 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
             log_prune(kind, dict(num_warps=w))
         table.clear()
         table.update(saved)
+    # the overflow kernel's grid: a program per KV head (looking at its G q heads) or per q head
+    for per_kv in (False, True) if not only or "overflow_grid" in only else []:
+        saved = T.OVERFLOW_PER_KV
+        T.OVERFLOW_PER_KV = per_kv
+        log_prune("overflow_grid", dict(per_kv=per_kv))
+        T.OVERFLOW_PER_KV = saved
     # register caps of the prune kernels (how many programs share an SM)
     saved = dict(T.MAXNREG)
     for cfg in [{}] + MAXNREG if not only or "maxnreg" in only else []:
@@ -263,7 +269,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups,refloor,topp_wide")
+                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

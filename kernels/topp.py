@@ -386,33 +386,47 @@ if triton is not None:
     def _topp_overflow_kernel(
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, mark_ptr, stride_sr, stride_sh,
         stride_sg, stride_mr, stride_mh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
+        PER_KV: tl.constexpr, G_PAD: tl.constexpr,
     ):
-        """One program per (request, q head); only the heads ``_topp_head_kernel`` flagged
-        (``lo`` = -1: more entries above the floor, even a raised one, than its register block) do
-        anything: the same search over the whole row, held in registers, among the entries above
-        the first floor (every floor used keeps every entry top-p keeps, so the search ends on the
-        same threshold), then their kept entries marked. A kernel of its
-        own so that the union kernel, which runs for every row, stays lean (with this search
+        """Only the q heads ``_topp_head_kernel`` flagged (``lo`` = -1: more entries above the
+        floor, even a raised one, than its register block) do anything: the same search over the
+        whole row, held in registers, among the entries above the first floor (every floor used
+        keeps every entry top-p keeps, so the search ends on the same threshold), then their kept
+        entries marked. One program per (request, KV head), which looks at its G q heads' ``lo``
+        at once and searches the flagged ones in turn (``PER_KV``), or one per (request, q
+        head): nearly every program only exits, and G times fewer of them cost less. A kernel of
+        its own so that the union kernel, which runs for every row, stays lean (with this search
         inside it took 13.6 instead of 7.7 us at batch 8 x 32k on the H100)."""
         pid = tl.program_id(0)
-        if tl.load(lo_ptr + pid) >= 0:
-            return
-        r = pid // (H * G)
-        h = (pid // G) % H
-        g = pid % G
-        count = tl.load(count_ptr + r * H + h)
-        p = tl.load(p_ptr + r)
-        m = tl.load(max_ptr + pid)
-        tot = tl.load(tot_ptr + pid)
+        if PER_KV:
+            gg = tl.arange(0, G_PAD)
+            if tl.min(tl.load(lo_ptr + pid * G + gg, mask=gg < G, other=0), 0) >= 0:
+                return
+            first = pid * G
+            n_heads = G
+        else:
+            if tl.load(lo_ptr + pid) >= 0:
+                return
+            first = pid
+            n_heads = 1
         idx = tl.arange(0, C_PAD)
-        valid = idx < count
-        s = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx, mask=valid,
-                    other=float("-inf"))
-        above = valid & (s >= _topp_floor(m, tot, p, count))
-        key, t = _topp_threshold(s, above, m, p * tot)
-        tl.store(mark_ptr + r * stride_mr + h * stride_mh + idx, tl.full([C_PAD], 1, tl.int8),
-                 mask=above & (key >= t))
-        tl.store(lo_ptr + pid, t)
+        for head in range(first, first + n_heads):
+            if tl.load(lo_ptr + head) < 0:
+                r = head // (H * G)
+                h = (head // G) % H
+                g = head % G
+                count = tl.load(count_ptr + r * H + h)
+                p = tl.load(p_ptr + r)
+                m = tl.load(max_ptr + head)
+                tot = tl.load(tot_ptr + head)
+                valid = idx < count
+                s = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
+                            mask=valid, other=float("-inf"))
+                above = valid & (s >= _topp_floor(m, tot, p, count))
+                key, t = _topp_threshold(s, above, m, p * tot)
+                tl.store(mark_ptr + r * stride_mr + h * stride_mh + idx,
+                         tl.full([C_PAD], 1, tl.int8), mask=above & (key >= t))
+                tl.store(lo_ptr + head, t)
 
     @triton.jit
     def _union_compact_kernel(
@@ -517,6 +531,8 @@ def _row_warps(c_pad: int) -> int:
 
 # warps of the overflow top-p kernel by padded row; rows not listed: as the union kernel
 OVERFLOW_WARPS: dict[int, int] = {}
+# the overflow kernel's grid: one program per (request, KV head) (True) or per q head (False)
+OVERFLOW_PER_KV = True
 
 
 def topp_scratch_width(capacity: int) -> int:
@@ -598,9 +614,11 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         scores, cand_counts, pr, lo, tot, mx, scratch, marks, *strides, *mstrides, H=H, G=G,
         SCRATCH=width, **_topp_launch(C_PAD, step_heads or R * H * G),
     )
-    _topp_overflow_kernel[(R * H * G,)](
+    per_kv = OVERFLOW_PER_KV
+    _topp_overflow_kernel[(R * H if per_kv else R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, marks, *strides, *mstrides, H=H, G=G, C_PAD=C_PAD,
-        num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)), **_maxnreg("overflow"),
+        PER_KV=per_kv, G_PAD=next_pow2(G), num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)),
+        **_maxnreg("overflow"),
     )
     _union_compact_kernel[(R * H,)](
         scores, marks, mx, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts,

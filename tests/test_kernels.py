@@ -210,15 +210,17 @@ def test_decode_mixed_batch_short_rows_dense(device):
             assert bool((kc[r] < 512).all())
 
 
-def test_topp_compaction_tiers_match_reference(device, monkeypatch):
+@pytest.mark.parametrize("overflow_per_kv", [True, False], ids=["overflow-per-kv", "overflow-per-q"])
+def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv):
     """The top-p kernel searches the entries above the droppable floor compacted in a register
     block of SMALL or MID values; a head with more first raises its floor and compacts again,
     and one still over MID is flagged and searched by the overflow kernel, its whole row in
     registers: q heads with peaked, medium, flat and heavy rows take these paths; each must keep
     the reference's set, alone (one q head per KV head) and in a group whose heads take
-    different paths."""
+    different paths. The overflow kernel runs a program per KV head or per q head."""
     from sglang_twilight.kernels import topp as T
 
+    monkeypatch.setattr(T, "OVERFLOW_PER_KV", overflow_per_kv)
     C = 8192
     if device == "cpu":  # small rows, several chunks each
         C = 256
