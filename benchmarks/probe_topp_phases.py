@@ -39,10 +39,26 @@ MARKS = [("c = tl.arange(0, CHUNK)", None),
 STAMP = "tl.store(tptr + tl.program_id(0) * 8 + {i}, tl.extra.cuda.globaltimer())"
 
 
-def instrumented_topp():
+# ablations of the compaction (``_compact_above``), to see what its time is made of: each drops
+# one part, so the kept sets are wrong; only the phase times mean anything
+ABLATIONS = {
+    "no-stores": [("            tl.store(buf + pos, st + c, mask=sm)\n", ""),
+                  ("            tl.store(buf + SCRATCH + pos, s.to(tl.int32, bitcast=True), "
+                   "mask=sm)\n", "")],
+    "no-scan": [("pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1", "pos = n_surv + c")],
+    "no-sum": [("n_surv += tl.sum(surv.to(tl.int32), 0)", "n_surv += CHUNK // 5")],
+}
+
+
+def instrumented_topp(ablation=None):
     """kernels/topp.py with the stamps in _topp_head_kernel (an extra first argument ``tptr``),
-    loaded as a module of the kernels package so its relative imports resolve."""
+    loaded as a module of the kernels package so its relative imports resolve; ``ablation``: a
+    name in ABLATIONS."""
     src = open(T0.__file__).read()
+    for old, new in ABLATIONS.get(ablation, []):
+        if old not in src:
+            raise SystemExit(f"probe_topp_phases: ablation {ablation}: '{old}' is not in topp.py")
+        src = src.replace(old, new)
     a = src.index("def _topp_head_kernel(")
     b = src.index("@triton.jit", a)
     body = src[a:b].replace("def _topp_head_kernel(\n", "def _topp_head_kernel(\n        tptr,\n", 1)
@@ -51,11 +67,12 @@ def instrumented_topp():
                           lambda m: "\n" + m.group(1) + STAMP.format(i=i) + m.group(0), body)
         if not n:
             raise SystemExit(f"probe_topp_phases: '{line}' is no longer in _topp_head_kernel")
-    path = os.path.join(os.path.dirname(T0.__file__), "_topp_probe_tmp.py")
+    path = os.path.join(os.path.dirname(T0.__file__), f"_topp_probe_tmp{abs(hash(ablation))}.py")
     with open(path, "w") as f:
         f.write(src[:a] + body + src[b:])
     try:
-        spec = importlib.util.spec_from_file_location(T0.__package__ + "._topp_probe_tmp", path)
+        name = os.path.basename(path)[:-3]
+        spec = importlib.util.spec_from_file_location(T0.__package__ + "." + name, path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
@@ -154,10 +171,18 @@ def main():
                     help="';'-separated variants of the kernel, each a ','-list of TOPP_CONFIG "
                          "entries and maxnreg, e.g. 'ROW_MAX=8192,maxnreg=128;num_warps=16'; "
                          "an empty one is the default")
+    ap.add_argument("--ablations", default="",
+                    help="comma list of ABLATIONS to time besides the kernel itself "
+                         "(its compaction phase only means anything)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     T = instrumented_topp()
     rows = []
+    for name in [a for a in args.ablations.split(",") if a]:
+        TA = instrumented_topp(name)
+        for bs in map(int, args.batches.split(",")):
+            rows.append(dict(probe(TA, bs, args.context), ablation=name))
+            print(json.dumps(rows[-1]), flush=True)
     variants = [dict(x.split("=") for x in v.split(",") if x) for v in args.variants.split(";")]
     default, maxnreg = dict(T.TOPP_CONFIG), dict(T.MAXNREG)
     for bs in map(int, args.batches.split(",")):
