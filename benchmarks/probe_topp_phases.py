@@ -99,6 +99,7 @@ def probe(T, bs, ctx, H=8, G=4, D=128):
     stamps = torch.zeros(n * 8, dtype=torch.int64, device="cuda")
 
     def launch():
+        ws.topp_scratch.zero_()  # an ablation may leave it unwritten: indices stay in range
         T._topp_head_kernel[(n,)](
             stamps, scores, cnt, pr, lo, tot, mx, ws.topp_scratch, marks, scores.stride(0),
             scores.stride(1), scores.stride(2), marks.stride(0), marks.stride(1), H=H, G=G,
