@@ -42,9 +42,9 @@ STAMP = "tl.store(tptr + tl.program_id(0) * 8 + {i}, tl.extra.cuda.globaltimer()
 # ablations of the compaction (``_compact_above``), to see what its time is made of: each drops
 # one part, so the kept sets are wrong; only the phase times mean anything
 ABLATIONS = {
-    "no-stores": [("tl.store(buf.to(tl.pointer_type(tl.int64)) + pos, v, mask=sm)", "pass"),
-                  ("tl.store(buf + pos, st + c, mask=sm)", "pass"),
-                  ("tl.store(buf + SCRATCH + pos, bits, mask=sm)", "pass")],
+    "no-stores": [("            tl.store(buf + pos, st + c, mask=sm)\n", ""),
+                  ("            tl.store(buf + SCRATCH + pos, s.to(tl.int32, bitcast=True), "
+                   "mask=sm)\n", "")],
     "no-scan": [("pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1", "pos = n_surv + c")],
     "no-sum": [("n_surv += tl.sum(surv.to(tl.int32), 0)", "n_surv += CHUNK // 5")],
 }

@@ -194,13 +194,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         T.TOPP_WIDE_HEADS = 0 if wide else 1 << 30
         log_prune("topp_wide", dict(T.TOPP_CONFIG_WIDE if wide else T.TOPP_CONFIG, wide=wide))
     T.TOPP_WIDE_HEADS = default[1]
-    # the top-p scratch: (index, score) packed in one int64 (one scattered store an entry) or in
-    # two int32 arrays, in both launch shapes
-    saved = dict(T.TOPP_CONFIG), dict(T.TOPP_CONFIG_WIDE)
-    for packed in (False, True) if not only or "packed" in only else []:
-        T.TOPP_CONFIG, T.TOPP_CONFIG_WIDE = (dict(c, PACKED=packed) for c in saved)
-        log_prune("topp_packed", dict(packed=packed))
-    T.TOPP_CONFIG, T.TOPP_CONFIG_WIDE = saved
     # warps of the 8192-candidate union and overflow kernels (their tables restored after)
     for kind, table, choices in (("union", T.UNION_WARPS, UNION),
                                  ("overflow", T.OVERFLOW_WARPS, OVERFLOW)):
@@ -276,7 +269,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,packed")
+                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

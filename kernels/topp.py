@@ -258,37 +258,27 @@ if triton is not None:
         return m + tl.log(floor) - 1e-4
 
     @triton.jit
-    def _block_search_mark(buf, mx, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr,
-                           PACKED: tl.constexpr):
+    def _block_search_mark(buf, mx, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr):
         """``_threshold_search`` over the ``n <= W`` compacted entries of a head's scratch
-        (``_compact_above``'s layout; e = exp(s - mx) computed here, the same instructions as
-        wherever else e is needed), held in registers, then the kept ones marked in
-        ``mark_row``."""
+        (indices in ``buf[:n]``, their scores in ``buf[SCRATCH:SCRATCH + n]``; e = exp(s - mx)
+        computed here, the same instructions as wherever else e is needed), held in registers,
+        then the kept ones marked in ``mark_row``."""
         k = tl.arange(0, W)
         km = k < n
-        if PACKED:
-            v = tl.load(buf.to(tl.pointer_type(tl.int64)) + k, mask=km, other=0xFF800000)
-            s = (v & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)  # -inf where absent
-        else:
-            s = tl.load((buf + SCRATCH + k).to(tl.pointer_type(tl.float32)), mask=km,
-                        other=float("-inf"))
+        s = tl.load((buf + SCRATCH + k).to(tl.pointer_type(tl.float32)), mask=km,
+                    other=float("-inf"))
         key, lo = _topp_threshold(s, km, mx, target)
         kept = km & (key >= lo)
-        if PACKED:
-            i = (v >> 32).to(tl.int32)
-        else:
-            i = tl.load(buf + k, mask=kept, other=0)
+        i = tl.load(buf + k, mask=kept, other=0)
         tl.store(mark_row + i, tl.full([W], 1, tl.int8), mask=kept)
         return lo
 
     @triton.jit
     def _compact_above(row, count, s_floor, buf, SCRATCH: tl.constexpr, CHUNK: tl.constexpr,
-                       STAGES: tl.constexpr, PACKED: tl.constexpr):
-        """The entries of a score row at or above ``s_floor`` compacted into a head's scratch (at
-        most SCRATCH kept) -> n, however many there are. ``PACKED``: entry j is one int64 at
-        ``buf[2j:2j + 2]``, the index in its high and the bits of the score in its low 32 bits
-        (one scattered store an entry); else the indices in ``buf[:n]`` and the bits of the
-        scores in ``buf[SCRATCH:SCRATCH + n]`` (two)."""
+                       STAGES: tl.constexpr):
+        """The entries of a score row at or above ``s_floor`` compacted into a head's scratch
+        (indices in ``buf[:n]``, the bits of their scores in ``buf[SCRATCH:SCRATCH + n]``, at
+        most SCRATCH kept) -> n, however many there are."""
         c = tl.arange(0, CHUNK)
         n_surv = tl.zeros([], tl.int32)
         for st in tl.range(0, count, CHUNK, num_stages=STAGES):
@@ -297,13 +287,8 @@ if triton is not None:
             surv = msk & (s >= s_floor)
             pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
             sm = surv & (pos < SCRATCH)
-            bits = s.to(tl.int32, bitcast=True)
-            if PACKED:
-                v = ((st + c).to(tl.int64) << 32) | (bits.to(tl.int64) & 0xFFFFFFFF)
-                tl.store(buf.to(tl.pointer_type(tl.int64)) + pos, v, mask=sm)
-            else:
-                tl.store(buf + pos, st + c, mask=sm)
-                tl.store(buf + SCRATCH + pos, bits, mask=sm)
+            tl.store(buf + pos, st + c, mask=sm)
+            tl.store(buf + SCRATCH + pos, s.to(tl.int32, bitcast=True), mask=sm)
             n_surv += tl.sum(surv.to(tl.int32), 0)
         return n_surv
 
@@ -334,7 +319,6 @@ if triton is not None:
         stride_sh, stride_sg, stride_mr, stride_mh,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
         MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, REFLOOR: tl.constexpr,
-        PACKED: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -380,21 +364,18 @@ if triton is not None:
             s_floor = _topp_floor(m, tot, p, count)
             buf = scratch_ptr + pid.to(tl.int64) * (2 * SCRATCH)
             # pass 2: the survivors (index, score) compacted into the scratch
-            n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES, PACKED)
+            n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES)
             if REFLOOR and n_surv > MID:  # a nearly flat row: a higher floor before flagging it
                 s_floor = _topp_refloor(row, count, m, tot, p, s_floor, CHUNK, STAGES)
                 tl.debug_barrier()  # every thread is done with the first compaction
-                n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES,
-                                        PACKED)
+                n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES)
             tl.debug_barrier()  # this program's stores are visible to all its threads
             target = p * tot
             mark_row = mark_ptr + r * stride_mr + h * stride_mh
             if n_surv <= SMALL:
-                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, SMALL,
-                                        PACKED)
+                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, SMALL)
             elif n_surv <= MID:
-                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, MID,
-                                        PACKED)
+                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, MID)
             else:  # flagged: _topp_overflow_kernel searches this head's whole row
                 lo = tl.full([], -1, tl.int32)
         tl.store(lo_ptr + pid, lo)
@@ -564,9 +545,7 @@ def topp_scratch_width(capacity: int) -> int:
 # in CHUNK pieces; a head with at most SMALL (else MID) entries above the floor is searched in a
 # register block of that size; MID is capped at the scratch width; REFLOOR: a head with more than
 # MID entries above the floor tries a higher floor before it is left to the overflow kernel
-# PACKED: a compacted entry is one int64 (index, score bits), one scattered store, not two
-TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFLOOR=True,
-                   PACKED=True)
+TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFLOOR=True)
 # from TOPP_WIDE_HEADS q heads in the whole decode step (every row group) on, smaller programs:
 # with the GPU full many times over, more of them share an SM. Step at 32k, wide vs not:
 # 304.4 vs 308.3 us at batch 32, 581.9 vs 594.9 at 64; 184.4 vs 178.9 at 16, 111.8 vs 108.6 at 8

@@ -210,25 +210,22 @@ def test_decode_mixed_batch_short_rows_dense(device):
             assert bool((kc[r] < 512).all())
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "two-arrays"])
 @pytest.mark.parametrize("overflow_per_kv", [True, False], ids=["overflow-per-kv", "overflow-per-q"])
-def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv, packed):
+def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv):
     """The top-p kernel searches the entries above the droppable floor compacted in a register
     block of SMALL or MID values; a head with more first raises its floor and compacts again,
     and one still over MID is flagged and searched by the overflow kernel, its whole row in
     registers: q heads with peaked, medium, flat and heavy rows take these paths; each must keep
     the reference's set, alone (one q head per KV head) and in a group whose heads take
-    different paths. The overflow kernel runs a program per KV head or per q head; the scratch
-    holds (index, score) packed in one int64 or in two arrays."""
+    different paths. The overflow kernel runs a program per KV head or per q head."""
     from sglang_twilight.kernels import topp as T
 
     monkeypatch.setattr(T, "OVERFLOW_PER_KV", overflow_per_kv)
     C = 8192
-    cfg = dict(T.TOPP_CONFIG, PACKED=packed)
     if device == "cpu":  # small rows, several chunks each
         C = 256
-        cfg.update(CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4)
-    monkeypatch.setattr(T, "TOPP_CONFIG", cfg)
+        monkeypatch.setattr(T, "TOPP_CONFIG",
+                            dict(T.TOPP_CONFIG, CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
     width = T.topp_scratch_width(C)
     assert width == C // 2
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
