@@ -1,0 +1,138 @@
+"""How Quest's page selection changes if its page bounds were stored in 8 bits instead of bf16.
+
+The Quest bounds (per page, KV head and channel: max and min of K) are most of the bytes the
+select stage reads (``select.bytes`` in ``bench_attention.py``'s JSON). This script measures what
+8-bit bounds would do to the selection, before any kernel or sidecar format changes:
+
+* ``bf16``: the bounds as the sidecar stores them now;
+* ``fp8-e4m3``: each bound rounded outward to float8 e4m3 (max up, min down), so the page score
+  stays an upper bound of q.k (a value beyond e4m3's +-448 cannot be bounded: counted);
+* ``int8-page``: one fp32 scale per (page, KV head), s = max |bound| / 127, codes ceil(max / s)
+  and floor(min / s).
+
+On the keys of ``bench_attention.py`` (same key law and shapes), per budget B0: the exact
+attention mass (softmax of q.k over every token, fp32) that the candidate pages hold, per
+(request, q head), and the overlap of each variant's page set with bf16's. Runs on CPU or GPU.
+
+Usage: python benchmarks/quest_bounds_precision.py --batch 2 --context 32768 --out q8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import PAGE, make_inputs, source_commit  # noqa: E402
+
+from sglang_twilight.kernels import quest as Q  # noqa: E402
+
+E4M3_MAX = 448.0
+
+
+def _e4m3_step(r: torch.Tensor, up: bool) -> torch.Tensor:
+    """The e4m3 value next to ``r`` (float8_e4m3fn) towards +inf (``up``) or -inf."""
+    b = r.view(torch.uint8).to(torch.int16)
+    neg = (b & 0x80) != 0
+    mag = b & 0x7F
+    away = neg != up  # towards larger magnitude: up for positives, down for negatives
+    mag = torch.where(away, mag + 1, mag - 1)
+    zero_cross = (mag < 0)  # from +-0 towards the other sign: the smallest subnormal there
+    sign = torch.where(zero_cross, torch.where(torch.tensor(up), 0, 0x80), b & 0x80)
+    mag = torch.where(zero_cross, 1, mag)
+    return (sign | mag).to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def fp8_outward(x: torch.Tensor, up: bool):
+    """x fp32 -> (e4m3 values as fp32, each >= x (up) or <= x; count beyond +-448)."""
+    over = int((x.abs() > E4M3_MAX).sum())
+    r = x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    bad = (r.float() < x) if up else (r.float() > x)
+    r = torch.where(bad & (x.abs() < E4M3_MAX), _e4m3_step(r, up), r)
+    return r.float(), over
+
+
+def int8_page(kmax: torch.Tensor, kmin: torch.Tensor):
+    """[pages, H, D] fp32 bounds -> dequantized int8 codes with one scale per (page, head)."""
+    amax = torch.maximum(kmax.abs(), kmin.abs()).amax(-1, keepdim=True)
+    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    hi = torch.ceil(kmax / s).clamp(-127, 127)
+    lo = torch.floor(kmin / s).clamp(-127, 127)
+    hi = torch.where(hi * s < kmax, hi + 1, hi).clamp(-127, 127)  # division rounding
+    lo = torch.where(lo * s > kmin, lo - 1, lo).clamp(-127, 127)
+    return hi * s, lo * s
+
+
+def selected_pages(q, kmax, kmin, inp, budget):
+    """bool [R, H, NP]: the pages Quest keeps (sink, last, best others up to budget / PAGE)."""
+    pt, n_pages = Q.page_table_ref(inp["r2t"], inp["rpi"], inp["seq"], PAGE)
+    scores = Q.quest_page_scores_ref(q, kmax, kmin, pt, n_pages)
+    NP = pt.shape[1]
+    j = torch.arange(NP, device=q.device)[None, None, :]
+    key = torch.where((j == 0) | (j == (n_pages.long() - 1)[:, None, None]), float("inf"), scores)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(NP, device=q.device).expand_as(order).contiguous())
+    return (rank < budget // PAGE) & (j < n_pages.long()[:, None, None])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--budgets", default="1024,8192")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    H, G, D = 8, 4, 128
+    inp = make_inputs(args.batch, args.context, H, G, D, torch.bfloat16, args.device)
+    q = inp["q"]
+    R, ctx = args.batch, args.context
+    # exact attention probabilities over every token, per (request, q head), fp32
+    k = inp["k"][inp["slots"].reshape(-1).long()].view(R, ctx, H, D).float()
+    qg = q.float().view(R, H, G, D)
+    probs = torch.softmax(torch.einsum("rhgd,rthd->rhgt", qg, k) / math.sqrt(D), -1)
+    page_mass = probs.view(R, H, G, ctx // PAGE, PAGE).sum(-1)  # [R, H, G, NP]
+    kmax, kmin = inp["kmax"].float(), inp["kmin"].float()
+    e4_max, over_max = fp8_outward(kmax, up=True)
+    e4_min, over_min = fp8_outward(kmin, up=False)
+    i8_max, i8_min = int8_page(kmax, kmin)
+    variants = {"bf16": (kmax, kmin), "fp8-e4m3": (e4_max, e4_min), "int8-page": (i8_max, i8_min)}
+    for name, (hi, lo) in variants.items():  # every variant is an outward bound of bf16's
+        assert bool((hi >= kmax).all() and (lo <= kmin).all()), name
+    rows = []
+    for budget in map(int, args.budgets.split(",")):
+        ref = None
+        for name, (hi, lo) in variants.items():
+            sel = selected_pages(q, hi, lo, inp, budget)  # [R, H, NP]
+            mass = (page_mass * sel[:, :, None, :]).sum(-1).flatten()  # per (request, q head)
+            if ref is None:
+                ref = sel
+            inter = (sel & ref).sum(-1).float()
+            union = (sel | ref).sum(-1).float()
+            rows.append(dict(
+                variant=name, budget=budget, batch=R, context=ctx,
+                mass_mean=round(float(mass.mean()), 5), mass_min=round(float(mass.min()), 5),
+                mass_p05=round(float(mass.quantile(0.05)), 5),
+                pages_jaccard_vs_bf16_mean=round(float((inter / union).mean()), 4),
+                pages_jaccard_vs_bf16_min=round(float((inter / union).min()), 4),
+                bound_bytes_per_page_head={"bf16": 4 * D, "fp8-e4m3": 2 * D,
+                                           "int8-page": 2 * D + 4}[name]))
+            print(json.dumps(rows[-1]), flush=True)
+    res = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               versions=dict(torch=torch.__version__), commit=source_commit(),
+               command="python " + " ".join(sys.argv),
+               keys="the key law of bench_attention.py (make_inputs), Llama-3.1-8B shapes",
+               bounds_beyond_e4m3=over_max + over_min, rows=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
