@@ -64,11 +64,11 @@ def make_inputs(bs, ctx, H, G, D, dtype, device, tail=1.3, page_locality=1.0, se
         k[s] = (noise + c[..., None] * qhat[b, :, 0][None]).to(dtype)
     kq = _int4.code_buffer(S, H, D, device)
     ks, kz = _int4.scale_zero_buffers(S, H, device)
-    kmax = torch.empty(total_pages, H, D, dtype=dtype, device=device)
-    kmin = torch.empty(total_pages, H, D, dtype=dtype, device=device)
-    ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, PAGE,
+    kmax, kmin, kbs = _int4.bounds_buffers(total_pages, H, D, device)
+    ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, kbs, PAGE,
                       backend="triton" if device != "cpu" else "torch")
-    return dict(q=q, k=k, v=v, kq=kq, ks=ks, kz=kz, kmax=kmax, kmin=kmin, r2t=req_to_token,
+    return dict(q=q, k=k, v=v, kq=kq, ks=ks, kz=kz, kmax=kmax, kmin=kmin, kbs=kbs,
+                r2t=req_to_token,
                 rpi=rpi, seq=seq_lens, slots=slots)
 
 
@@ -154,7 +154,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
     dense_fn, dense_out = flashinfer_dense(inp, H, G, D, dtype, sm)
     base = dict(batch=bs, context=ctx)
     rows.append(dict(base, method="flashinfer", ms=graph_ms(dense_fn)))
-    sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"])
+    sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"], inp["kbs"])
     for name, budget, p in (("quest-1024", 1024, 1.0), ("quest-8192", 8192, 1.0),
                             ("twilight", 8192, args.top_p)):
         ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
@@ -183,13 +183,13 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         stages = {}
         stages["store"] = graph_ms(lambda: ops.store_sidecar(inp["k"], loc, *sc, PAGE, backend="triton"))
         sel = lambda: _quest.quest_select_pages_triton(
-            inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], C, PAGE,
-            max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
+            inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], C,
+            PAGE, max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
             cand_counts=ws.cand_counts[:bs])
         stages["select"] = graph_ms(sel)
         stages["select.scores"] = graph_ms(lambda: _quest.quest_page_scores_triton(
-            inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], PAGE,
-            ws.max_pages, out=ws.page_scores[:bs]))
+            inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"],
+            PAGE, ws.max_pages, out=ws.page_scores[:bs]))
         cand, cnt = ws.cand_pages[:bs], ws.cand_counts[:bs]
         prune = lambda: _topp.twilight_prune_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, args.max_budget,
@@ -221,8 +221,8 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             stages["attend.sglang_triton_graph.error"] = repr(e)[:300]
         # bytes the select and prune stages must read (the bandwidth bound)
         n_pages = ctx // PAGE
-        kv_dt = inp["k"].element_size()
-        sel_bytes = bs * H * n_pages * (2 * D * kv_dt) + bs * n_pages * 4
+        bound_bytes = 2 * D * inp["kmax"].element_size() + inp["kbs"].element_size()  # + scale
+        sel_bytes = bs * H * n_pages * bound_bytes + bs * n_pages * 4
         cand_total = float(cnt.sum())
         prune_bytes = cand_total * (D // 2 + 2 + 2 + 4)
         stages["select.bytes"] = sel_bytes

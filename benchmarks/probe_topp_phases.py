@@ -87,8 +87,8 @@ def probe(T, bs, ctx, H=8, G=4, D=128):
     ws = ops.DecodeWorkspace.allocate(bs, H, G, D, 8192, PAGE, ctx, "cuda")
     pr = torch.full((bs,), 0.95, dtype=torch.float32, device="cuda")
     cand, cnt = Q.quest_select_pages_triton(
-        inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], ws.capacity,
-        PAGE, max_pages=ws.max_pages, cand_pages=ws.cand_pages[:bs], cand_counts=ws.cand_counts[:bs])
+        inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"],
+        ws.capacity, PAGE, max_pages=ws.max_pages, cand_pages=ws.cand_pages[:bs], cand_counts=ws.cand_counts[:bs])
     scores = T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
                                   out=ws.scores[:bs], page_size=PAGE)
     C = scores.shape[-1]

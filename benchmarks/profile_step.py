@@ -51,7 +51,7 @@ def _profile(inp, bs, ctx, steps, top_p, budget, H, G, D):
     ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
     pr = torch.full((bs,), top_p, dtype=torch.float32, device="cuda")
     out = torch.empty_like(inp["q"])
-    sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"])
+    sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"], inp["kbs"])
     loc = inp["slots"][:, -1].contiguous()
 
     def step():

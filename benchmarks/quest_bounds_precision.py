@@ -1,14 +1,14 @@
-"""How Quest's page selection changes if its page bounds were stored in 8 bits instead of bf16.
+"""How Quest's page selection changes with 8-bit page bounds instead of exact (bf16) ones.
 
 The Quest bounds (per page, KV head and channel: max and min of K) are most of the bytes the
-select stage reads (``select.bytes`` in ``bench_attention.py``'s JSON). This script measures what
-8-bit bounds would do to the selection, before any kernel or sidecar format changes:
+select stage reads (``select.bytes`` in ``bench_attention.py``'s JSON), so the sidecar stores
+them in 8 bits. This script measures what that does to the selection:
 
-* ``bf16``: the bounds as the sidecar stores them now;
+* ``bf16``: the exact bounds (the keys are bf16), what the sidecar stored up to e755c69;
 * ``fp8-e4m3``: each bound rounded outward to float8 e4m3 (max up, min down), so the page score
   stays an upper bound of q.k (a value beyond e4m3's +-448 cannot be bounded: counted);
 * ``int8-page``: one fp32 scale per (page, KV head), s = max |bound| / 127, codes ceil(max / s)
-  and floor(min / s).
+  and floor(min / s) (``int4.quantize_bounds_ref``, what the sidecar stores now).
 
 On the keys of ``bench_attention.py`` (same key law and shapes), per budget B0: the exact
 attention mass (softmax of q.k over every token, fp32) that the candidate pages hold, per
@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import PAGE, make_inputs, source_commit  # noqa: E402
 
+from sglang_twilight.kernels import int4 as _int4  # noqa: E402
 from sglang_twilight.kernels import quest as Q  # noqa: E402
 
 E4M3_MAX = 448.0
@@ -58,20 +59,16 @@ def fp8_outward(x: torch.Tensor, up: bool):
 
 
 def int8_page(kmax: torch.Tensor, kmin: torch.Tensor):
-    """[pages, H, D] fp32 bounds -> dequantized int8 codes with one scale per (page, head)."""
-    amax = torch.maximum(kmax.abs(), kmin.abs()).amax(-1, keepdim=True)
-    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    hi = torch.ceil(kmax / s).clamp(-127, 127)
-    lo = torch.floor(kmin / s).clamp(-127, 127)
-    hi = torch.where(hi * s < kmax, hi + 1, hi).clamp(-127, 127)  # division rounding
-    lo = torch.where(lo * s > kmin, lo - 1, lo).clamp(-127, 127)
-    return hi * s, lo * s
+    """fp32 bounds [pages, H, D] -> the sidecar's int8 codes with one scale per (page, head)
+    (``int4.quantize_bounds_ref``), dequantized."""
+    hi, lo, scale = _int4.quantize_bounds_ref(kmax, kmin)
+    return _int4.dequantize_bounds_ref(hi, scale), _int4.dequantize_bounds_ref(lo, scale)
 
 
 def selected_pages(q, kmax, kmin, inp, budget):
     """bool [R, H, NP]: the pages Quest keeps (sink, last, best others up to budget / PAGE)."""
     pt, n_pages = Q.page_table_ref(inp["r2t"], inp["rpi"], inp["seq"], PAGE)
-    scores = Q.quest_page_scores_ref(q, kmax, kmin, pt, n_pages)
+    scores = Q.quest_page_scores_ref(q, kmax, kmin, None, pt, n_pages)
     NP = pt.shape[1]
     j = torch.arange(NP, device=q.device)[None, None, :]
     key = torch.where((j == 0) | (j == (n_pages.long() - 1)[:, None, None]), float("inf"), scores)
@@ -98,13 +95,16 @@ def main():
     qg = q.float().view(R, H, G, D)
     probs = torch.softmax(torch.einsum("rhgd,rthd->rhgt", qg, k) / math.sqrt(D), -1)
     page_mass = probs.view(R, H, G, ctx // PAGE, PAGE).sum(-1)  # [R, H, G, NP]
-    kmax, kmin = inp["kmax"].float(), inp["kmin"].float()
+    # the exact bounds of every page (bf16 keys: what bf16 bounds would store)
+    pages = torch.arange(inp["kmax"].shape[0], device=q.device)
+    kmax, kmin = _int4.page_bounds_ref(inp["k"], pages, torch.full_like(pages, PAGE - 1), PAGE)
     e4_max, over_max = fp8_outward(kmax, up=True)
     e4_min, over_min = fp8_outward(kmin, up=False)
     i8_max, i8_min = int8_page(kmax, kmin)
     variants = {"bf16": (kmax, kmin), "fp8-e4m3": (e4_max, e4_min), "int8-page": (i8_max, i8_min)}
-    for name, (hi, lo) in variants.items():  # every variant is an outward bound of bf16's
-        assert bool((hi >= kmax).all() and (lo <= kmin).all()), name
+    for name, (hi, lo) in variants.items():  # every variant bounds bf16's from outside (up to
+        tol = 1e-6 * torch.maximum(kmax.abs(), kmin.abs())  # one fp32 rounding)
+        assert bool((hi >= kmax - tol).all() and (lo <= kmin + tol).all()), name
     rows = []
     for budget in map(int, args.budgets.split(",")):
         ref = None

@@ -31,7 +31,8 @@ ESTIMATE = [dict(BLOCK_N=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (32, 8, 5, 1), (64, 8, 8, 2), (64, 16, 8, 2), (64, 4, 6, 1), (128, 4, 5, 2)]]
 PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (64, 1, 1, 4), (32, 4, 2, 4), (32, 1, 1, 4), (32, 4, 3, 2), (16, 8, 3, 2), (32, 8, 3, 2),
-    (16, 4, 2, 1), (32, 2, 2, 4), (32, 4, 3, 4), (32, 4, 4, 4), (16, 4, 3, 2), (64, 2, 2, 8)]]
+    (16, 4, 2, 1), (32, 2, 2, 4), (32, 4, 3, 4), (32, 4, 4, 4), (16, 4, 3, 2), (64, 2, 2, 8),
+    (64, 2, 2, 4), (64, 4, 3, 4), (128, 1, 1, 8), (32, 8, 4, 4)]]
 TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w, REFLOOR=rf)
         for c, s, m, st, w, rf in [
             (1024, 2048, 4096, 3, 8, True), (1024, 2048, 4096, 3, 8, False),
@@ -76,8 +77,8 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         print(f"{bs}x{ctx} {kind:11s} {ms * 1e3:8.2f} us  {cfg} {kw or ''}", flush=True)
 
     # select: page scores, then the top-K kernel
-    ps = lambda: Q.quest_page_scores_triton(inp["q"], inp["kmax"], inp["kmin"], inp["r2t"],
-                                            inp["rpi"], inp["seq"], PAGE, ws.max_pages,
+    ps = lambda: Q.quest_page_scores_triton(inp["q"], inp["kmax"], inp["kmin"], inp["kbs"],
+                                            inp["r2t"], inp["rpi"], inp["seq"], PAGE, ws.max_pages,
                                             out=ws.page_scores[:bs])
     ref = ps().clone()
     default = dict(Q.PAGE_SCORES_CONFIG)
@@ -90,18 +91,18 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     if not only or "layout" in only:
         # Quest bounds page-major ([pages, H, D], what the sidecar allocates) or head-major
         # ([H, pages, D] viewed as [pages, H, D]): same values, other strides
-        for name, kx, kn in (("page-major", inp["kmax"], inp["kmin"]),
-                             ("head-major", inp["kmax"].transpose(0, 1).contiguous().transpose(0, 1),
-                              inp["kmin"].transpose(0, 1).contiguous().transpose(0, 1))):
-            f = lambda: Q.quest_page_scores_triton(inp["q"], kx, kn, inp["r2t"], inp["rpi"],
+        hm = lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)
+        for name, kx, kn, kb in (("page-major", inp["kmax"], inp["kmin"], inp["kbs"]),
+                                 ("head-major", hm(inp["kmax"]), hm(inp["kmin"]), hm(inp["kbs"]))):
+            f = lambda: Q.quest_page_scores_triton(inp["q"], kx, kn, kb, inp["r2t"], inp["rpi"],
                                                    inp["seq"], PAGE, ws.max_pages,
                                                    out=ws.page_scores[:bs])
             ms = graph_ms(f)
             err = float((f()[..., : ws.max_pages] - ref[..., : ws.max_pages]).abs().max())
             log("page_scores_layout", dict(layout=name), ms, max_abs_diff=err)
-            del kx, kn
+            del kx, kn, kb
     sel = lambda: Q.quest_select_pages_triton(
-        inp["q"], inp["kmax"], inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], 8192, PAGE,
+        inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], 8192, PAGE,
         max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
         cand_counts=ws.cand_counts[:bs])
     np_pad = 1 << (ws.max_pages - 1).bit_length()
@@ -168,7 +169,8 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         """The whole step (select, prune, attend) in ``workspace`` (its row groups)."""
         return ops.twilight_decode(
             inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"],
-            inp["kmin"], inp["r2t"], inp["rpi"], inp["seq"], p, budget=8192, page_size=PAGE,
+            inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], p, budget=8192,
+            page_size=PAGE,
             sm_scale=sm, min_budget=1, max_budget=0, backend="triton", workspace=workspace,
             out=out)
 

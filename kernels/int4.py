@@ -92,7 +92,7 @@ def dequantize_int4_ref(packed, scale, zero, dtype=torch.float32):
 
 
 def page_bounds_ref(k_buffer, pages, last_offsets, page_size):
-    """Bounds of the given pages over offsets 0..last_offset: (kmax, kmin) [n, H, D] in K dtype."""
+    """Bounds of the given pages over offsets 0..last_offset: (kmax, kmin) [n, H, D] fp32."""
     pages = pages.long()
     offs = torch.arange(page_size, device=k_buffer.device)
     slots = pages[:, None] * page_size + offs[None, :]  # [n, P]
@@ -101,7 +101,36 @@ def page_bounds_ref(k_buffer, pages, last_offsets, page_size):
     v = valid[:, :, None, None]
     kmax = torch.where(v, k, float("-inf")).amax(1)
     kmin = torch.where(v, k, float("inf")).amin(1)
-    return kmax.to(k_buffer.dtype), kmin.to(k_buffer.dtype)
+    return kmax, kmin
+
+
+BOUND_CODE_MAX = 127  # Quest bounds: int8 codes in [-127, 127] times one scale a (page, head)
+
+
+def quantize_bounds_ref(bmax: torch.Tensor, bmin: torch.Tensor):
+    """fp32 page bounds [..., D] -> (int8 codes of the max, int8 codes of the min, fp32 scale
+    [...]): s = max |bound| / 127 over the page's D channels (1 where all are 0), max codes
+    rounded up and min codes down, so ``codes * s`` bound every key of the page from outside
+    (up to the rounding of one fp32 product). Half the bytes of bf16 bounds; the pages Quest
+    picks barely move (benchmarks/quest_bounds_precision.py)."""
+    amax = torch.maximum(bmax.abs(), bmin.abs()).amax(-1)
+    scale = torch.where(amax > 0, amax / float(BOUND_CODE_MAX), torch.ones_like(amax))
+    hi = torch.ceil(bmax / scale[..., None]).clamp(-BOUND_CODE_MAX, BOUND_CODE_MAX)
+    lo = torch.floor(bmin / scale[..., None]).clamp(-BOUND_CODE_MAX, BOUND_CODE_MAX)
+    return hi.to(torch.int8), lo.to(torch.int8), scale
+
+
+def dequantize_bounds_ref(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes [..., D] and their scale [...] -> fp32 bounds."""
+    return codes.float() * scale.float()[..., None]
+
+
+def bounds_buffers(num_pages: int, H: int, D: int, device):
+    """Zeroed Quest bounds of ``num_pages`` pages: (kmax int8, kmin int8 [pages, H, D], their
+    fp32 scale [pages, H])."""
+    return (torch.zeros(num_pages, H, D, dtype=torch.int8, device=device),
+            torch.zeros(num_pages, H, D, dtype=torch.int8, device=device),
+            torch.ones(num_pages, H, dtype=torch.float32, device=device))
 
 
 def last_in_page(loc: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -113,7 +142,8 @@ def last_in_page(loc: torch.Tensor, page_size: int) -> torch.Tensor:
     return last
 
 
-def store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size):
+def store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, page_size):
+    _check_bounds(kmax, kmin, kbscale)
     loc = loc.long()
     if loc.numel() == 0:
         return
@@ -124,9 +154,11 @@ def store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size):
     last = last_in_page(loc, page_size)
     tail = loc[last]
     pages = tail // page_size
-    bmax, bmin = page_bounds_ref(k_buffer, pages, tail % page_size, page_size)
-    kmax[pages] = bmax
-    kmin[pages] = bmin
+    hi, lo, bscale = quantize_bounds_ref(*page_bounds_ref(k_buffer, pages, tail % page_size,
+                                                          page_size))
+    kmax[pages] = hi
+    kmin[pages] = lo
+    kbscale[pages] = bscale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,9 +178,9 @@ if triton is not None:
 
     @triton.jit
     def _store_sidecar_kernel(
-        k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, n,
+        k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, kb_ptr, n,
         stride_ks, stride_kh, stride_qs, stride_qh, stride_ss, stride_sh, stride_bp, stride_bh,
-        H: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+        stride_bsp, stride_bsh, H: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     ):
         i = tl.program_id(0)
         h = tl.program_id(1)
@@ -186,21 +218,37 @@ if triton is not None:
             kp = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
             bmax = tl.max(tl.where(valid, kp, float("-inf")), 0)
             bmin = tl.min(tl.where(valid, kp, float("inf")), 0)
+            # int8 codes and one scale (quantize_bounds_ref: the same fp32 operations, IEEE
+            # divisions, so the same codes)
+            amax = tl.maximum(tl.max(tl.abs(bmax), 0), tl.max(tl.abs(bmin), 0))
+            bs = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)), 1.0)
+            hi = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(bmax, bs + tl.zeros_like(bmax))),
+                                       -127.0), 127.0)
+            lo = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(bmin, bs + tl.zeros_like(bmin))),
+                                       -127.0), 127.0)
             bptr = page * stride_bp + h * stride_bh + d
-            tl.store(kmax_ptr + bptr, bmax.to(kmax_ptr.dtype.element_ty))
-            tl.store(kmin_ptr + bptr, bmin.to(kmin_ptr.dtype.element_ty))
+            tl.store(kmax_ptr + bptr, hi.to(tl.int8))
+            tl.store(kmin_ptr + bptr, lo.to(tl.int8))
+            tl.store(kb_ptr + page * stride_bsp + h * stride_bsh, bs)
 
 
-def store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size):
+def store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, page_size):
     n = loc.numel()
     if n == 0:
         return
     S, H, D = k_buffer.shape
     assert k_buffer.stride(2) == 1 and kq.stride(2) == 1 and kmax.stride(2) == 1
     assert kscale.stride() == kzero.stride() and kmax.stride() == kmin.stride()
+    _check_bounds(kmax, kmin, kbscale)
     _store_sidecar_kernel[(n, H)](
-        k_buffer, loc, kq, kscale, kzero, kmax, kmin, n,
+        k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, n,
         k_buffer.stride(0), k_buffer.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0),
-        kscale.stride(1), kmax.stride(0), kmax.stride(1), H=H, D=D, P=page_size,
-        num_warps=1 if D <= 64 else 2,
+        kscale.stride(1), kmax.stride(0), kmax.stride(1), kbscale.stride(0), kbscale.stride(1),
+        H=H, D=D, P=page_size, num_warps=1 if D <= 64 else 2,
     )
+
+
+def _check_bounds(kmax, kmin, kbscale):
+    if kmax.dtype != torch.int8 or kmin.dtype != torch.int8 or kbscale.dtype != torch.float32:
+        raise TypeError(f"Quest bounds must be int8 codes with an fp32 scale (bounds_buffers), "
+                        f"got {kmax.dtype}, {kmin.dtype}, {kbscale.dtype}")

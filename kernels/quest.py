@@ -1,6 +1,8 @@
 """Stages 3-4: Quest page scores (GQA upper bound) and candidate selection.
 
-The page score ``max_{g in group} sum_d max(q_gd * kmax_d, q_gd * kmin_d)`` is an upper bound of
+The bounds are int8 codes with one fp32 scale per (page, KV head) (``int4.quantize_bounds_ref``,
+rounded outward). The page score ``max_{g in group} sum_d max(q_gd * kmax_d, q_gd * kmin_d)`` is an
+upper bound of
 ``q_g . k`` for every key of the page and every query head of the KV head's group (SGLang's
 averaging of q over the group would not be a bound). Selection keeps the sink page, the last
 (partial) page and the best other pages up to ``capacity // page_size`` pages; the candidate slots
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._launch import interpreting, next_pow2
+from .int4 import _check_bounds, dequantize_bounds_ref
 
 try:
     import triton
@@ -43,13 +46,18 @@ def page_table_ref(req_to_token, req_pool_indices, seq_lens, page_size, num_page
     return torch.where(valid, slots // page_size, 0), n_pages
 
 
-def quest_page_scores_ref(q, kmax, kmin, page_table, num_pages):
-    """-> [R, Hkv, NP] fp32, -inf past num_pages."""
+def quest_page_scores_ref(q, kmax, kmin, kbscale, page_table, num_pages):
+    """-> [R, Hkv, NP] fp32, -inf past num_pages. ``kbscale`` None: ``kmax``/``kmin`` are the
+    bounds themselves (any float dtype), not int8 codes."""
     Hkv = kmax.shape[1]
     qg = _group_q(q, Hkv)  # [R, Hkv, G, D]
     pt = page_table.long()
-    bmax = kmax[pt].float()  # [R, NP, Hkv, D]
-    bmin = kmin[pt].float()
+    if kbscale is None:
+        bmax, bmin = kmax[pt].float(), kmin[pt].float()  # [R, NP, Hkv, D]
+    else:
+        _check_bounds(kmax, kmin, kbscale)
+        bmax = dequantize_bounds_ref(kmax[pt], kbscale[pt])
+        bmin = dequantize_bounds_ref(kmin[pt], kbscale[pt])
     qx = qg[:, None]  # [R, 1, Hkv, G, D]
     s = torch.maximum(qx * bmax[:, :, :, None], qx * bmin[:, :, :, None]).sum(-1)  # [R,NP,Hkv,G]
     s = s.amax(-1).permute(0, 2, 1)
@@ -74,12 +82,13 @@ def expand_pages_ref(chosen, req_to_token, req_pool_indices, seq_lens, page_size
     return out[..., :capacity].to(torch.int32).contiguous(), counts.to(torch.int32)
 
 
-def quest_select_ref(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size):
+def quest_select_ref(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, budget,
+                     page_size):
     C = capacity_for(budget, page_size)
     K = C // page_size
     Hkv = kmax.shape[1]
     pt, n_pages = page_table_ref(req_to_token, req_pool_indices, seq_lens, page_size)
-    scores = quest_page_scores_ref(q, kmax, kmin, pt, n_pages)
+    scores = quest_page_scores_ref(q, kmax, kmin, kbscale, pt, n_pages)
     NP = pt.shape[1]
     j = torch.arange(NP, device=q.device)[None, None, :]
     last = (n_pages.long() - 1)[:, None, None]
@@ -102,8 +111,9 @@ if triton is not None:
 
     @triton.jit
     def _page_scores_kernel(
-        q_ptr, kmax_ptr, kmin_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, out_ptr,
-        stride_qr, stride_qh, stride_bp, stride_bh, stride_r2t, stride_or, stride_oh,
+        q_ptr, kmax_ptr, kmin_ptr, kb_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, out_ptr,
+        stride_qr, stride_qh, stride_bp, stride_bh, stride_bsp, stride_bsh, stride_r2t, stride_or,
+        stride_oh,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
         BLOCK_P: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, G_PAD: tl.constexpr,
         DOT_F32: tl.constexpr,
@@ -136,12 +146,11 @@ if triton is not None:
             jm = j < n_pages
             slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=jm, other=0).to(tl.int64)
             bp = (slot // P)[:, None] * stride_bp + h * stride_bh + d[None, :]
-            bmax = tl.load(kmax_ptr + bp, mask=jm[:, None], other=0.0)  # [BP, D]
-            bmin = tl.load(kmin_ptr + bp, mask=jm[:, None], other=0.0)
-            if DOT_F32:
-                bmax = bmax.to(tl.float32)
-                bmin = bmin.to(tl.float32)
-            s = tl.dot(bmax, qposT) + tl.dot(bmin, qnegT)  # [BP, G_PAD] fp32
+            # int8 codes, exact in bf16/fp16; the page's scale after the dots
+            bmax = tl.load(kmax_ptr + bp, mask=jm[:, None], other=0).to(qposT.dtype)  # [BP, D]
+            bmin = tl.load(kmin_ptr + bp, mask=jm[:, None], other=0).to(qposT.dtype)
+            bs = tl.load(kb_ptr + (slot // P) * stride_bsp + h * stride_bsh, mask=jm, other=0.0)
+            s = (tl.dot(bmax, qposT) + tl.dot(bmin, qnegT)) * bs[:, None]  # [BP, G_PAD] fp32
             s = tl.where(gm[None, :], s, float("-inf"))
             tl.store(out_ptr + r * stride_or + h * stride_oh + j, tl.max(s, 1), mask=jm)
 
@@ -226,8 +235,9 @@ if triton is not None:
         tl.store(count_ptr + r * H + h, tl.sum(ntok, 0))
 
 
-def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, page_size,
-                             max_pages, out=None):
+def quest_page_scores_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens,
+                             page_size, max_pages, out=None):
+    _check_bounds(kmax, kmin, kbscale)
     R, Hq, D = q.shape
     H = kmax.shape[1]
     G = Hq // H
@@ -236,9 +246,9 @@ def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_
     if out is None:
         out = torch.empty(R, H, max_pages, dtype=torch.float32, device=q.device)
     _page_scores_kernel[(R * H, triton.cdiv(max_pages, BLOCK_P * ITERS))](
-        q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, out,
-        q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), req_to_token.stride(0),
-        out.stride(0), out.stride(1),
+        q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, out,
+        q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kbscale.stride(0),
+        kbscale.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1),
         H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, ITERS=ITERS, STAGES=cfg["STAGES"],
         G_PAD=max(16, next_pow2(G)), DOT_F32=interpreting(), num_warps=cfg["num_warps"],
     )
@@ -249,8 +259,8 @@ def quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_
 PAGE_SCORES_CONFIG = dict(BLOCK_P=32, ITERS=2, STAGES=2, num_warps=4)
 
 
-def quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget,
-                              page_size, max_pages=None, scores=None, cand_pages=None,
+def quest_select_pages_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens,
+                              budget, page_size, max_pages=None, scores=None, cand_pages=None,
                               cand_counts=None):
     """-> (cand_pages int32 [R, Hkv, C // P], cand_counts int32 [R, Hkv]); candidate token n of a
     row is slot ``cand_pages[n // P] * P + n % P``. Graph-safe: every shape depends only on
@@ -263,8 +273,8 @@ def quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq
         max_pages = -(-int(seq_lens.max().item()) // page_size)
     max_pages = max(int(max_pages), 1)
     if max_pages > K:
-        scores = quest_page_scores_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens,
-                                          page_size, max_pages, out=scores)
+        scores = quest_page_scores_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
+                                          seq_lens, page_size, max_pages, out=scores)
     elif scores is None:  # every request fits the budget: no scoring needed
         scores = torch.empty(R, H, 1, dtype=torch.float32, device=q.device)
     if cand_pages is None:
@@ -295,8 +305,9 @@ def pages_to_slots(cand_pages, cand_counts, page_size):
     return torch.where(n < cand_counts[..., None], slots, 0)
 
 
-def quest_select_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size,
-                        max_pages=None):
-    pages, counts = quest_select_pages_triton(q, kmax, kmin, req_to_token, req_pool_indices,
-                                              seq_lens, budget, page_size, max_pages=max_pages)
+def quest_select_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, budget,
+                        page_size, max_pages=None):
+    pages, counts = quest_select_pages_triton(q, kmax, kmin, kbscale, req_to_token,
+                                              req_pool_indices, seq_lens, budget, page_size,
+                                              max_pages=max_pages)
     return pages_to_slots(pages, counts, page_size), counts

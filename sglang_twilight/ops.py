@@ -57,26 +57,30 @@ def dequantize_int4(packed, scale, zero, dtype=torch.float32):
     return _int4.dequantize_int4_ref(packed, scale, zero, dtype)
 
 
-def store_sidecar(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size, *, backend="auto"):
-    """Write int4 K of ``k_buffer[loc]`` and recompute the Quest bounds of every page ``loc`` touches."""
+def store_sidecar(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, page_size, *,
+                  backend="auto"):
+    """Write int4 K of ``k_buffer[loc]`` and recompute the Quest bounds of every page ``loc``
+    touches (int8 codes ``kmax``/``kmin`` and their scale ``kbscale``, ``int4.bounds_buffers``)."""
     if _use_triton(backend, k_buffer):
-        return _int4.store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size)
-    return _int4.store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, page_size)
+        return _int4.store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale,
+                                          page_size)
+    return _int4.store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale,
+                                   page_size)
 
 
-def quest_page_scores(q, kmax, kmin, page_table, num_pages):
+def quest_page_scores(q, kmax, kmin, kbscale, page_table, num_pages):
     """GQA Quest upper bound per (request, KV head, page): [R, Hkv, NP] fp32, -inf past the end."""
-    return _quest.quest_page_scores_ref(q, kmax, kmin, page_table, num_pages)
+    return _quest.quest_page_scores_ref(q, kmax, kmin, kbscale, page_table, num_pages)
 
 
-def quest_select(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size, *,
-                 backend="auto", max_pages=None):
+def quest_select(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, budget,
+                 page_size, *, backend="auto", max_pages=None):
     """-> (cand_slots int32 [R, Hkv, C], cand_counts int32 [R, Hkv]), C = capacity_for(budget)."""
     if _use_triton(backend, q):
-        return _quest.quest_select_triton(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens,
-                                          budget, page_size, max_pages=max_pages)
-    return _quest.quest_select_ref(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget,
-                                   page_size)
+        return _quest.quest_select_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
+                                          seq_lens, budget, page_size, max_pages=max_pages)
+    return _quest.quest_select_ref(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
+                                   seq_lens, budget, page_size)
 
 
 def int4_scores(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, *, backend="auto"):
@@ -188,7 +192,7 @@ def _static_keep_all(p) -> bool:
     return isinstance(p, (int, float)) and p >= 1.0
 
 
-def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to_token,
+def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscale, req_to_token,
                     req_pool_indices, seq_lens, p, *, budget, page_size, sm_scale, min_budget=1,
                     max_budget=0, min_sparse_len=0, selector="quest", backend="auto",
                     workspace: DecodeWorkspace | None = None, out=None):
@@ -214,8 +218,8 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
         sel_budget = budget
         if selector == "none":
             sel_budget = max(budget, int(seq_lens.max().item()))
-        cand, cnt = _quest.quest_select_ref(q, kmax, kmin, req_to_token, req_pool_indices, seq_lens,
-                                            sel_budget, page_size)
+        cand, cnt = _quest.quest_select_ref(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
+                                            seq_lens, sel_budget, page_size)
         kept, kcnt = _topp.twilight_prune_ref(q, kq, kscale, kzero, cand, cnt, pr, sm_scale,
                                               min_budget, max_budget)
         o = _attend.sparse_decode_attention_ref(q, k_buffer, v_buffer, kept, kcnt, sm_scale)
@@ -253,7 +257,7 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
         rows = slice(r0, r1)
         heads = slice(r0 * H * G, r1 * H * G)
         n_mid = (r1 - r0) * H * splits * G
-        args = (q[rows], k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to_token,
+        args = (q[rows], k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscale, req_to_token,
                 req_pool_indices[rows], seq_lens[rows], p if keep_all else pr[rows])
         bufs = dict(page_scores=ws.page_scores[rows], cand_pages=ws.cand_pages[rows],
                     cand_counts=ws.cand_counts[rows], scores=ws.scores[rows],
@@ -275,8 +279,8 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to
     return out, (ws.cand_counts if keep_all else ws.kept_counts)[:R]  # Quest alone: candidates
 
 
-def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, req_to_token,
-                        req_pool_indices, seq_lens, p, *, budget, page_size, sm_scale, min_budget,
+def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscale,
+                        req_to_token, req_pool_indices, seq_lens, p, *, budget, page_size, sm_scale, min_budget,
                         max_budget, max_pages, splits, out, page_scores, cand_pages, cand_counts,
                         scores, kept_slots, kept_counts, lo, tot, mx, marks, scratch, mid_o,
                         mid_lse, step_heads):
@@ -284,7 +288,7 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, re
     float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row.
     ``step_heads``: q heads of the whole step (the top-p launch shape)."""
     pages, cnt = _quest.quest_select_pages_triton(
-        q, kmax, kmin, req_to_token, req_pool_indices, seq_lens, budget, page_size,
+        q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, budget, page_size,
         max_pages=max_pages, scores=page_scores, cand_pages=cand_pages, cand_counts=cand_counts)
     if _static_keep_all(p):
         kept, kcnt = _topp.expand_candidates_triton(pages, cnt, page_size, kept_slots)

@@ -4,7 +4,8 @@ Indexed exactly like the KV pool it sits beside:
 
 * per token slot ``s`` (same index as ``k_buffer[s]``): ``kq[s]`` (int4 K, two nibbles a byte),
   ``kscale[s]`` / ``kzero[s]`` (fp16, per KV head);
-* per physical page ``s // page_size``: ``kmax`` / ``kmin`` (Quest bounds, KV dtype).
+* per physical page ``s // page_size``: ``kmax`` / ``kmin`` (Quest bounds: int8 codes) and their
+  fp32 scale ``kbscale`` (one per page and KV head, ``int4.quantize_bounds_ref``).
 
 Because the radix cache shares whole pages of slots between requests and the paged allocator
 hands out whole pages that one request fills in order, a request that hits a cached prefix reads
@@ -23,7 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from sglang_twilight.kernels.int4 import code_buffer, scale_zero_buffers
+from sglang_twilight.kernels.int4 import bounds_buffers, code_buffer, scale_zero_buffers
 
 #: attribute under which :func:`attach_sidecar` stores the sidecar on the KV pool object
 POOL_ATTR = "twilight_sidecar"
@@ -37,12 +38,13 @@ class SidecarLayer:
     kq: torch.Tensor  # uint8 [S, H, D//2], stored head-major (int4.code_buffer)
     kscale: torch.Tensor  # fp16 [S, H]
     kzero: torch.Tensor  # fp16 [S, H]
-    kmax: torch.Tensor  # KV dtype [S_pages, H, D]
-    kmin: torch.Tensor  # KV dtype [S_pages, H, D]
+    kmax: torch.Tensor  # int8 [S_pages, H, D]
+    kmin: torch.Tensor  # int8 [S_pages, H, D]
+    kbscale: torch.Tensor  # fp32 [S_pages, H]
 
     def as_tuple(self):
-        """``(kq, kscale, kzero, kmax, kmin)`` in the order ``ops`` takes them."""
-        return self.kq, self.kscale, self.kzero, self.kmax, self.kmin
+        """``(kq, kscale, kzero, kmax, kmin, kbscale)`` in the order ``ops`` takes them."""
+        return self.kq, self.kscale, self.kzero, self.kmax, self.kmin, self.kbscale
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -98,13 +100,15 @@ class TwilightSidecarPool:
         self._layers: Dict[int, SidecarLayer] = {}
         for lid in layer_ids:
             kscale, kzero = scale_zero_buffers(S, H, self.device)
+            kmax, kmin, kbscale = bounds_buffers(NP, H, D, self.device)
             self._layers[lid] = SidecarLayer(
                 layer_id=lid,
                 kq=code_buffer(S, H, D, self.device),
                 kscale=kscale,
                 kzero=kzero,
-                kmax=torch.zeros((NP, H, D), dtype=dtype, device=self.device),
-                kmin=torch.zeros((NP, H, D), dtype=dtype, device=self.device),
+                kmax=kmax,
+                kmin=kmin,
+                kbscale=kbscale,
             )
         # rows written per layer (host-side count of eager writes; see write())
         self._rows_written: Dict[int, int] = {lid: 0 for lid in layer_ids}
@@ -115,17 +119,17 @@ class TwilightSidecarPool:
     def bytes_per_token(
         head_num: int,
         head_dim: int,
-        kv_dtype_bytes: int,
         page_size: int,
         num_sparse_layers: int,
     ) -> int:
         """Sidecar bytes per KV slot, summed over ``num_sparse_layers`` layers (rounded up).
 
         Per layer and KV head: ``D/2`` bytes of int4 K + 2 + 2 bytes of fp16 scale and zero per
-        token, plus the two bounds of ``D`` values in the KV dtype per page, i.e.
-        ``2 * D * kv_dtype_bytes / page_size`` per token. This is THE place the sidecar size is
-        computed: the pool allocates exactly this many bytes per slot (when the slot count is a
-        multiple of ``page_size``), and the KV budget hook adds it to SGLang's ``cell_size``.
+        token, plus per page the two Quest bounds as ``D`` int8 codes each and their fp32 scale,
+        i.e. ``(2 * D + 4) / page_size`` per token (whatever the KV dtype). This is THE place the
+        sidecar size is computed: the pool allocates exactly this many bytes per slot (when the
+        slot count is a multiple of ``page_size``), and the KV budget hook adds it to SGLang's
+        ``cell_size``.
         """
         if head_dim % 2:
             raise ValueError(f"bytes_per_token: head_dim must be even, got {head_dim}")
@@ -133,17 +137,17 @@ class TwilightSidecarPool:
             return 0
         n = num_sparse_layers * head_num
         per_token = n * (head_dim // 2 + 2 + 2)
-        bounds = _ceil_div(n * 2 * head_dim * kv_dtype_bytes, page_size)
+        bounds = _ceil_div(n * (2 * head_dim + 4), page_size)
         return per_token + bounds
 
     @staticmethod
     def overhead_ratio(head_dim: int, page_size: int, kv_dtype_bytes: int = 2) -> float:
         """Sidecar bytes over the KV bytes (K and V) of the same sparse layer, per token.
 
-        D=128, page 16, bf16: (64 + 4 + 32) / 512 = 0.195.
+        D=128, page 16, bf16: (64 + 4 + ceil(260 / 16)) / 512 = 0.166.
         """
         kv = 2 * head_dim * kv_dtype_bytes  # K + V of one head
-        side = TwilightSidecarPool.bytes_per_token(1, head_dim, kv_dtype_bytes, page_size, 1)
+        side = TwilightSidecarPool.bytes_per_token(1, head_dim, page_size, 1)
         return side / kv
 
     def nbytes(self) -> int:
@@ -210,7 +214,7 @@ class TwilightSidecarPool:
 
         kwargs = {} if backend == "auto" else {"backend": backend}
         ops.store_sidecar(
-            k_buffer, loc, lay.kq, lay.kscale, lay.kzero, lay.kmax, lay.kmin, self.page_size,
+            k_buffer, loc, *lay.as_tuple(), self.page_size,
             **kwargs,
         )
         if not (loc.is_cuda and torch.cuda.is_current_stream_capturing()):

@@ -48,8 +48,6 @@ def sidecar_bytes_per_token(kvc: Any, cfg: Any = None) -> int:
         return 0
     if getattr(kvc, "is_draft_worker", False) or getattr(kvc, "use_mla_backend", False):
         return 0
-    import torch
-
     from sglang.srt.runtime_context import get_parallel
 
     from sglang_twilight.sidecar import TwilightSidecarPool, sparse_layer_ids
@@ -60,11 +58,9 @@ def sidecar_bytes_per_token(kvc: Any, cfg: Any = None) -> int:
         cfg = get_config()
     mc = kvc.model_config
     heads = mc.get_num_kv_heads(get_parallel().attn_tp_size)
-    kv_bytes = torch._utils._element_size(kvc.kv_cache_dtype)
     info = kvc.layer_info
     n_sparse = len(sparse_layer_ids(range(info.start_layer, info.end_layer), cfg.dense_layers))
-    return TwilightSidecarPool.bytes_per_token(heads, mc.head_dim, kv_bytes, cfg.page_size,
-                                               n_sparse)
+    return TwilightSidecarPool.bytes_per_token(heads, mc.head_dim, cfg.page_size, n_sparse)
 
 
 def after_compute_cell_size(result: int, self: Any, kvc: Any, *args: Any, **kwargs: Any) -> int:

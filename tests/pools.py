@@ -19,6 +19,7 @@ class Layout:
     kzero: torch.Tensor
     kmax: torch.Tensor
     kmin: torch.Tensor
+    kbscale: torch.Tensor
     req_to_token: torch.Tensor
     req_pool_indices: torch.Tensor
     seq_lens: torch.Tensor
@@ -26,7 +27,7 @@ class Layout:
 
     @property
     def sidecar(self):
-        return self.kq, self.kscale, self.kzero, self.kmax, self.kmin
+        return self.kq, self.kscale, self.kzero, self.kmax, self.kmin, self.kbscale
 
     def dense(self, sm_scale):
         """fp32 dense decode attention over every token of every request."""
@@ -85,12 +86,11 @@ def make_layout(seq_lens, num_kv_heads, group, head_dim, *, page_size=16, dtype=
     v_buffer = v.to(dtype).to(**lay_dev)
     kq = ops._int4.code_buffer(S, H, D, device)
     ks, kz = ops._int4.scale_zero_buffers(S, H, device)
-    kmax = torch.zeros(total_pages, H, D, dtype=dtype, **lay_dev)
-    kmin = torch.zeros(total_pages, H, D, dtype=dtype, **lay_dev)
-    lay = Layout(q.to(dtype).to(**lay_dev), k_buffer, v_buffer, kq, ks, kz, kmax, kmin,
+    kmax, kmin, kbs = ops._int4.bounds_buffers(total_pages, H, D, device)
+    lay = Layout(q.to(dtype).to(**lay_dev), k_buffer, v_buffer, kq, ks, kz, kmax, kmin, kbs,
                  req_to_token.to(**lay_dev), rpi.to(**lay_dev),
                  torch.tensor(list(seq_lens), dtype=torch.int32, device=device), P)
     for r, n in enumerate(seq_lens):  # prefill each request as one extend
         loc = lay.req_to_token[rpi[r], : int(n)].to(torch.int64)
-        ops.store_sidecar(k_buffer, loc, kq, ks, kz, kmax, kmin, P, backend=backend)
+        ops.store_sidecar(k_buffer, loc, kq, ks, kz, kmax, kmin, kbs, P, backend=backend)
     return lay

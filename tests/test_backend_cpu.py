@@ -363,9 +363,7 @@ def _fresh_sidecar(kb, n_slots):
     kq = torch.zeros(n_slots, HKV, D // 2, dtype=torch.uint8)
     ks = torch.zeros(n_slots, HKV, dtype=torch.float16)
     kz = torch.zeros(n_slots, HKV, dtype=torch.float16)
-    kmax = torch.zeros(n_slots // P, HKV, D, dtype=DTYPE)
-    kmin = torch.zeros(n_slots // P, HKV, D, dtype=DTYPE)
-    return kq, ks, kz, kmax, kmin
+    return (kq, ks, kz) + ops._int4.bounds_buffers(n_slots // P, HKV, D, "cpu")
 
 
 def _run_step(env, cfg_kw, twilight_cfg, lens, per_req_p=None, pad_rows=0, seed=0):

@@ -58,6 +58,7 @@ def test_store_matches_reference(device):
         b = make_layout(seq, H, G, D, dtype=dtype, device=device, seed=seed, backend="triton")
         assert torch.equal(a.kscale, b.kscale) and torch.equal(a.kzero, b.kzero)
         assert torch.equal(a.kmax, b.kmax) and torch.equal(a.kmin, b.kmin)
+        assert torch.equal(a.kbscale, b.kbscale)
         ca = ops._int4.int4_codes(a.kq).int()
         cb = ops._int4.int4_codes(b.kq).int()
         diff = (ca - cb).abs()
@@ -70,18 +71,20 @@ def test_store_matches_reference(device):
         ops.store_sidecar(a.k_buffer, loc, *a.sidecar, 16, backend="torch")
         ops.store_sidecar(b.k_buffer, loc, *b.sidecar, 16, backend="triton")
         assert torch.equal(a.kmax, b.kmax) and torch.equal(a.kmin, b.kmin)
+        assert torch.equal(a.kbscale, b.kbscale)
 
 
 def test_select_matches_reference(device):
     for seq, H, G, D, dtype, budget in _shapes(device):
         lay = make_layout(seq, H, G, D, dtype=dtype, device=device, backend="triton")
-        args = (lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices, lay.seq_lens,
-                budget, 16)
+        args = (lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token, lay.req_pool_indices,
+                lay.seq_lens, budget, 16)
         c1, n1 = ops.quest_select(*args, backend="torch")
         c2, n2 = ops.quest_select(*args, backend="triton", max_pages=max(seq) // 16 + 3)
         pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices,
                                                 lay.seq_lens, 16)
-        scores = ops._quest.quest_page_scores_ref(lay.q, lay.kmax, lay.kmin, pt, n_pages)
+        scores = ops._quest.quest_page_scores_ref(lay.q, lay.kmax, lay.kmin, lay.kbscale, pt,
+                                                  n_pages)
         assert torch.equal(n1, n2)
         for r in range(len(seq)):
             for h in range(H):
@@ -114,7 +117,7 @@ def test_prune_matches_reference(device):
     for seq, H, G, D, dtype, budget in _shapes(device):
         lay = make_layout(seq, H, G, D, dtype=dtype, device=device, peaked=6.0, backend="triton")
         sm = 1 / math.sqrt(D)
-        cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token,
+        cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token,
                                      lay.req_pool_indices, lay.seq_lens, budget, 16, backend="torch")
         s1 = ops.int4_scores(lay.q, *lay.sidecar[:3], cand, cnt, sm, backend="torch")
         s2 = ops.int4_scores(lay.q, *lay.sidecar[:3], cand, cnt, sm, backend="triton")
@@ -137,7 +140,7 @@ def test_attend_matches_reference(device):
     for seq, H, G, D, dtype, budget in _shapes(device):
         lay = make_layout(seq, H, G, D, dtype=dtype, device=device, backend="triton")
         sm = 1 / math.sqrt(D)
-        cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token,
+        cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token,
                                      lay.req_pool_indices, lay.seq_lens, budget, 16, backend="torch")
         o1 = ops.sparse_decode_attention(lay.q, lay.k_buffer, lay.v_buffer, cand, cnt, sm,
                                          backend="torch")

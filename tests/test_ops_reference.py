@@ -108,7 +108,7 @@ def test_topp_rejects_bad_p():
 def test_quest_score_is_upper_bound(H, G, D):
     lay = make_layout([37, 100, 16], H, G, D, dtype=torch.float32)
     pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
-    scores = ops.quest_page_scores(lay.q, lay.kmax, lay.kmin, pt, n_pages)
+    scores = ops.quest_page_scores(lay.q, lay.kmax, lay.kmin, lay.kbscale, pt, n_pages)
     for r in range(3):
         n = int(lay.seq_lens[r])
         slots = lay.req_to_token[lay.req_pool_indices[r], :n].long()
@@ -126,9 +126,8 @@ def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
     k_buffer = torch.randn(S, H, D, dtype=torch.bfloat16)
     kq = torch.zeros(S, H, D // 2, dtype=torch.uint8)
     ks, kz = torch.zeros(S, H, dtype=torch.float16), torch.zeros(S, H, dtype=torch.float16)
-    kmax = torch.zeros(S // P, H, D, dtype=torch.bfloat16)
-    kmin = torch.zeros_like(kmax)
-    args = (kq, ks, kz, kmax, kmin, P)
+    kmax, kmin, kbs = ops._int4.bounds_buffers(S // P, H, D, "cpu")
+    args = (kq, ks, kz, kmax, kmin, kbs, P)
     # extend: request A fills page 3 offsets 0..9, request B page 5 offsets 0..15 + page 2 0..3
     loc = torch.cat([torch.arange(48, 58), torch.arange(80, 96), torch.arange(32, 36)])
     ops.store_sidecar(k_buffer, loc, *args)
@@ -137,9 +136,16 @@ def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
     ops.store_sidecar(k_buffer, torch.tensor([61, 36]), *args)
 
     def check(page, last):
+        """The page's bounds over its offsets 0..last: int8 codes and scale, rounded outward."""
         seg = k_buffer[page * P: page * P + last + 1].float()
-        assert torch.equal(kmax[page].float(), seg.amax(0)), page
-        assert torch.equal(kmin[page].float(), seg.amin(0)), page
+        hi, lo, sc = ops._int4.quantize_bounds_ref(seg.amax(0), seg.amin(0))
+        assert torch.equal(kmax[page], hi) and torch.equal(kmin[page], lo), page
+        assert torch.equal(kbs[page], sc), page
+        deq = ops._int4.dequantize_bounds_ref
+        tol = 1e-6 * sc[:, None]  # one fp32 rounding of codes * scale
+        assert bool((deq(kmax[page], kbs[page]) >= seg.amax(0) - tol).all()), page
+        assert bool((deq(kmin[page], kbs[page]) <= seg.amin(0) + tol).all()), page
+        assert int(torch.maximum(kmax[page].abs(), kmin[page].abs()).amax()) == 127, page
 
     check(3, 13)
     check(5, 15)
@@ -157,8 +163,8 @@ def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
 
 def test_quest_select_budget_covers_context_takes_all_in_order():
     lay = make_layout([5, 33, 64], 2, 4, 64)
-    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices,
-                                 lay.seq_lens, 64, 16)
+    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token,
+                                 lay.req_pool_indices, lay.seq_lens, 64, 16)
     assert cand.shape == (3, 2, 64) and cnt.tolist() == [[5, 5], [33, 33], [64, 64]]
     for r in range(3):
         n = int(lay.seq_lens[r])
@@ -170,10 +176,10 @@ def test_quest_select_budget_covers_context_takes_all_in_order():
 def test_quest_select_keeps_sink_last_and_best_pages():
     lay = make_layout([200, 161], 2, 4, 64)
     budget = 64  # 4 pages: sink + last + 2 best
-    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices,
-                                 lay.seq_lens, budget, 16)
+    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token,
+                                 lay.req_pool_indices, lay.seq_lens, budget, 16)
     pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
-    scores = ops.quest_page_scores(lay.q, lay.kmax, lay.kmin, pt, n_pages)
+    scores = ops.quest_page_scores(lay.q, lay.kmax, lay.kmin, lay.kbscale, pt, n_pages)
     for r in range(2):
         n = int(lay.seq_lens[r])
         npg = int(n_pages[r])
@@ -189,8 +195,8 @@ def test_quest_select_keeps_sink_last_and_best_pages():
 
 def _prune_inputs(seq, H, G, D, budget=4096):
     lay = make_layout(seq, H, G, D, peaked=6.0)
-    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices,
-                                 lay.seq_lens, budget, 16)
+    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token,
+                                 lay.req_pool_indices, lay.seq_lens, budget, 16)
     return lay, cand, cnt
 
 
@@ -262,8 +268,8 @@ def test_chained_step_sparse_keeps_the_mass_and_short_rows_dense():
     torch.testing.assert_close(o[2].float(), dense[2], atol=2e-2, rtol=2e-2)
     assert bool((kc[:2] < 512).all())  # pruned below the candidate budget
     # the kept tokens carry ~p of the *exact* attention mass of every q head
-    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.req_to_token, lay.req_pool_indices,
-                                 lay.seq_lens, 512, 16)
+    cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token,
+                                 lay.req_pool_indices, lay.seq_lens, 512, 16)
     kept, kcnt = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, 0.95, sm)
     assert torch.equal(kcnt[:2], kc[:2])
     masses = []

@@ -38,9 +38,16 @@ LLAMA_8B = {
 }
 
 # Llama-8B, bf16, page 16, layers 2..31 sparse: per sparse layer and KV head 64 B int4 K + 4 B
-# scale/zero per token, plus 2 bounds x 128 x 2 B per 16-token page = 32 B per token.
+# scale/zero per token, plus 2 bounds x 128 int8 codes + a 4 B scale per 16-token page.
 KV_CELL = 8 * (128 + 128) * 32 * 2  # 131072 B: SGLang's own K+V per token
-SIDECAR = 8 * 30 * (64 + 4 + 32)  # 24000 B
+
+
+def _sidecar(n):
+    """Sidecar bytes per token of n (layer, KV head) pairs at D = 128, page 16."""
+    return n * (64 + 4) + -(-n * (2 * 128 + 4) // 16)
+
+
+SIDECAR = _sidecar(8 * 30)  # 20220 B
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +106,8 @@ def _cell(kvc):
 @pytest.mark.parametrize("tp,start,end,dense,want", [
     (1, 0, 32, 2, SIDECAR),
     (2, 0, 32, 2, SIDECAR // 2),  # 4 KV heads per rank
-    (1, 16, 32, 2, 8 * 16 * 100),  # pipeline stage 2: layers 16..31, all sparse
-    (1, 0, 32, 4, 8 * 28 * 100),
+    (1, 16, 32, 2, _sidecar(8 * 16)),  # pipeline stage 2: layers 16..31, all sparse
+    (1, 0, 32, 4, _sidecar(8 * 28)),
     (1, 0, 32, 40, 0),  # every layer dense: no sidecar
 ])
 def test_hook_adds_exactly_the_sidecar(setup, twilight_cfg, tp, start, end, dense, want):

@@ -188,7 +188,7 @@ class Harness:
             lay = self.side.layer(lid)
             out[lid] = (lay.kq[slots].clone(), lay.kscale[slots].clone(),
                         lay.kzero[slots].clone(), lay.kmax[pages].clone(),
-                        lay.kmin[pages].clone())
+                        lay.kmin[pages].clone(), lay.kbscale[pages].clone())
         return out
 
     def assert_matches_recompute(self, req):
@@ -213,9 +213,11 @@ class Harness:
                 assert bool((page_slots // P == page).all()), "a logical page spans 2 pages"
                 # the slots filled so far in this page are its first offsets, in order
                 assert torch.equal(page_slots % P, torch.arange(len(page_slots), device=DEV))
-                k = kb[page_slots]
-                assert torch.equal(lay.kmax[page], k.amax(0)), f"layer {lid} page {page}: kmax"
-                assert torch.equal(lay.kmin[page], k.amin(0)), f"layer {lid} page {page}: kmin"
+                k = kb[page_slots].float()
+                hi, lo, sc = ops._int4.quantize_bounds_ref(k.amax(0), k.amin(0))
+                assert torch.equal(lay.kmax[page], hi), f"layer {lid} page {page}: kmax"
+                assert torch.equal(lay.kmin[page], lo), f"layer {lid} page {page}: kmin"
+                assert torch.equal(lay.kbscale[page], sc), f"layer {lid} page {page}: scale"
 
 
 def _tokens(start, n):
@@ -289,8 +291,9 @@ def test_prefix_rows_are_not_rewritten_sentinel():
         lay.kq[prefix_slots] = 0xA5
         lay.kscale[prefix_slots] = 3.0
         lay.kzero[prefix_slots] = -3.0
-        lay.kmax[pages] = 42.0
-        lay.kmin[pages] = -42.0
+        lay.kmax[pages] = 42
+        lay.kmin[pages] = -42
+        lay.kbscale[pages] = 0.5
     r2 = h.new_req(PREFIX + _tokens(7000, 30))
     h.prefill(r2)
     h.decode(r2, 3)
@@ -300,8 +303,9 @@ def test_prefix_rows_are_not_rewritten_sentinel():
         assert bool((lay.kq[prefix_slots] == 0xA5).all())
         assert bool((lay.kscale[prefix_slots] == 3.0).all())
         assert bool((lay.kzero[prefix_slots] == -3.0).all())
-        assert bool((lay.kmax[pages] == 42.0).all())
-        assert bool((lay.kmin[pages] == -42.0).all())
+        assert bool((lay.kmax[pages] == 42).all())
+        assert bool((lay.kmin[pages] == -42).all())
+        assert bool((lay.kbscale[pages] == 0.5).all())
     # request 2's own slots are right
     own = h.slots(r2)[48:]
     for lid in h.side.sparse_layer_ids:
@@ -386,8 +390,9 @@ def test_attach_reads_sglang_pool_geometry():
     assert lay.kq.shape == (SIZE + P, H, D // 2) and lay.kq.dtype == torch.uint8
     assert lay.kscale.shape == (SIZE + P, H) and lay.kscale.dtype == torch.float16
     assert lay.kzero.shape == (SIZE + P, H) and lay.kzero.dtype == torch.float16
-    assert lay.kmax.shape == ((SIZE + P) // P, H, D) and lay.kmax.dtype == DTYPE
-    assert lay.kmin.shape == lay.kmax.shape and lay.kmin.dtype == DTYPE
+    assert lay.kmax.shape == ((SIZE + P) // P, H, D) and lay.kmax.dtype == torch.int8
+    assert lay.kmin.shape == lay.kmax.shape and lay.kmin.dtype == torch.int8
+    assert lay.kbscale.shape == ((SIZE + P) // P, H) and lay.kbscale.dtype == torch.float32
     with pytest.raises(KeyError):
         side.layer(2)
     assert side.write(2, _t([16])) is False
@@ -401,7 +406,9 @@ def test_attach_reads_sglang_pool_geometry():
     packed, scale, zero = ops.quantize_int4(kv.k_buffer[2][loc])
     assert torch.equal(side.layer(4).kq[loc], packed)
     assert torch.equal(side.layer(4).kzero[loc], zero)
-    assert torch.equal(side.layer(4).kmax[1], kv.k_buffer[2][loc].amax(0))
+    kl = kv.k_buffer[2][loc].float()
+    hi, lo, sc = ops._int4.quantize_bounds_ref(kl.amax(0), kl.amin(0))
+    assert torch.equal(side.layer(4).kmax[1], hi) and torch.equal(side.layer(4).kbscale[1], sc)
     assert side.rows_written() == {3: 0, 4: 5}
     # a page size that differs from SGLang's is refused
     kv2 = MHATokenToKVPool(SIZE, page_size=8, dtype=DTYPE, head_num=H, head_dim=D, layer_num=1,
@@ -411,18 +418,18 @@ def test_attach_reads_sglang_pool_geometry():
 
 
 def test_bytes_per_token_is_what_is_allocated():
-    # D=128, page 16, bf16: (64 + 4 + 32) / 512 of the layer's K+V bytes
+    # D=128, page 16, bf16: (64 + 4 + ceil((2 * 128 + 4) / 16)) / 512 of the layer's K+V bytes
     ratio = TwilightSidecarPool.overhead_ratio(128, 16, 2)
-    assert ratio == pytest.approx(100 / 512)
+    assert ratio == pytest.approx((68 + 17) / 512)
     assert ratio <= 0.20
     assert TwilightSidecarPool.overhead_ratio(64, 16, 2) <= 0.25
     for heads, dim, layers in [(2, 64, 2), (8, 128, 30), (3, 64, 28)]:
         side = TwilightSidecarPool(num_slots=20 * P, head_num=heads, head_dim=dim, dtype=DTYPE,
                                    sparse_layer_ids=range(2, 2 + layers), page_size=P,
                                    device="cpu")
-        per_tok = TwilightSidecarPool.bytes_per_token(heads, dim, 2, P, layers)
+        per_tok = TwilightSidecarPool.bytes_per_token(heads, dim, P, layers)
         assert side.nbytes() == per_tok * 20 * P
-    assert TwilightSidecarPool.bytes_per_token(8, 128, 2, 16, 0) == 0
+    assert TwilightSidecarPool.bytes_per_token(8, 128, 16, 0) == 0
 
 
 def test_server_args_accept_twilight_backend():
