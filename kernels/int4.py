@@ -112,9 +112,12 @@ def quantize_bounds_ref(bmax: torch.Tensor, bmin: torch.Tensor):
     [...]): s = max |bound| / 127 over the page's D channels (1 where all are 0), max codes
     rounded up and min codes down, so ``codes * s`` bound every key of the page from outside
     (up to the rounding of one fp32 product). Half the bytes of bf16 bounds; the pages Quest
-    picks barely move (benchmarks/quest_bounds_precision.py)."""
+    picks barely move (benchmarks/quest_bounds_precision.py). s = max |bound| * fp32(1/127)."""
     amax = torch.maximum(bmax.abs(), bmin.abs()).amax(-1)
-    scale = torch.where(amax > 0, amax / float(BOUND_CODE_MAX), torch.ones_like(amax))
+    # times the fp32 constant 1/127, not divided by 127: torch divides by a scalar as a product
+    # with its reciprocal on CUDA, so only the product is the same everywhere
+    inv = torch.tensor(1.0 / BOUND_CODE_MAX, dtype=torch.float32, device=amax.device)
+    scale = torch.where(amax > 0, amax * inv, torch.ones_like(amax))
     hi = torch.ceil(bmax / scale[..., None]).clamp(-BOUND_CODE_MAX, BOUND_CODE_MAX)
     lo = torch.floor(bmin / scale[..., None]).clamp(-BOUND_CODE_MAX, BOUND_CODE_MAX)
     return hi.to(torch.int8), lo.to(torch.int8), scale
@@ -219,9 +222,9 @@ if triton is not None:
             bmax = tl.max(tl.where(valid, kp, float("-inf")), 0)
             bmin = tl.min(tl.where(valid, kp, float("inf")), 0)
             # int8 codes and one scale (quantize_bounds_ref: the same fp32 operations, IEEE
-            # divisions, so the same codes)
+            # divisions, so the same codes and scale)
             amax = tl.maximum(tl.max(tl.abs(bmax), 0), tl.max(tl.abs(bmin), 0))
-            bs = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([], 127.0, tl.float32)), 1.0)
+            bs = tl.where(amax > 0, amax * tl.full([], 1.0 / 127.0, tl.float32), 1.0)
             hi = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(bmax, bs + tl.zeros_like(bmax))),
                                        -127.0), 127.0)
             lo = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(bmin, bs + tl.zeros_like(bmin))),
