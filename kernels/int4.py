@@ -221,8 +221,8 @@ if triton is not None:
             kp = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
             bmax = tl.max(tl.where(valid, kp, float("-inf")), 0)
             bmin = tl.min(tl.where(valid, kp, float("inf")), 0)
-            # int8 codes and one scale (quantize_bounds_ref: the same fp32 operations, IEEE
-            # divisions, so the same codes and scale)
+            # int8 codes and one scale (quantize_bounds_ref: the same fp32 operations, the
+            # divisions IEEE-rounded, so the same codes and scale)
             amax = tl.maximum(tl.max(tl.abs(bmax), 0), tl.max(tl.abs(bmin), 0))
             bs = tl.where(amax > 0, amax * tl.full([], 1.0 / 127.0, tl.float32), 1.0)
             hi = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(bmax, bs + tl.zeros_like(bmax))),
