@@ -3,9 +3,10 @@
 The bounds are int8 codes with one fp32 scale per (page, KV head) (``int4.quantize_bounds_ref``,
 rounded outward). The page score ``max_{g in group} sum_d max(q_gd * kmax_d, q_gd * kmin_d)``
 over the dequantized bounds is an upper bound of ``q_g . k`` for every key of the page and every
-query head of the KV head's group (SGLang's averaging of q over the group would not be a bound). Selection keeps the sink page, the last
-(partial) page and the best other pages up to ``capacity // page_size`` pages; the candidate slots
-are the valid tokens of the chosen pages in ascending logical order.
+query head of the KV head's group (SGLang's averaging of q over the group would not be a bound).
+Selection keeps the sink page, the last (partial) page and the best other pages up to
+``capacity // page_size`` pages; the candidate slots are the valid tokens of the chosen pages in
+ascending logical order.
 """
 
 from __future__ import annotations
