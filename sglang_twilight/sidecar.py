@@ -60,7 +60,8 @@ class TwilightSidecarPool:
             padded CUDA-graph batches write to).
         head_num: KV heads of this rank (``MHATokenToKVPool.head_num``).
         head_dim: ``MHATokenToKVPool.head_dim``.
-        dtype: the KV dtype (``MHATokenToKVPool.dtype``); the bounds are stored in it.
+        dtype: the KV dtype (``MHATokenToKVPool.dtype``), for the record: the bounds are int8
+            codes with an fp32 scale whatever it is.
         sparse_layer_ids: global layer ids that get a sidecar (layers >= dense_layers).
         page_size: SGLang's page size = Quest page.
         device: where the buffers live.
