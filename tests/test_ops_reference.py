@@ -159,6 +159,19 @@ def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
     check(3, 2)
 
 
+def test_bounds_in_another_dtype_are_refused():
+    """The Quest bounds are int8 codes with an fp32 scale: bounds in the KV dtype (the layout of
+    e755c69 and before) get a clear error, not a silent cast."""
+    lay = make_layout([40, 70], 2, 4, 64)
+    pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
+    kmax, kmin = lay.kmax.to(torch.bfloat16), lay.kmin.to(torch.bfloat16)
+    with pytest.raises(TypeError, match="int8 codes with an fp32 scale"):
+        ops.quest_page_scores(lay.q, kmax, kmin, lay.kbscale, pt, n_pages)
+    with pytest.raises(TypeError, match="int8 codes with an fp32 scale"):
+        ops.store_sidecar(lay.k_buffer, torch.arange(3), *lay.sidecar[:3], kmax, kmin,
+                          lay.kbscale, 16)
+
+
 # ---------------------------------------------------------------- select / prune / attend
 
 def test_quest_select_budget_covers_context_takes_all_in_order():
