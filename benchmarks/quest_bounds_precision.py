@@ -78,25 +78,72 @@ def selected_pages(q, kmax, kmin, inp, budget):
     return (rank < budget // PAGE) & (j < n_pages.long()[:, None, None])
 
 
+def model_inputs(model_path: str, n_tokens: int, text_files):
+    """A real model's keys in ``make_inputs``' layout: one forward of ``n_tokens`` tokens of the
+    given text files through the (Llama-architecture) model, its post-RoPE keys of every layer
+    as one "request" per layer (slots of layer l: l * n .. l * n + n - 1) and the post-RoPE query
+    of the last token of each layer as that request's decode query."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.llama import modeling_llama
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    text = "\n\n".join(open(f, encoding="utf-8", errors="replace").read() for f in text_files)
+    ids = tok(text, return_tensors="pt").input_ids[:, : n_tokens // PAGE * PAGE]
+    n = ids.shape[1]
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    seen = []
+    rope = modeling_llama.apply_rotary_pos_emb
+
+    def record(q, k, *a, **kw):
+        qe, ke = rope(q, k, *a, **kw)
+        seen.append((qe[0, :, -1].clone(), ke[0].transpose(0, 1).clone()))  # [Hq, D], [n, H, D]
+        return qe, ke
+
+    modeling_llama.apply_rotary_pos_emb = record
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        modeling_llama.apply_rotary_pos_emb = rope
+    L = len(seen)
+    q = torch.stack([x[0] for x in seen]).to(torch.bfloat16)  # [L, Hq, D]
+    k = torch.cat([x[1] for x in seen]).to(torch.bfloat16)  # [L * n, H, D]
+    slots = torch.arange(L * n).view(L, n)
+    return dict(q=q, k=k, slots=slots, r2t=slots.to(torch.int32),
+                rpi=torch.arange(L, dtype=torch.int32),
+                seq=torch.full((L,), n, dtype=torch.int32)), L, n
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--budgets", default="1024,8192")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=None,
+                    help="a Llama-architecture checkpoint: its keys instead of the synthetic "
+                         "ones (CPU; one 'request' per layer, --context tokens of --text)")
+    ap.add_argument("--text", default="README.md,docs/KERNELS.md,docs/SGLANG_SURFACE.md,"
+                                      "docs/OPS.md,kernels/topp.py,kernels/quest.py",
+                    help="comma list of text files fed to --model")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    H, G, D = 8, 4, 128
-    inp = make_inputs(args.batch, args.context, H, G, D, torch.bfloat16, args.device)
+    if args.model:
+        inp, R, ctx = model_inputs(args.model, args.context, args.text.split(","))
+        H, D = inp["k"].shape[1:]
+        G = inp["q"].shape[1] // H
+    else:
+        H, G, D = 8, 4, 128
+        inp = make_inputs(args.batch, args.context, H, G, D, torch.bfloat16, args.device)
+        R, ctx = args.batch, args.context
     q = inp["q"]
-    R, ctx = args.batch, args.context
     # exact attention probabilities over every token, per (request, q head), fp32
     k = inp["k"][inp["slots"].reshape(-1).long()].view(R, ctx, H, D).float()
     qg = q.float().view(R, H, G, D)
     probs = torch.softmax(torch.einsum("rhgd,rthd->rhgt", qg, k) / math.sqrt(D), -1)
     page_mass = probs.view(R, H, G, ctx // PAGE, PAGE).sum(-1)  # [R, H, G, NP]
     # the exact bounds of every page (bf16 keys: what bf16 bounds would store)
-    pages = torch.arange(inp["kmax"].shape[0], device=q.device)
+    pages = torch.arange(inp["k"].shape[0] // PAGE, device=q.device)
     kmax, kmin = _int4.page_bounds_ref(inp["k"], pages, torch.full_like(pages, PAGE - 1), PAGE)
     e4_max, over_max = fp8_outward(kmax, up=True)
     e4_min, over_min = fp8_outward(kmin, up=False)
@@ -125,9 +172,12 @@ def main():
                                            "int8-page": 2 * D + 4}[name]))
             print(json.dumps(rows[-1]), flush=True)
     res = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               model=args.model, text=args.text if args.model else None,
                versions=dict(torch=torch.__version__), commit=source_commit(),
                command="python " + " ".join(sys.argv),
-               keys="the key law of bench_attention.py (make_inputs), Llama-3.1-8B shapes",
+               keys=("post-RoPE keys of every layer of the model, one 'request' a layer"
+                     if args.model else
+                     "the key law of bench_attention.py (make_inputs), Llama-3.1-8B shapes"),
                bounds_beyond_e4m3=over_max + over_min, rows=rows)
     if args.out:
         with open(args.out, "w") as f:
