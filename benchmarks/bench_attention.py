@@ -279,6 +279,15 @@ def source_commit() -> str:
         return "unknown"
 
 
+def write_rows(path, rows):
+    """A sweep's or probe's rows as JSON with the card, versions, commit and command."""
+    with open(path, "w") as f:
+        json.dump(dict(card=torch.cuda.get_device_name(),
+                       versions=dict(torch=torch.__version__, triton=triton.__version__),
+                       commit=source_commit(), command="python " + " ".join(sys.argv),
+                       rows=rows), f, indent=1)
+
+
 def write_results(args, rows, stage_rows, H, G, D):
     import flashinfer
 

@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, make_inputs, source_commit  # noqa: E402
+from bench_attention import PAGE, make_inputs, write_rows  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
 from sglang_twilight.kernels import quest as Q  # noqa: E402
@@ -195,13 +195,7 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
     T.TOPP_CONFIG, T.MAXNREG = default, maxnreg
     if args.out:
-        import triton
-
-        with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(),
-                           versions=dict(torch=torch.__version__, triton=triton.__version__),
-                           commit=source_commit(), command="python " + " ".join(sys.argv),
-                           rows=rows), f, indent=1)
+        write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

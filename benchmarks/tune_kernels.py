@@ -9,7 +9,6 @@ Usage: python benchmarks/tune_kernels.py --batches 8,64 --context 32768 --out tu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -17,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, graph_ms, make_inputs, source_commit  # noqa: E402
+from bench_attention import PAGE, graph_ms, make_inputs, write_rows  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
 from sglang_twilight.kernels import attend as A  # noqa: E402
@@ -279,13 +278,7 @@ def main():
     for bs in map(int, args.batches.split(",")):
         sweep(bs, args.context, rows, only)
     if args.out:
-        import triton
-
-        with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(),
-                           versions=dict(torch=torch.__version__, triton=triton.__version__),
-                           commit=source_commit(),
-                           command="python " + " ".join(sys.argv), rows=rows), f, indent=1)
+        write_rows(args.out, rows)
 
 
 if __name__ == "__main__":
