@@ -170,7 +170,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--variants", default="",
                     help="';'-separated variants of the kernel, each a ','-list of TOPP_CONFIG "
-                         "entries and maxnreg, e.g. 'ROW_MAX=8192,maxnreg=128;num_warps=16'; "
+                         "entries and maxnreg, e.g. 'num_warps=4,CHUNK=512;maxnreg=80'; "
                          "an empty one is the default")
     ap.add_argument("--ablations", default="",
                     help="comma list of ABLATIONS to time besides the kernel itself "

@@ -205,11 +205,11 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         table.clear()
         table.update(saved)
     # the overflow kernel's grid: a program per KV head (looking at its G q heads) or per q head
+    saved = T.OVERFLOW_PER_KV
     for per_kv in (False, True) if not only or "overflow_grid" in only else []:
-        saved = T.OVERFLOW_PER_KV
         T.OVERFLOW_PER_KV = per_kv
         log_prune("overflow_grid", dict(per_kv=per_kv))
-        T.OVERFLOW_PER_KV = saved
+    T.OVERFLOW_PER_KV = saved
     # register caps of the prune kernels (how many programs share an SM)
     saved = dict(T.MAXNREG)
     for cfg in [{}] + MAXNREG if not only or "maxnreg" in only else []:
