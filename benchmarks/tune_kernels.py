@@ -101,8 +101,8 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
             log("page_scores_layout", dict(layout=name), ms, max_abs_diff=err)
             del kx, kn, kb
     sel = lambda: Q.quest_select_pages_triton(
-        inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], 8192, PAGE,
-        max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
+        inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], 8192,
+        PAGE, max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
         cand_counts=ws.cand_counts[:bs])
     np_pad = 1 << (ws.max_pages - 1).bit_length()
     select_default = dict(Q.SELECT_WARPS)
@@ -169,9 +169,8 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         return ops.twilight_decode(
             inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"],
             inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], p, budget=8192,
-            page_size=PAGE,
-            sm_scale=sm, min_budget=1, max_budget=0, backend="triton", workspace=workspace,
-            out=out)
+            page_size=PAGE, sm_scale=sm, min_budget=1, max_budget=0, backend="triton",
+            workspace=workspace, out=out)
 
     step = lambda: decode(ws, pr)
 
