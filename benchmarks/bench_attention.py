@@ -195,11 +195,12 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, args.max_budget,
             scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
             lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-            scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs])
+            scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs],
+            parts=ws.score_parts[:bs])
         stages["prune"] = graph_ms(prune)
-        stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
+        stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(  # as the prune runs it
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs],
-            page_size=PAGE))
+            page_size=PAGE, parts=ws.score_parts[:bs] if _topp.TOPP_FROM_PARTS else None))
         kept, kcnt = ws.kept_slots[:bs], ws.kept_counts[:bs]
         attend = lambda: _attend.sparse_decode_attention_triton(
             inp["q"], inp["k"], inp["v"], kept, kcnt, sm, out=out,

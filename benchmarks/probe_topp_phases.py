@@ -33,7 +33,7 @@ from sglang_twilight.kernels import topp as T0  # noqa: E402
 
 # (line the stamp goes before, name of the phase that ends there)
 MARKS = [("c = tl.arange(0, CHUNK)", None),
-         ("s_floor = _topp_floor(", "max/sum pass"),
+         ("s_floor = _topp_floor(", "max/sum (pass or partials)"),
          ("tl.debug_barrier()  # this program's stores", "compaction (+ raised floor)"),
          ("tl.store(lo_ptr + pid, lo)", "search + marks")]
 STAMP = "tl.store(tptr + tl.program_id(0) * 8 + {i}, tl.extra.cuda.globaltimer())"
@@ -89,8 +89,10 @@ def probe(T, bs, ctx, H=8, G=4, D=128):
     cand, cnt = Q.quest_select_pages_triton(
         inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"],
         ws.capacity, PAGE, max_pages=ws.max_pages, cand_pages=ws.cand_pages[:bs], cand_counts=ws.cand_counts[:bs])
+    parts = ws.score_parts[:bs] if T.TOPP_FROM_PARTS else None  # the max/sum as the step has it
     scores = T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
-                                  out=ws.scores[:bs], page_size=PAGE)
+                                  out=ws.scores[:bs], page_size=PAGE, parts=parts)
+    pa = parts if parts is not None else scores
     C = scores.shape[-1]
     c_pad = 1 << (C - 1).bit_length()
     n = bs * H * G
@@ -101,9 +103,11 @@ def probe(T, bs, ctx, H=8, G=4, D=128):
     def launch():
         ws.topp_scratch.zero_()  # an ablation may leave it unwritten: indices stay in range
         T._topp_head_kernel[(n,)](
-            stamps, scores, cnt, pr, lo, tot, mx, ws.topp_scratch, marks, scores.stride(0),
-            scores.stride(1), scores.stride(2), marks.stride(0), marks.stride(1), H=H, G=G,
-            SCRATCH=T.topp_scratch_width(C), **T._topp_launch(c_pad))
+            stamps, scores, cnt, pr, lo, tot, mx, ws.topp_scratch, marks, pa, scores.stride(0),
+            scores.stride(1), scores.stride(2), marks.stride(0), marks.stride(1), pa.stride(0),
+            pa.stride(1), pa.stride(2), H=H, G=G, SCRATCH=T.topp_scratch_width(C),
+            PARTS=parts is not None, NP=pa.shape[-1] if parts is not None else 1,
+            SPAN=T.estimate_span(bs * H), **T._topp_launch(c_pad))
         marks.zero_()
 
     for _ in range(3):

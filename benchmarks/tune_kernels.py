@@ -42,11 +42,11 @@ TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w, REFLOOR=rf)
             (1024, 2048, 4096, 4, 8, True), (1024, 2048, 4096, 5, 8, True),
             (1024, 2048, 4096, 6, 8, True), (512, 2048, 4096, 6, 8, True),
             (512, 2048, 4096, 8, 8, True), (2048, 2048, 4096, 4, 8, True)]]
-UNION = [8, 16]
+UNION = [4, 8, 16]
 OVERFLOW = [4, 8, 16]
 ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
           for sp in (1, 2, 4, 8, 16) for b in (32, 64) for w in (2, 4)]
-SELECT = [4, 8]
+SELECT = [1, 2, 4, 8]
 GROUPS = [1, 2, 3, 4]
 MAXNREG = [dict(topp=80), dict(topp=72), dict(topp=64), dict(union=64), dict(union=80),
            dict(overflow=64), dict(topp=80, union=64, overflow=64),
@@ -159,7 +159,8 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, 0,
         scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
         lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
-        scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs])
+        scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs],
+        parts=ws.score_parts[:bs])
     k0, n0 = [t.clone() for t in prune()]
 
     out = torch.empty_like(inp["q"])
@@ -209,6 +210,17 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         T.OVERFLOW_PER_KV = per_kv
         log_prune("overflow_grid", dict(per_kv=per_kv))
     T.OVERFLOW_PER_KV = saved
+    # the top-p kernel's max and sum: from the estimate's partials or from a pass over the row
+    # (the estimate alone timed with and without writing them)
+    saved = T.TOPP_FROM_PARTS
+    for from_parts in (False, True) if not only or "parts" in only else []:
+        T.TOPP_FROM_PARTS = from_parts
+        pa = ws.score_parts[:bs] if from_parts else None
+        log("estimate_parts", dict(from_parts=from_parts), graph_ms(
+            lambda: T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
+                                         out=ws.scores[:bs], page_size=PAGE, parts=pa)))
+        log_prune("topp_parts", dict(from_parts=from_parts))
+    T.TOPP_FROM_PARTS = saved
     # register caps of the prune kernels (how many programs share an SM)
     saved = dict(T.MAXNREG)
     for cfg in [{}] + MAXNREG if not only or "maxnreg" in only else []:
@@ -269,7 +281,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid")
+                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

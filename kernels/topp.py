@@ -79,6 +79,29 @@ def int4_scores_ref(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale):
     return torch.where(valid[:, :, None, :], s, float("-inf"))
 
 
+def score_parts_ref(scores, cand_counts, span: int, width: int):
+    """The estimate's partials (``int4_scores_triton(parts=)``) from scores [R, H, G, C]:
+    fp32 [R, H, G, 2, width], per q head and block j of ``span`` candidates the max m of its
+    scores and sum(exp(s - m)); blocks past the count hold (-inf, 0)."""
+    R, H, G, C = scores.shape
+    n_blocks = -(-C // span)
+    if n_blocks > width:
+        raise ValueError(f"{C} candidates in blocks of {span} need {n_blocks} partials > {width}")
+    idx = torch.arange(n_blocks * span, device=scores.device)
+    s = torch.full((R, H, G, n_blocks * span), float("-inf"), device=scores.device)
+    s[..., :C] = scores.float()
+    s = torch.where(idx < cand_counts.long()[:, :, None, None], s, float("-inf"))
+    s = s.view(R, H, G, n_blocks, span)
+    m = s.amax(-1)
+    t = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None]).sum(-1)
+    out = torch.empty(R, H, G, 2, width, device=scores.device)
+    out[..., 0, :] = float("-inf")
+    out[..., 1, :] = 0.0
+    out[..., 0, :n_blocks] = m
+    out[..., 1, :n_blocks] = t
+    return out
+
+
 def _topk_by_key_ref(key: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """key [..., N] float, k [...] -> mask of the k largest (ties -> lower index)."""
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
@@ -176,13 +199,13 @@ if triton is not None:
 
     @triton.jit
     def _estimate_kernel(
-        q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, sm_scale,
+        q_ptr, kq_ptr, ks_ptr, kz_ptr, cand_ptr, count_ptr, out_ptr, parts_ptr, sm_scale,
         stride_qr, stride_qh, stride_kqs, stride_kqh, stride_ss, stride_sh, stride_cr, stride_ch,
-        stride_or, stride_oh, stride_og,
+        stride_or, stride_oh, stride_og, stride_pr, stride_ph, stride_pg,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, SZ_PAIRED: tl.constexpr,
         DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
-        UNPACK_ASM: tl.constexpr,
+        UNPACK_ASM: tl.constexpr, PARTS: tl.constexpr, NP: tl.constexpr, G_P2: tl.constexpr,
     ):
         """Grid (R*H, C/(BLOCK_N*ITERS)): s = sm_scale * (scale * q.codes + zero * sum(q)).
 
@@ -191,7 +214,11 @@ if triton is not None:
         blocks of BLOCK_N candidates, software-pipelined (STAGES), so the next block's gathers are
         in flight while this one is converted and multiplied. ``SZ_PAIRED``: zero is stored right
         after scale (the sidecar's interleaved buffer), read as one 32-bit word. ``UNPACK_ASM``:
-        the codes become bf16/fp16 through ``_unpack_nibbles`` (CUDA only).
+        the codes become bf16/fp16 through ``_unpack_nibbles`` (CUDA only). ``PARTS``: each
+        program also writes, per q head, the max m of its scores and sum(exp(s - m))
+        (``parts[r, h, g, 0, j]`` and ``parts[r, h, g, 1, j]`` for program j; NP per head), read
+        back from what it stored (G rows, where the dot's tile has G_PAD columns), so the top-p
+        kernel combines them instead of a pass over the whole row.
         """
         rh = tl.program_id(0)
         start = tl.program_id(1) * (BLOCK_N * ITERS)
@@ -236,6 +263,19 @@ if triton is not None:
             dot = tl.dot(lo, qeT) + tl.dot(hi, qoT)  # [BLOCK_N, G_PAD] fp32
             s = (sc[:, None] * dot + zr[:, None] * qsum[None, :]) * sm_scale
             tl.store(obase + n[:, None], s, mask=nm[:, None] & gm[None, :])
+        if PARTS:  # the scores just stored, read back: G rows, no padded columns to exp
+            tl.debug_barrier()  # every thread's stores are visible to the whole program
+            k = tl.arange(0, BLOCK_N * ITERS)
+            gr = tl.arange(0, G_P2)
+            rm = gr < G
+            sv = tl.load(out_ptr + r * stride_or + h * stride_oh + gr[:, None] * stride_og
+                         + start + k[None, :], mask=rm[:, None] & (start + k < count)[None, :],
+                         other=float("-inf"))
+            pm = tl.max(sv, 1)  # finite for every real head: this program has a candidate
+            pt = tl.sum(tl.exp(sv - pm[:, None]), 1)
+            pb = parts_ptr + r * stride_pr + h * stride_ph + gr * stride_pg + tl.program_id(1)
+            tl.store(pb, pm, mask=rm)
+            tl.store(pb + NP, pt, mask=rm)
 
     @triton.jit
     def _topp_threshold(s, present, mx, target):
@@ -315,10 +355,11 @@ if triton is not None:
 
     @triton.jit
     def _topp_head_kernel(
-        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, mark_ptr, stride_sr,
-        stride_sh, stride_sg, stride_mr, stride_mh,
+        s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, mark_ptr, parts_ptr,
+        stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_pr, stride_ph, stride_pg,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
         MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, REFLOOR: tl.constexpr,
+        PARTS: tl.constexpr, NP: tl.constexpr, SPAN: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -335,7 +376,9 @@ if triton is not None:
         registers (nearly flat rows, a few heads in a thousand on the benchmark's keys:
         ``profile_step.py`` counts them; searched here chunk by chunk, re-reading the row at
         every step, one such head held up the whole kernel). The scores are only read (e is
-        recomputed where needed, same instructions, same bits), in CHUNK pieces.
+        recomputed where needed, same instructions, same bits), in CHUNK pieces. ``PARTS``: the
+        max and sum come from the estimate's per-program partials (``_estimate_kernel``, one per
+        SPAN candidates), not from a first pass over the row.
         """
         pid = tl.program_id(0)
         r = pid // (H * G)
@@ -349,18 +392,28 @@ if triton is not None:
         tot = tl.zeros([], tl.float32)
         lo = tl.zeros([], tl.int32)
         if p < 1.0:  # p >= 1 keeps every candidate: nothing to find
-            # pass 1: max and sum of exp, online per lane (one block reduction at the end, not
-            # two per chunk: top-p + union 54.8 vs 56.7 us at batch 8, 401.8 vs 415.3 at 64, H100)
-            mv = tl.full([CHUNK], float("-inf"), tl.float32)
-            tv = tl.zeros([CHUNK], tl.float32)
-            for st in tl.range(0, count, CHUNK, num_stages=STAGES):
-                s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
-                m_new = tl.maximum(mv, s)
-                m_ok = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with nothing yet
-                tv = tv * tl.exp(mv - m_ok) + tl.exp(s - m_ok)
-                mv = m_new
-            m = tl.max(mv, 0)
-            tot = tl.sum(tv * tl.exp(mv - m), 0)
+            if PARTS:  # the estimate's partials: no pass over the row
+                j = tl.arange(0, NP)
+                jm = j < (count + SPAN - 1) // SPAN
+                pb = parts_ptr + r * stride_pr + h * stride_ph + g * stride_pg + j
+                pm = tl.load(pb, mask=jm, other=float("-inf"))
+                pt = tl.load(pb + NP, mask=jm, other=0.0)
+                m = tl.max(pm, 0)
+                tot = tl.sum(pt * tl.exp(pm - m), 0)
+            else:
+                # pass 1: max and sum of exp, online per lane (one block reduction at the end,
+                # not two per chunk: top-p + union 54.8 vs 56.7 us at batch 8, 401.8 vs 415.3
+                # at 64, H100)
+                mv = tl.full([CHUNK], float("-inf"), tl.float32)
+                tv = tl.zeros([CHUNK], tl.float32)
+                for st in tl.range(0, count, CHUNK, num_stages=STAGES):
+                    s = tl.load(row + st + c, mask=st + c < count, other=float("-inf"))
+                    m_new = tl.maximum(mv, s)
+                    m_ok = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with nothing yet
+                    tv = tv * tl.exp(mv - m_ok) + tl.exp(s - m_ok)
+                    mv = m_new
+                m = tl.max(mv, 0)
+                tot = tl.sum(tv * tl.exp(mv - m), 0)
             s_floor = _topp_floor(m, tot, p, count)
             buf = scratch_ptr + pid.to(tl.int64) * (2 * SCRATCH)
             # pass 2: the survivors (index, score) compacted into the scratch
@@ -474,21 +527,53 @@ if triton is not None:
         tl.store(kept_count_ptr + r * H + h, tl.sum(keep.to(tl.int32), 0))
 
 
+def _estimate_config(rows: int) -> dict:
+    return ESTIMATE_CONFIG_WIDE if rows >= ESTIMATE_WIDE_ROWS else ESTIMATE_CONFIG
+
+
+def estimate_span(rows: int) -> int:
+    """Candidates per estimate program for ``rows`` (request, KV head) rows: one partial each."""
+    cfg = _estimate_config(rows)
+    return cfg["BLOCK_N"] * cfg["ITERS"]
+
+
+def score_parts_width(capacity: int) -> int:
+    """Partials per q head the estimate may write for rows of ``capacity`` candidates, whichever
+    launch shape it takes: ``parts`` buffers are fp32 [R, H, G, 2, this]."""
+    span = min(c["BLOCK_N"] * c["ITERS"] for c in (ESTIMATE_CONFIG, ESTIMATE_CONFIG_WIDE))
+    return next_pow2(-(-capacity // span))
+
+
+def _check_parts(parts, R, H, G, C):
+    want = (R, H, G, 2, score_parts_width(C))
+    if (parts.dtype != torch.float32 or tuple(parts.shape) != want or parts.stride(-1) != 1
+            or parts.stride(-2) != want[-1]):
+        raise ValueError(f"score partials must be contiguous fp32 {list(want)} per row, got "
+                         f"{parts.dtype} {list(parts.shape)} strides {parts.stride()}")
+
+
 def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None,
-                       page_size=0):
-    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
+                       page_size=0, parts=None):
+    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
+    ``parts`` (fp32 [R, H, G, 2, score_parts_width(C)]): also write each program's max and sum
+    of exp per q head, for ``prune_from_scores_triton(..., parts=, parts_span=estimate_span(R*H))``."""
     R, Hq, D = q.shape
     H = kq.shape[1]
     G = Hq // H
     C = cand_slots.shape[-1] * max(page_size, 1)
     if out is None:
         out = torch.full((R, H, G, C), float("-inf"), dtype=torch.float32, device=q.device)
-    cfg = ESTIMATE_CONFIG_WIDE if R * H >= ESTIMATE_WIDE_ROWS else ESTIMATE_CONFIG
+    cfg = _estimate_config(R * H)
     BLOCK_N, ITERS = cfg["BLOCK_N"], cfg["ITERS"]
+    if parts is not None:
+        _check_parts(parts, R, H, G, C)
+    pa = parts if parts is not None else out
     _estimate_kernel[(R * H, triton.cdiv(C, BLOCK_N * ITERS))](
-        q, kq, kscale, kzero, cand_slots, cand_counts, out, float(sm_scale),
+        q, kq, kscale, kzero, cand_slots, cand_counts, out, pa, float(sm_scale),
         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0), kscale.stride(1),
         cand_slots.stride(0), cand_slots.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        pa.stride(0), pa.stride(1), pa.stride(2), PARTS=parts is not None,
+        NP=parts.shape[-1] if parts is not None else 1, G_P2=next_pow2(G),
         H=H, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_N=BLOCK_N, ITERS=ITERS,
         STAGES=cfg["STAGES"], SZ_PAIRED=_scale_zero_paired(kscale, kzero),
         DOT_F32=interpreting(), P=max(page_size, 1), FROM_PAGES=page_size > 0,
@@ -552,6 +637,9 @@ TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFL
 # (tune_estimate_wide_h100.json)
 TOPP_CONFIG_WIDE = dict(TOPP_CONFIG, CHUNK=512, num_warps=4)
 TOPP_WIDE_HEADS = 1024
+# the top-p kernel takes each head's max and sum from the estimate's partials
+# (``twilight_prune_triton``) instead of a first pass over its row
+TOPP_FROM_PARTS = True
 
 # register cap a thread (ptxas .maxnreg) of the prune kernels; None: the compiler's choice. An SM
 # holds 64K registers, so a cap sets how many programs share it (tuned on the H100 by
@@ -580,12 +668,15 @@ def _topp_launch(c_pad: int, step_heads: int = 0) -> dict:
 
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                              kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
-                             scratch=None, mx=None, marks=None, step_heads=None):
+                             scratch=None, mx=None, marks=None, step_heads=None, parts=None,
+                             parts_span=0):
     """Top-p per q head, then union / clamps / compaction per KV head; ``scores`` is only read.
     ``lo``, ``tot``, ``mx`` (R*H*G each) receive each head's threshold key, sum of e and row
     max, where e = exp(s - max). ``scratch``: int32, ``2*R*H*G*topp_scratch_width(C)`` entries
     or more. ``marks``: int8 [R, H, C], all zero (it is left all zero). ``step_heads``: q heads
-    of the whole decode step when these rows are one of its row groups (the launch shape)."""
+    of the whole decode step when these rows are one of its row groups (the launch shape).
+    ``parts``: the estimate's partials of these scores (``int4_scores_triton``), one per
+    ``parts_span`` candidates: the max and sum of each head come from them."""
     R, H, G, C = scores.shape
     dev = scores.device
     pr = _rows_p(p, R, dev)
@@ -608,11 +699,19 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     elif scratch.numel() < 2 * R * H * G * width:
         raise ValueError(
             f"top-p scratch holds {scratch.numel()} entries, needs {2 * R * H * G * width}")
+    if parts is not None:
+        _check_parts(parts, R, H, G, C)
+        if parts_span <= 0 or -(-C // parts_span) > parts.shape[-1]:
+            raise ValueError(f"parts_span {parts_span}: {C} candidates need at most "
+                             f"{parts.shape[-1]} partials per head")
+    pa = parts if parts is not None else scores
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
     mstrides = (marks.stride(0), marks.stride(1))
     _topp_head_kernel[(R * H * G,)](
-        scores, cand_counts, pr, lo, tot, mx, scratch, marks, *strides, *mstrides, H=H, G=G,
-        SCRATCH=width, **_topp_launch(C_PAD, step_heads or R * H * G),
+        scores, cand_counts, pr, lo, tot, mx, scratch, marks, pa, *strides, *mstrides,
+        pa.stride(0), pa.stride(1), pa.stride(2), H=H, G=G, SCRATCH=width,
+        PARTS=parts is not None, NP=parts.shape[-1] if parts is not None else 1,
+        SPAN=max(int(parts_span), 1), **_topp_launch(C_PAD, step_heads or R * H * G),
     )
     per_kv = OVERFLOW_PER_KV
     _topp_overflow_kernel[(R * H if per_kv else R * H * G,)](
@@ -650,10 +749,19 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
                           tot=None, page_size=0, scratch=None, mx=None, marks=None,
-                          step_heads=None):
-    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton)."""
+                          step_heads=None, parts=None):
+    """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
+    ``parts``: the buffer of the estimate's partials (allocated when None), used when
+    ``TOPP_FROM_PARTS``."""
+    R, H, C = cand_slots.shape[0], cand_slots.shape[1], cand_slots.shape[-1] * max(page_size, 1)
+    G = q.shape[1] // H
+    if not TOPP_FROM_PARTS:
+        parts = None
+    elif parts is None:
+        parts = torch.empty(R, H, G, 2, score_parts_width(C), dtype=torch.float32,
+                            device=q.device)
     scores = int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=scores,
-                                page_size=page_size)
+                                page_size=page_size, parts=parts)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                                     kept_slots, kept_counts, lo, tot, page_size, scratch, mx,
-                                    marks, step_heads)
+                                    marks, step_heads, parts, estimate_span(R * H))

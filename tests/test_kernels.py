@@ -136,6 +136,38 @@ def test_prune_matches_reference(device):
                     assert torch.equal(n2[1:], cnt[1:])
 
 
+def test_estimate_partials_match_reference(device, monkeypatch):
+    """The estimate's per-program partials (max, sum of exp per q head; the top-p kernel starts
+    from them) equal the torch reference over the scores it wrote, for every program that has
+    candidates, whichever launch shape it takes; several programs a row on the CPU too."""
+    from sglang_twilight.kernels import topp as T
+
+    if device == "cpu":
+        monkeypatch.setattr(T, "ESTIMATE_CONFIG", dict(T.ESTIMATE_CONFIG, BLOCK_N=16, ITERS=2,
+                                                       STAGES=2))
+        monkeypatch.setattr(T, "ESTIMATE_CONFIG_WIDE", dict(T.ESTIMATE_CONFIG_WIDE, BLOCK_N=16,
+                                                            ITERS=1, STAGES=2))
+    for seq, H, G, D, dtype, budget in _shapes(device):
+        lay = make_layout(seq, H, G, D, dtype=dtype, device=device, peaked=6.0, backend="triton")
+        sm = 1 / math.sqrt(D)
+        pages, cnt = ops._quest.quest_select_pages_triton(
+            lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token, lay.req_pool_indices,
+            lay.seq_lens, budget, 16)
+        R, C = len(seq), pages.shape[-1] * 16
+        width = T.score_parts_width(C)
+        parts = torch.full((R, H, G, 2, width), float("nan"), device=device)
+        s = T.int4_scores_triton(lay.q, *lay.sidecar[:3], pages, cnt, sm, page_size=16,
+                                 parts=parts)
+        span = T.estimate_span(R * H)
+        ref = T.score_parts_ref(s, cnt, span, width)
+        used = torch.arange(width, device=device) < (-(-cnt.long() // span))[:, :, None, None]
+        assert int(used.sum()) > R * H  # several programs a row somewhere
+        used = used.expand(R, H, G, width)
+        assert torch.equal(parts[:, :, :, 0][used], ref[:, :, :, 0][used])  # the max is exact
+        torch.testing.assert_close(parts[:, :, :, 1][used], ref[:, :, :, 1][used], rtol=2e-5,
+                                   atol=0)
+
+
 def test_attend_matches_reference(device):
     for seq, H, G, D, dtype, budget in _shapes(device):
         lay = make_layout(seq, H, G, D, dtype=dtype, device=device, backend="triton")
@@ -213,14 +245,17 @@ def test_decode_mixed_batch_short_rows_dense(device):
             assert bool((kc[r] < 512).all())
 
 
+@pytest.mark.parametrize("from_parts", [False, True], ids=["row-pass", "partials"])
 @pytest.mark.parametrize("overflow_per_kv", [True, False], ids=["overflow-per-kv", "overflow-per-q"])
-def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv):
+def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv, from_parts):
     """The top-p kernel searches the entries above the droppable floor compacted in a register
     block of SMALL or MID values; a head with more first raises its floor and compacts again,
     and one still over MID is flagged and searched by the overflow kernel, its whole row in
     registers: q heads with peaked, medium, flat and heavy rows take these paths; each must keep
     the reference's set, alone (one q head per KV head) and in a group whose heads take
-    different paths. The overflow kernel runs a program per KV head or per q head."""
+    different paths. The overflow kernel runs a program per KV head or per q head. The max and
+    sum of each head come from a pass over its row or from the estimate's partials (here from
+    their reference, blocks of C / 4)."""
     from sglang_twilight.kernels import topp as T
 
     monkeypatch.setattr(T, "OVERFLOW_PER_KV", overflow_per_kv)
@@ -229,6 +264,8 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per
         C = 256
         monkeypatch.setattr(T, "TOPP_CONFIG",
                             dict(T.TOPP_CONFIG, CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
+        # room for 4 partials a row (score_parts_width follows the estimate's launch shape)
+        monkeypatch.setattr(T, "ESTIMATE_CONFIG", dict(T.ESTIMATE_CONFIG, BLOCK_N=16, ITERS=2))
     width = T.topp_scratch_width(C)
     assert width == C // 2
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
@@ -281,7 +318,11 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per
             cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
             cnt = torch.full((1, H), C, dtype=torch.int32, device=device)
             k1, n1 = T.prune_from_scores_ref(s.clone(), cand, cnt, p, 1, 0)
-            k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
+            kw = {}
+            if from_parts:
+                kw = dict(parts=T.score_parts_ref(s, cnt, C // 4, T.score_parts_width(C)),
+                          parts_span=C // 4)
+            k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0, **kw)
             if p == 0.95:  # row i is head i: the flat one flagged, the heavy one not
                 assert 2 in flagged[-1] and 3 not in flagged[-1], flagged[-1]
             for h in range(H):
