@@ -48,9 +48,6 @@ ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
           for sp in (1, 2, 4, 8, 16) for b in (32, 64) for w in (2, 4)]
 SELECT = [1, 2, 4, 8]
 GROUPS = [1, 2, 3, 4]
-# the first: the split attend (no row group fused); then the fused union + attend
-UNION_ATTEND = [dict(rows=0)] + [dict(rows=1 << 30, BLOCK_N=b, num_stages=st)
-                                 for b, st in ((64, 2), (128, 2), (128, 3), (256, 2), (256, 1))]
 MAXNREG = [dict(topp=80), dict(topp=72), dict(topp=64), dict(union=64), dict(union=80),
            dict(overflow=64), dict(topp=80, union=64, overflow=64),
            dict(topp=64, union=64, overflow=64)]
@@ -224,21 +221,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
                                          out=ws.scores[:bs], page_size=PAGE, parts=pa)))
         log_prune("topp_parts", dict(from_parts=from_parts))
     T.TOPP_FROM_PARTS = saved
-    # the union kernel attending too (A.UNION_ATTEND_ROWS: every row group, or none) at several
-    # launch shapes of its attention loop, against the split attend: the whole step
-    saved = A.UNION_ATTEND_ROWS, dict(A.UNION_ATTEND_CONFIG)
-    ref_o = None
-    for cfg in UNION_ATTEND if not only or "union_attend" in only else []:
-        A.UNION_ATTEND_ROWS = cfg["rows"]
-        A.UNION_ATTEND_CONFIG = dict(saved[1], **{k: v for k, v in cfg.items() if k != "rows"})
-        o, kc = step()
-        torch.cuda.synchronize()
-        if ref_o is None:
-            ref_o, ref_kc = o.float().clone(), kc.clone()
-        log("union_attend", dict(A.UNION_ATTEND_CONFIG, fused=cfg["rows"] > 0), graph_ms(step),
-            max_abs_diff=float((o.float() - ref_o).abs().max()),
-            counts_equal=bool(torch.equal(kc, ref_kc)))
-    A.UNION_ATTEND_ROWS, A.UNION_ATTEND_CONFIG = saved
     # register caps of the prune kernels (how many programs share an SM)
     saved = dict(T.MAXNREG)
     for cfg in [{}] + MAXNREG if not only or "maxnreg" in only else []:
@@ -299,8 +281,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts,"
-                         "union_attend")
+                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

@@ -20,9 +20,6 @@ except ImportError:  # pragma: no cover
 
 from .topp import gather_heads
 
-if triton is not None:
-    from .topp import _union_compact_row
-
 
 def sparse_decode_attention_ref(q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale):
     R, Hq, D = q.shape
@@ -39,78 +36,6 @@ def sparse_decode_attention_ref(q, k_buffer, v_buffer, kept_slots, kept_counts, 
 
 
 if triton is not None:
-
-    @triton.jit
-    def _attend_range(q_row, k_ptr, v_ptr, kept_row, h, start, end, sm_scale, stride_qh,
-                      stride_ks, stride_kh, stride_vs, stride_vh, G: tl.constexpr,
-                      G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      DOT_F32: tl.constexpr):
-        """Online softmax of KV head h's G q heads (``q_row``: the request's q) over the kept
-        slots ``kept_row[start:end]``, BLOCK_N at a time -> (acc [G_PAD, D] unnormalized,
-        running max [G_PAD], sum of exp [G_PAD])."""
-        g = tl.arange(0, G_PAD)
-        d = tl.arange(0, D)
-        q = tl.load(q_row + (h * G + g)[:, None] * stride_qh + d[None, :],
-                    mask=(g < G)[:, None], other=0.0)
-        if DOT_F32:  # the CPU interpreter has no bf16 dot
-            q = q.to(tl.float32)
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            nm = n < end
-            slot = tl.load(kept_row + n, mask=nm, other=0).to(tl.int64)
-            k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :],
-                        mask=nm[:, None], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale
-            s = tl.where(nm[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            pexp = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pexp, 1)
-            v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
-                        mask=nm[:, None], other=0.0)
-            if DOT_F32:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v).to(tl.float32)
-            m_i = m_new
-        return acc, m_i, l_i
-
-    @triton.jit
-    def _union_attend_kernel(
-        s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
-        min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_cr,
-        stride_ch, stride_kr, stride_kh,
-        q_ptr, k_ptr, v_ptr, o_ptr, sm_scale, stride_qr, stride_qh, stride_ks, stride_kvh,
-        stride_vs, stride_vh, stride_or, stride_oh,
-        H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr, P: tl.constexpr,
-        FROM_PAGES: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_F32: tl.constexpr,
-    ):
-        """One program per (request, KV head): the union and compaction of the prune
-        (``topp._union_compact_row``; kept slots and count written as there), then attention of
-        the G q heads over those kept slots, read back, into the output: no split, no reduce
-        kernel, no kernel boundary between the prune and the attend (for steps of few rows)."""
-        rh = tl.program_id(0)
-        n_kept = _union_compact_row(
-            rh, s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr,
-            kept_count_ptr, min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr,
-            stride_mh, stride_cr, stride_ch, stride_kr, stride_kh, H, G, C_PAD, P, FROM_PAGES,
-            False)
-        tl.debug_barrier()  # the kept slots this program stored are visible to all its threads
-        r = rh // H
-        h = rh % H
-        acc, m_i, l_i = _attend_range(
-            q_ptr + r * stride_qr, k_ptr, v_ptr, kept_ptr + r * stride_kr + h * stride_kh, h, 0,
-            n_kept, sm_scale, stride_qh, stride_ks, stride_kvh, stride_vs, stride_vh, G, G_PAD, D,
-            BLOCK_N, DOT_F32)
-        g = tl.arange(0, G_PAD)
-        d = tl.arange(0, D)
-        tl.store(o_ptr + r * stride_or + (h * G + g)[:, None] * stride_oh + d[None, :],
-                 (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=(g < G)[:, None])
 
     @triton.jit
     def _attend_split_kernel(
@@ -134,10 +59,33 @@ if triton is not None:
         if start >= end:
             tl.store(mid_lse_ptr + mid + g, tl.full([G_PAD], float("-inf"), tl.float32), mask=gm)
             return
-        acc, m_i, l_i = _attend_range(
-            q_ptr + r * stride_qr, k_ptr, v_ptr, kept_ptr + r * stride_cr + h * stride_ch, h,
-            start, end, sm_scale, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, G, G_PAD,
-            D, BLOCK_N, DOT_F32)
+        q = tl.load(q_ptr + r * stride_qr + (h * G + g)[:, None] * stride_qh + d[None, :],
+                    mask=gm[:, None], other=0.0)
+        if DOT_F32:  # the CPU interpreter has no bf16 dot
+            q = q.to(tl.float32)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nm = n < end
+            slot = tl.load(kept_ptr + r * stride_cr + h * stride_ch + n, mask=nm, other=0).to(tl.int64)
+            k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :],
+                        mask=nm[:, None], other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale
+            s = tl.where(nm[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            pexp = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pexp, 1)
+            v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
+                        mask=nm[:, None], other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
         tl.store(mid_o_ptr + (mid + g)[:, None] * D + d[None, :], acc / l_i[:, None],
                  mask=gm[:, None])
         tl.store(mid_lse_ptr + mid + g, m_i + tl.log(l_i), mask=gm)
@@ -182,30 +130,6 @@ def attend_splits(num_rows: int, num_sms: int = 132, keep_all: bool = False) -> 
 # every candidate: over its B0-long rows the fewest splits that fill the GPU 4 times were the
 # fastest at every batch (8, 4, 2, 1 at batch 8, 16, 32, 64; 728.7 vs 738.6 us with 2 at 64)
 ATTEND_CONFIG = dict(waves=32, waves_keep_all=4, BLOCK_N=0, num_warps=4, num_stages=2)
-
-
-# union + attend in one kernel (``_union_attend_kernel``) for steps (or row groups) of at most
-# UNION_ATTEND_ROWS (request, KV head) rows; BLOCK_N kept slots a step of its attention loop
-# (tuned on the H100 by benchmarks/tune_kernels.py)
-UNION_ATTEND_ROWS = 64
-UNION_ATTEND_CONFIG = dict(BLOCK_N=128, num_stages=2)
-
-
-def union_attend_launch(union_args, attend, R, H, G, C_PAD, page_size, num_warps):
-    """The prune's union kernel with the attention over its kept slots (``union_args`` as
-    ``topp.prune_from_scores_triton`` passes them to ``_union_compact_kernel``; ``attend`` =
-    (q, k_buffer, v_buffer, sm_scale, out))."""
-    q, k_buffer, v_buffer, sm_scale, out = attend
-    D = q.shape[2]
-    cfg = UNION_ATTEND_CONFIG
-    _union_attend_kernel[(R * H,)](
-        *union_args, q, k_buffer, v_buffer, out, float(sm_scale), q.stride(0), q.stride(1),
-        k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
-        out.stride(0), out.stride(1), H=H, G=G, C_PAD=C_PAD, P=max(page_size, 1),
-        FROM_PAGES=page_size > 0, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_N=cfg["BLOCK_N"],
-        DOT_F32=interpreting(), num_warps=num_warps, num_stages=cfg["num_stages"],
-    )
-    return out
 
 
 def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale,

@@ -482,18 +482,18 @@ if triton is not None:
                 tl.store(lo_ptr + head, t)
 
     @triton.jit
-    def _union_compact_row(
-        rh, s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr,
-        kept_count_ptr, min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr,
-        stride_mh, stride_cr, stride_ch, stride_kr, stride_kh, H: tl.constexpr, G: tl.constexpr,
-        C_PAD: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr,
+    def _union_compact_kernel(
+        s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
+        min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_cr,
+        stride_ch, stride_kr, stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
+        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr,
     ):
-        """Row ``rh`` = (request, kv head): the union over the group (the marks the top-p
+        """One program per (request, kv head): the union over the group (the marks the top-p
         kernel left, plus the newest token), the budget clamps, the compaction; the marks are
         cleared for the next call. Only when a clamp binds are the weights needed: then
         w = max over the group of exp(s - max) / sum is recomputed from the scores.
-        ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read).
-        -> the kept count."""
+        ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read)."""
+        rh = tl.program_id(0)
         r = rh // H
         h = rh % H
         count = tl.load(count_ptr + r * H + h)
@@ -524,23 +524,7 @@ if triton is not None:
         dest = tl.cumsum(keep.to(tl.int32), 0) - 1
         slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, keep, P, FROM_PAGES)
         tl.store(kept_ptr + r * stride_kr + h * stride_kh + dest, slot.to(tl.int32), mask=keep)
-        n_kept = tl.sum(keep.to(tl.int32), 0)
-        tl.store(kept_count_ptr + r * H + h, n_kept)
-        return n_kept
-
-    @triton.jit
-    def _union_compact_kernel(
-        s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
-        min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_cr,
-        stride_ch, stride_kr, stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
-        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr,
-    ):
-        """One program per (request, kv head): ``_union_compact_row``."""
-        _union_compact_row(
-            tl.program_id(0), s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr,
-            kept_ptr, kept_count_ptr, min_budget, max_budget, stride_sr, stride_sh, stride_sg,
-            stride_mr, stride_mh, stride_cr, stride_ch, stride_kr, stride_kh, H, G, C_PAD, P,
-            FROM_PAGES, KEEP_ALL)
+        tl.store(kept_count_ptr + r * H + h, tl.sum(keep.to(tl.int32), 0))
 
 
 def _estimate_config(rows: int) -> dict:
@@ -685,16 +669,14 @@ def _topp_launch(c_pad: int, step_heads: int = 0) -> dict:
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                              kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
                              scratch=None, mx=None, marks=None, step_heads=None, parts=None,
-                             parts_span=0, attend=None):
+                             parts_span=0):
     """Top-p per q head, then union / clamps / compaction per KV head; ``scores`` is only read.
     ``lo``, ``tot``, ``mx`` (R*H*G each) receive each head's threshold key, sum of e and row
     max, where e = exp(s - max). ``scratch``: int32, ``2*R*H*G*topp_scratch_width(C)`` entries
     or more. ``marks``: int8 [R, H, C], all zero (it is left all zero). ``step_heads``: q heads
     of the whole decode step when these rows are one of its row groups (the launch shape).
     ``parts``: the estimate's partials of these scores (``int4_scores_triton``), one per
-    ``parts_span`` candidates: the max and sum of each head come from them. ``attend``:
-    (q, k_buffer, v_buffer, sm_scale, out): the union kernel also attends over the kept slots
-    into ``out`` (``attend._union_attend_kernel``)."""
+    ``parts_span`` candidates: the max and sum of each head come from them."""
     R, H, G, C = scores.shape
     dev = scores.device
     pr = _rows_p(p, R, dev)
@@ -737,20 +719,13 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         PER_KV=per_kv, G_PAD=next_pow2(G), num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)),
         **_maxnreg("overflow"),
     )
-    union_args = (scores, marks, mx, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts,
-                  int(min_budget), int(max_budget or 0), *strides, *mstrides,
-                  cand_slots.stride(0), cand_slots.stride(1), kept_slots.stride(0),
-                  kept_slots.stride(1))
-    if attend is None:
-        _union_compact_kernel[(R * H,)](
-            *union_args, H=H, G=G, C_PAD=C_PAD, P=max(page_size, 1), FROM_PAGES=page_size > 0,
-            KEEP_ALL=False, num_warps=_row_warps(C_PAD), **_maxnreg("union"),
-        )
-    else:
-        from . import attend as _attend
-
-        _attend.union_attend_launch(union_args, attend, R, H, G, C_PAD, page_size,
-                                    num_warps=_row_warps(C_PAD))
+    _union_compact_kernel[(R * H,)](
+        scores, marks, mx, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts,
+        int(min_budget), int(max_budget or 0), *strides, *mstrides, cand_slots.stride(0),
+        cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
+        P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False,
+        num_warps=_row_warps(C_PAD), **_maxnreg("union"),
+    )
     return kept_slots, kept_counts
 
 
@@ -774,10 +749,10 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
                           tot=None, page_size=0, scratch=None, mx=None, marks=None,
-                          step_heads=None, parts=None, attend=None):
+                          step_heads=None, parts=None):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
     ``parts``: the buffer of the estimate's partials (allocated when None), used when
-    ``TOPP_FROM_PARTS``. ``attend``: see ``prune_from_scores_triton``."""
+    ``TOPP_FROM_PARTS``."""
     R, H, C = cand_slots.shape[0], cand_slots.shape[1], cand_slots.shape[-1] * max(page_size, 1)
     G = q.shape[1] // H
     if not TOPP_FROM_PARTS:
@@ -789,4 +764,4 @@ def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_s
                                 page_size=page_size, parts=parts)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                                     kept_slots, kept_counts, lo, tot, page_size, scratch, mx,
-                                    marks, step_heads, parts, estimate_span(R * H), attend)
+                                    marks, step_heads, parts, estimate_span(R * H))

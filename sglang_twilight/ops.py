@@ -297,15 +297,11 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
     if _static_keep_all(p):
         kept, kcnt = _topp.expand_candidates_triton(pages, cnt, page_size, kept_slots)
     else:
-        # few rows: the union kernel attends too (no split, no reduce, one kernel less)
-        fused = q.shape[0] * cnt.shape[1] <= _attend.UNION_ATTEND_ROWS
         kept, kcnt = _topp.twilight_prune_triton(
             q, kq, kscale, kzero, pages, cnt, p, sm_scale, min_budget, max_budget,
             scores=scores, kept_slots=kept_slots, kept_counts=kept_counts, lo=lo, tot=tot,
             page_size=page_size, scratch=scratch, mx=mx, marks=marks, step_heads=step_heads,
-            parts=parts, attend=(q, k_buffer, v_buffer, sm_scale, out) if fused else None)
-        if fused:
-            return
+            parts=parts)
     _attend.sparse_decode_attention_triton(q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
                                            splits=splits, mid_o=mid_o, mid_lse=mid_lse)
 

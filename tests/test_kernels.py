@@ -181,45 +181,6 @@ def test_attend_matches_reference(device):
         torch.testing.assert_close(o2.float(), o1.float(), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("clamps", [(1, 0), (40, 60)], ids=["no-clamp", "clamps"])
-def test_decode_union_attend_equals_split(device, monkeypatch, clamps):
-    """Steps of few rows attend inside the union kernel (``attend._union_attend_kernel``): the
-    same kept sets and counts as the split attend path (budget clamps binding or not, a row with
-    p = 1 keeping every candidate), and its output is the exact attention over them."""
-    from sglang_twilight.kernels import attend as A
-
-    lo_b, hi_b = clamps
-    for seq, H, G, D, dtype, budget in _shapes(device):
-        if len(seq) > 8:
-            seq = seq[:8]
-        lay = make_layout(seq, H, G, D, dtype=dtype, device=device, peaked=6.0, backend="triton")
-        sm = 1 / math.sqrt(D)
-        R = len(seq)
-        p = torch.full((R,), 0.9, device=device)
-        p[-1] = 1.0
-        res = []
-        for rows in (0, 1 << 30):  # split attend, then the fused kernel
-            monkeypatch.setattr(A, "UNION_ATTEND_ROWS", rows)
-            ws = ops.DecodeWorkspace.allocate(R, H, G, D, budget, 16, max(seq), device)
-            o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar,
-                                        lay.req_to_token, lay.req_pool_indices, lay.seq_lens, p,
-                                        budget=budget, page_size=16, sm_scale=sm,
-                                        min_budget=lo_b, max_budget=hi_b, backend="triton",
-                                        workspace=ws)
-            res.append((o.float().clone(), kc.clone(), ws.kept_slots[:R].clone()))
-        (o0, k0, s0), (o1, k1, s1) = res
-        assert torch.equal(k0, k1)
-        if hi_b and R > 1:  # (p = 1 keeps every candidate: no clamp)
-            assert int(k1[:-1].max()) <= hi_b
-        for r in range(R):
-            for h in range(H):
-                assert torch.equal(s0[r, h, : k0[r, h]], s1[r, h, : k1[r, h]]), (r, h)
-        ref = ops.sparse_decode_attention(lay.q, lay.k_buffer, lay.v_buffer, s1, k1, sm,
-                                          backend="torch")
-        torch.testing.assert_close(o1, ref.float(), atol=1e-2, rtol=1e-2)
-        torch.testing.assert_close(o0, o1, atol=1e-2, rtol=1e-2)
-
-
 def test_decode_p1_full_budget_equals_dense(device):
     for seq, H, G, D, dtype, _ in _shapes(device):
         if device == "cuda" and len(seq) > 8:
