@@ -72,9 +72,6 @@ if triton is not None:
             slot = tl.load(kept_ptr + r * stride_cr + h * stride_ch + n, mask=nm, other=0).to(tl.int64)
             k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :],
                         mask=nm[:, None], other=0.0)
-            # V's gather issued with K's, not after the scores: a split is mostly one block
-            v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
-                        mask=nm[:, None], other=0.0)
             if DOT_F32:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale
@@ -83,6 +80,8 @@ if triton is not None:
             alpha = tl.exp(m_i - m_new)
             pexp = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(pexp, 1)
+            v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
+                        mask=nm[:, None], other=0.0)
             if DOT_F32:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(pexp.to(v.dtype), v).to(tl.float32)

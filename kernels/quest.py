@@ -221,8 +221,6 @@ if triton is not None:
         rpi = tl.load(rpi_ptr + r).to(tl.int64)
         j = tl.arange(0, NP_PAD)
         valid = j < n_pages
-        # every page's first slot, loaded beside the scores rather than after the search
-        slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=valid, other=0)
         if n_pages <= K:
             chosen = valid
         else:
@@ -231,6 +229,7 @@ if triton is not None:
             key = tl.where((j == 0) | (j == n_pages - 1), 2147483647, key)
             chosen = _topk_mask(key, valid, K)
         dest = tl.cumsum(chosen.to(tl.int32), 0) - 1
+        slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=chosen, other=0)
         tl.store(cand_ptr + r * stride_cr + h * stride_ch + dest, slot // P, mask=chosen)
         ntok = tl.where(chosen, tl.minimum(seq - j * P, P), 0)
         tl.store(count_ptr + r * H + h, tl.sum(ntok, 0))

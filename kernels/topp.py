@@ -499,8 +499,6 @@ if triton is not None:
         count = tl.load(count_ptr + r * H + h)
         idx = tl.arange(0, C_PAD)
         valid = idx < count
-        # every candidate's slot, loaded beside the marks rather than after the compaction
-        slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, valid, P, FROM_PAGES)
         keep = valid
         if not KEEP_ALL:
             if tl.load(p_ptr + r) < 1.0:
@@ -524,6 +522,7 @@ if triton is not None:
                     union = _topk_mask(_f32_key(rank_key), valid, k)
                 keep = union & valid
         dest = tl.cumsum(keep.to(tl.int32), 0) - 1
+        slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, keep, P, FROM_PAGES)
         tl.store(kept_ptr + r * stride_kr + h * stride_kh + dest, slot.to(tl.int32), mask=keep)
         tl.store(kept_count_ptr + r * H + h, tl.sum(keep.to(tl.int32), 0))
 
