@@ -31,7 +31,10 @@ ESTIMATE = [dict(BLOCK_N=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
 PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in [
     (64, 1, 1, 4), (32, 4, 2, 4), (32, 1, 1, 4), (32, 4, 3, 2), (16, 8, 3, 2), (32, 8, 3, 2),
     (16, 4, 2, 1), (32, 2, 2, 4), (32, 4, 3, 4), (32, 4, 4, 4), (16, 4, 3, 2), (64, 2, 2, 8),
-    (64, 2, 2, 4), (64, 4, 3, 4), (128, 1, 1, 8), (32, 8, 4, 4)]]
+    (64, 2, 2, 4), (64, 4, 3, 4), (128, 1, 1, 8), (32, 8, 4, 4),
+    # more bytes in flight, for bounds read from HBM rather than L2 (the whole step's case)
+    (32, 4, 4, 2), (32, 4, 6, 2), (32, 8, 4, 2), (32, 8, 6, 2), (16, 8, 6, 2), (64, 4, 4, 4),
+    (32, 2, 4, 2), (16, 16, 8, 1)]]
 TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w, REFLOOR=rf)
         for c, s, m, st, w, rf in [
             (1024, 2048, 4096, 3, 8, True), (1024, 2048, 4096, 3, 8, False),
@@ -75,6 +78,20 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         rows.append(dict(base, kernel=kind, config=cfg, ms=ms, **kw))
         print(f"{bs}x{ctx} {kind:11s} {ms * 1e3:8.2f} us  {cfg} {kw or ''}", flush=True)
 
+    out = torch.empty_like(inp["q"])
+
+    def decode(workspace, p):
+        """The whole step (select, prune, attend) in ``workspace`` (its row groups)."""
+        return ops.twilight_decode(
+            inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"],
+            inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], p, budget=8192,
+            page_size=PAGE, sm_scale=sm, min_budget=1, max_budget=0, backend="triton",
+            workspace=workspace, out=out)
+
+    # the whole step: a stage replayed alone may find its inputs still in L2 (the bounds of
+    # batch 8 x 32k are 34 MB), the step reads from HBM what a real decode step would
+    step = lambda: decode(ws, pr)
+
     # select: page scores, then the top-K kernel
     ps = lambda: Q.quest_page_scores_triton(inp["q"], inp["kmax"], inp["kmin"], inp["kbs"],
                                             inp["r2t"], inp["rpi"], inp["seq"], PAGE, ws.max_pages,
@@ -85,7 +102,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         Q.PAGE_SCORES_CONFIG = cfg
         ms = graph_ms(ps)
         err = float((ps()[..., : ws.max_pages] - ref[..., : ws.max_pages]).abs().max())
-        log("page_scores", cfg, ms, max_abs_diff=err)
+        log("page_scores", cfg, ms, max_abs_diff=err, step_ms=graph_ms(step))
     Q.PAGE_SCORES_CONFIG = default
     if not only or "layout" in only:
         # Quest bounds page-major ([pages, H, D], what the sidecar allocates) or head-major
@@ -120,13 +137,17 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     default = dict(T.ESTIMATE_CONFIG), T.ESTIMATE_WIDE_ROWS
     if not only or "estimate" in only:
         log("estimate_default", dict(rows=bs * H, wide=bs * H >= T.ESTIMATE_WIDE_ROWS),
-            graph_ms(est))
+            graph_ms(est), step_ms=graph_ms(step))
     T.ESTIMATE_WIDE_ROWS = 1 << 30  # the sweep sets the one launch shape used at every batch
+    if not only or "estimate" in only:  # partials for the sweep's smallest programs
+        span = min(c["BLOCK_N"] * c["ITERS"] for c in ESTIMATE)
+        ws.score_parts = torch.empty(bs, H, G, 2, T.next_pow2(-(-ws.capacity // span)),
+                                     dtype=torch.float32, device="cuda")
     for cfg in ESTIMATE if not only or "estimate" in only else []:
         T.ESTIMATE_CONFIG = cfg
         ms = graph_ms(est)
         err = float((est()[valid] - ref[valid]).abs().max())
-        log("estimate", cfg, ms, max_abs_diff=err)
+        log("estimate", cfg, ms, max_abs_diff=err, step_ms=graph_ms(step))
     T.ESTIMATE_CONFIG, T.ESTIMATE_WIDE_ROWS = dict(default[0]), default[1]
     # the two unpack paths at the default launch shape (the sweep above times the shapes with
     # the default path)
@@ -163,17 +184,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         parts=ws.score_parts[:bs])
     k0, n0 = [t.clone() for t in prune()]
 
-    out = torch.empty_like(inp["q"])
-
-    def decode(workspace, p):
-        """The whole step (select, prune, attend) in ``workspace`` (its row groups)."""
-        return ops.twilight_decode(
-            inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"],
-            inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], p, budget=8192,
-            page_size=PAGE, sm_scale=sm, min_budget=1, max_budget=0, backend="triton",
-            workspace=workspace, out=out)
-
-    step = lambda: decode(ws, pr)
 
     def log_prune(kind, cfg):
         """Time the prune with the variant in place, and the whole step (select, prune, attend;

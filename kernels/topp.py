@@ -544,18 +544,22 @@ def score_parts_width(capacity: int) -> int:
     return next_pow2(-(-capacity // span))
 
 
-def _check_parts(parts, R, H, G, C):
-    want = (R, H, G, 2, score_parts_width(C))
-    if (parts.dtype != torch.float32 or tuple(parts.shape) != want or parts.stride(-1) != 1
-            or parts.stride(-2) != want[-1]):
-        raise ValueError(f"score partials must be contiguous fp32 {list(want)} per row, got "
-                         f"{parts.dtype} {list(parts.shape)} strides {parts.stride()}")
+def _check_parts(parts, R, H, G, C, span):
+    """``parts`` holds a partial per ``span`` candidates of each q head: fp32 [R, H, G, 2, NP]
+    with NP >= C / span a power of two, the last two dimensions contiguous."""
+    need = -(-C // span)
+    if (parts.dtype != torch.float32 or parts.dim() != 5 or tuple(parts.shape[:4]) != (R, H, G, 2)
+            or parts.shape[-1] < need or parts.shape[-1] != next_pow2(parts.shape[-1])
+            or parts.stride(-1) != 1 or parts.stride(-2) != parts.shape[-1]):
+        raise ValueError(f"score partials must be fp32 [{R}, {H}, {G}, 2, NP], NP >= {need} a "
+                         f"power of two, the last two dimensions contiguous; got {parts.dtype} "
+                         f"{list(parts.shape)} strides {parts.stride()}")
 
 
 def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None,
                        page_size=0, parts=None):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
-    ``parts`` (fp32 [R, H, G, 2, score_parts_width(C)]): also write each program's max and sum
+    ``parts`` (fp32 [R, H, G, 2, >= C / estimate_span(R*H)]): also write each program's max and sum
     of exp per q head, for ``prune_from_scores_triton(..., parts=, parts_span=estimate_span(R*H))``."""
     R, Hq, D = q.shape
     H = kq.shape[1]
@@ -566,7 +570,7 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
     cfg = _estimate_config(R * H)
     BLOCK_N, ITERS = cfg["BLOCK_N"], cfg["ITERS"]
     if parts is not None:
-        _check_parts(parts, R, H, G, C)
+        _check_parts(parts, R, H, G, C, BLOCK_N * ITERS)
     pa = parts if parts is not None else out
     _estimate_kernel[(R * H, triton.cdiv(C, BLOCK_N * ITERS))](
         q, kq, kscale, kzero, cand_slots, cand_counts, out, pa, float(sm_scale),
@@ -700,10 +704,9 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         raise ValueError(
             f"top-p scratch holds {scratch.numel()} entries, needs {2 * R * H * G * width}")
     if parts is not None:
-        _check_parts(parts, R, H, G, C)
-        if parts_span <= 0 or -(-C // parts_span) > parts.shape[-1]:
-            raise ValueError(f"parts_span {parts_span}: {C} candidates need at most "
-                             f"{parts.shape[-1]} partials per head")
+        if parts_span <= 0:
+            raise ValueError(f"parts_span must be > 0 with parts, got {parts_span}")
+        _check_parts(parts, R, H, G, C, parts_span)
     pa = parts if parts is not None else scores
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
     mstrides = (marks.stride(0), marks.stride(1))

@@ -166,6 +166,10 @@ def test_estimate_partials_match_reference(device, monkeypatch):
         assert torch.equal(parts[:, :, :, 0][used], ref[:, :, :, 0][used])  # the max is exact
         torch.testing.assert_close(parts[:, :, :, 1][used], ref[:, :, :, 1][used], rtol=2e-5,
                                    atol=0)
+        if -(-C // span) > 1:  # too few partials a head: refused, nothing written
+            with pytest.raises(ValueError, match="score partials"):
+                T.int4_scores_triton(lay.q, *lay.sidecar[:3], pages, cnt, sm, page_size=16,
+                                     parts=torch.empty(R, H, G, 2, 1, device=device))
 
 
 def test_attend_matches_reference(device):
