@@ -165,6 +165,10 @@ if triton is not None:
         return v1 + v2, tl.minimum(a1, a2), tl.maximum(b1, b2)
 
     @triton.jit
+    def _min_max(a1, b1, a2, b2):
+        return tl.minimum(a1, a2), tl.maximum(b1, b2)
+
+    @triton.jit
     def _threshold_search(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr):
         """Largest present key t with sum(val[key >= t]) >= target; keys equal to ABSENT are
         not present, BIG exceeds every key. Needs sum(val[present]) >= target > 0.
@@ -176,8 +180,8 @@ if triton is not None:
         the cost is per reduction, not per step.)
         """
         present = key > ABSENT
-        lo_key = tl.min(tl.where(present, key, BIG), 0)
-        hi_key = tl.max(tl.where(present, key, ABSENT), 0)
+        lo_key, hi_key = tl.reduce((tl.where(present, key, BIG), tl.where(present, key, ABSENT)),
+                                   0, _min_max)  # one reduction: each is a step on the chain
         while lo_key < hi_key:
             lo64 = lo_key.to(tl.int64)
             # ceil of half the range past lo: in (lo, hi] (the step the H100 results measured)
@@ -192,11 +196,10 @@ if triton is not None:
         return lo_key
 
     @triton.jit
-    def _topk_mask(key, valid, k):
+    def _topk_mask(key, valid, k, n_valid):
         """Exactly k (or all valid if fewer) entries with the largest int32 keys (any value but
-        INT32_MIN); ties -> lower index."""
+        INT32_MIN); ties -> lower index. ``n_valid``: how many are valid (the caller knows)."""
         nkey = tl.where(valid, key, -2147483648)
-        n_valid = tl.sum(valid.to(tl.int32), 0)
         kk = tl.minimum(k, n_valid)
         t = _threshold_search(nkey, valid.to(tl.int32), kk, -2147483648, 2147483647)
         above = valid & (nkey > t)
@@ -227,12 +230,18 @@ if triton is not None:
             s = tl.load(scores_ptr + r * stride_sr + h * stride_sh + j, mask=valid, other=0.0)
             key = _f32_key(s)
             key = tl.where((j == 0) | (j == n_pages - 1), 2147483647, key)
-            chosen = _topk_mask(key, valid, K)
+            chosen = _topk_mask(key, valid, K, n_pages)
         dest = tl.cumsum(chosen.to(tl.int32), 0) - 1
         slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=chosen, other=0)
         tl.store(cand_ptr + r * stride_cr + h * stride_ch + dest, slot // P, mask=chosen)
-        ntok = tl.where(chosen, tl.minimum(seq - j * P, P), 0)
-        tl.store(count_ptr + r * H + h, tl.sum(ntok, 0))
+        # tokens of the chosen pages (a closed form, not one more reduction): all of them, or K
+        # pages of which only the last may be partial; it is chosen (forced) when K >= 2 (at
+        # K = 1 the forced first page wins the tie)
+        if K >= 2:
+            ntok = tl.where(n_pages <= K, seq, (K - 1) * P + seq - (n_pages - 1) * P)
+        else:
+            ntok = tl.minimum(seq, P)
+        tl.store(count_ptr + r * H + h, ntok)
 
 
 def quest_page_scores_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens,

@@ -500,6 +500,7 @@ if triton is not None:
         idx = tl.arange(0, C_PAD)
         valid = idx < count
         keep = valid
+        n_keep = count
         if not KEEP_ALL:
             if tl.load(p_ptr + r) < 1.0:
                 mark_row = mark_ptr + r * stride_mr + h * stride_mh + idx
@@ -519,12 +520,13 @@ if triton is not None:
                         w = tl.maximum(w, e / tl.load(tot_ptr + rh * G + g))
                     rank_key = tl.where(valid, w + 2.0 * union.to(tl.float32), -1.0)
                     rank_key = tl.where(idx == count - 1, 4.0, rank_key)
-                    union = _topk_mask(_f32_key(rank_key), valid, k)
+                    union = _topk_mask(_f32_key(rank_key), valid, k, count)
                 keep = union & valid
+                n_keep = k  # the union, or exactly k when a clamp binds (k <= count)
         dest = tl.cumsum(keep.to(tl.int32), 0) - 1
         slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, keep, P, FROM_PAGES)
         tl.store(kept_ptr + r * stride_kr + h * stride_kh + dest, slot.to(tl.int32), mask=keep)
-        tl.store(kept_count_ptr + r * H + h, tl.sum(keep.to(tl.int32), 0))
+        tl.store(kept_count_ptr + r * H + h, n_keep)  # known: not one more reduction
 
 
 def _estimate_config(rows: int) -> dict:

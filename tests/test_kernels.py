@@ -75,7 +75,10 @@ def test_store_matches_reference(device):
 
 
 def test_select_matches_reference(device):
-    for seq, H, G, D, dtype, budget in _shapes(device):
+    cases = _shapes(device)
+    # one and two pages of budget: the forced first and last pages compete
+    cases += [(cases[0][0], *cases[0][1:5], b) for b in (16, 32)]
+    for seq, H, G, D, dtype, budget in cases:
         lay = make_layout(seq, H, G, D, dtype=dtype, device=device, backend="triton")
         args = (lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token, lay.req_pool_indices,
                 lay.seq_lens, budget, 16)
@@ -348,7 +351,7 @@ def _topk_probe(key_ptr, out_ptr, n, k, N: tl.constexpr):
     i = tl.arange(0, N)
     valid = i < n
     key = tl.load(key_ptr + i, mask=valid, other=0)
-    tl.store(out_ptr + i, _topk_mask(key, valid, k).to(tl.int32), mask=valid)
+    tl.store(out_ptr + i, _topk_mask(key, valid, k, n).to(tl.int32), mask=valid)
 
 
 def test_topk_mask_extreme_keys(device):
