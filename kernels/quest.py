@@ -170,15 +170,8 @@ if triton is not None:
 
     @triton.jit
     def _threshold_search(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr):
-        """``_threshold_search_mass`` without the mass."""
-        t, _ = _threshold_search_mass(key, val, target, target * 0, ABSENT, BIG)
-        return t
-
-    @triton.jit
-    def _threshold_search_mass(key, val, target, total, ABSENT: tl.constexpr, BIG: tl.constexpr):
         """Largest present key t with sum(val[key >= t]) >= target; keys equal to ABSENT are
-        not present, BIG exceeds every key. Needs sum(val[present]) >= target > 0. -> (t, that
-        sum), given ``total`` = sum(val[present]) (the mass while no step has moved t).
+        not present, BIG exceeds every key. Needs sum(val[present]) >= target > 0.
 
         A bisection over the threshold whose midpoints fall between the smallest and largest
         keys still possible: one fused (sum, min, max) reduction a step, and it stops as soon as
@@ -189,7 +182,6 @@ if triton is not None:
         present = key > ABSENT
         lo_key, hi_key = tl.reduce((tl.where(present, key, BIG), tl.where(present, key, ABSENT)),
                                    0, _min_max)  # one reduction: each is a step on the chain
-        lo_mass = total
         while lo_key < hi_key:
             lo64 = lo_key.to(tl.int64)
             # ceil of half the range past lo: in (lo, hi] (the step the H100 results measured)
@@ -200,9 +192,8 @@ if triton is not None:
                  tl.where(present & (key < mid), key, ABSENT)), 0, _sum_min_max)
             ok = mass >= target
             lo_key = tl.where(ok, a, lo_key)
-            lo_mass = tl.where(ok, mass, lo_mass)  # sum(val[key >= mid]) = sum(val[key >= a])
             hi_key = tl.where(ok, hi_key, b)
-        return lo_key, lo_mass
+        return lo_key
 
     @triton.jit
     def _topk_mask(key, valid, k, n_valid):
@@ -210,16 +201,12 @@ if triton is not None:
         INT32_MIN); ties -> lower index. ``n_valid``: how many are valid (the caller knows)."""
         nkey = tl.where(valid, key, -2147483648)
         kk = tl.minimum(k, n_valid)
-        t, n_ge = _threshold_search_mass(nkey, valid.to(tl.int32), kk, n_valid, -2147483648,
-                                         2147483647)
-        keep = valid & (nkey >= t)
-        if n_ge != kk:  # more than k at or above t: the ties at t go to the lowest indices
-            above = valid & (nkey > t)
-            tie = valid & (nkey == t)
-            need = kk - tl.sum(above.to(tl.int32), 0)
-            tie_rank = tl.cumsum(tie.to(tl.int32), 0)
-            keep = above | (tie & (tie_rank <= need))
-        return keep
+        t = _threshold_search(nkey, valid.to(tl.int32), kk, -2147483648, 2147483647)
+        above = valid & (nkey > t)
+        tie = valid & (nkey == t)
+        need = kk - tl.sum(above.to(tl.int32), 0)
+        tie_rank = tl.cumsum(tie.to(tl.int32), 0)
+        return above | (tie & (tie_rank <= need))
 
     @triton.jit
     def _select_kernel(

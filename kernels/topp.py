@@ -278,13 +278,6 @@ if triton is not None:
             tl.store(pb + NP, pt, mask=rm)
 
     @triton.jit
-    def _lse_combine(m1, t1, m2, t2):
-        """(max, sum of exp relative to it) of two partials; (-inf, 0) is empty."""
-        m = tl.maximum(m1, m2)
-        m_ok = tl.where(m == float("-inf"), 0.0, m)
-        return m, t1 * tl.exp(m1 - m_ok) + t2 * tl.exp(m2 - m_ok)
-
-    @triton.jit
     def _topp_threshold(s, present, mx, target):
         """Top-p over e = exp(s - mx) of the present scores (both search paths compute e here,
         so their keys are the same bits): -> (key of each entry, -1 where absent; the
@@ -405,7 +398,8 @@ if triton is not None:
                 pb = parts_ptr + r * stride_pr + h * stride_ph + g * stride_pg + j
                 pm = tl.load(pb, mask=jm, other=float("-inf"))
                 pt = tl.load(pb + NP, mask=jm, other=0.0)
-                m, tot = tl.reduce((pm, pt), 0, _lse_combine)  # one reduction, not two
+                m = tl.max(pm, 0)
+                tot = tl.sum(pt * tl.exp(pm - m), 0)
             else:
                 # pass 1: max and sum of exp, online per lane (one block reduction at the end,
                 # not two per chunk: top-p + union 54.8 vs 56.7 us at batch 8, 401.8 vs 415.3
