@@ -198,7 +198,8 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs],
             parts=ws.score_parts[:bs])
         stages["prune"] = graph_ms(prune)
-        stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(  # as the prune runs it
+        # the estimate as the prune runs it (with the partials the top-p kernel reads)
+        stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs],
             page_size=PAGE, parts=ws.score_parts[:bs] if _topp.TOPP_FROM_PARTS else None))
         kept, kcnt = ws.kept_slots[:bs], ws.kept_counts[:bs]

@@ -561,8 +561,9 @@ def _check_parts(parts, R, H, G, C, span):
 def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, out=None,
                        page_size=0, parts=None):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
-    ``parts`` (fp32 [R, H, G, 2, >= C / estimate_span(R*H)]): also write each program's max and sum
-    of exp per q head, for ``prune_from_scores_triton(..., parts=, parts_span=estimate_span(R*H))``."""
+    ``parts`` (fp32 [R, H, G, 2, NP], NP >= C / estimate_span(R*H)): also write each program's
+    max and sum of exp per q head, for ``prune_from_scores_triton(..., parts=,
+    parts_span=estimate_span(R*H))``."""
     R, Hq, D = q.shape
     H = kq.shape[1]
     G = Hq // H
