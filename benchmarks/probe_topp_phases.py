@@ -88,7 +88,8 @@ def probe(T, bs, ctx, H=8, G=4, D=128):
     pr = torch.full((bs,), 0.95, dtype=torch.float32, device="cuda")
     cand, cnt = Q.quest_select_pages_triton(
         inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"],
-        ws.capacity, PAGE, max_pages=ws.max_pages, cand_pages=ws.cand_pages[:bs], cand_counts=ws.cand_counts[:bs])
+        ws.capacity, PAGE, max_pages=ws.max_pages, cand_pages=ws.cand_pages[:bs],
+        cand_counts=ws.cand_counts[:bs])
     parts = ws.score_parts[:bs] if T.TOPP_FROM_PARTS else None  # the max/sum as the step has it
     scores = T.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
                                   out=ws.scores[:bs], page_size=PAGE, parts=parts)

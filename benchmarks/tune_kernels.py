@@ -184,7 +184,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         parts=ws.score_parts[:bs])
     k0, n0 = [t.clone() for t in prune()]
 
-
     def log_prune(kind, cfg):
         """Time the prune with the variant in place, and the whole step (select, prune, attend;
         default row groups); check its kept sets against the default's."""

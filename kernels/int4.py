@@ -184,6 +184,7 @@ if triton is not None:
         k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, kb_ptr, n,
         stride_ks, stride_kh, stride_qs, stride_qh, stride_ss, stride_sh, stride_bp, stride_bh,
         stride_bsp, stride_bsh, H: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+        CODE_MAX: tl.constexpr,
     ):
         i = tl.program_id(0)
         h = tl.program_id(1)
@@ -224,11 +225,11 @@ if triton is not None:
             # int8 codes and one scale (quantize_bounds_ref: the same fp32 operations, the
             # divisions IEEE-rounded, so the same codes and scale)
             amax = tl.maximum(tl.max(tl.abs(bmax), 0), tl.max(tl.abs(bmin), 0))
-            bs = tl.where(amax > 0, amax * tl.full([], 1.0 / 127.0, tl.float32), 1.0)
+            bs = tl.where(amax > 0, amax * tl.full([], 1.0 / CODE_MAX, tl.float32), 1.0)
             hi = tl.minimum(tl.maximum(tl.ceil(tl.math.div_rn(bmax, bs + tl.zeros_like(bmax))),
-                                       -127.0), 127.0)
+                                       -CODE_MAX), CODE_MAX)
             lo = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(bmin, bs + tl.zeros_like(bmin))),
-                                       -127.0), 127.0)
+                                       -CODE_MAX), CODE_MAX)
             bptr = page * stride_bp + h * stride_bh + d
             tl.store(kmax_ptr + bptr, hi.to(tl.int8))
             tl.store(kmin_ptr + bptr, lo.to(tl.int8))
@@ -247,7 +248,7 @@ def store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, 
         k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, n,
         k_buffer.stride(0), k_buffer.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0),
         kscale.stride(1), kmax.stride(0), kmax.stride(1), kbscale.stride(0), kbscale.stride(1),
-        H=H, D=D, P=page_size, num_warps=1 if D <= 64 else 2,
+        H=H, D=D, P=page_size, CODE_MAX=float(BOUND_CODE_MAX), num_warps=1 if D <= 64 else 2,
     )
 
 

@@ -284,10 +284,10 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
 
 
 def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscale,
-                        req_to_token, req_pool_indices, seq_lens, p, *, budget, page_size, sm_scale, min_budget,
-                        max_budget, max_pages, splits, out, page_scores, cand_pages, cand_counts,
-                        scores, kept_slots, kept_counts, lo, tot, mx, marks, scratch, parts,
-                        mid_o, mid_lse, step_heads):
+                        req_to_token, req_pool_indices, seq_lens, p, *, budget, page_size,
+                        sm_scale, min_budget, max_budget, max_pages, splits, out, page_scores,
+                        cand_pages, cand_counts, scores, kept_slots, kept_counts, lo, tot, mx,
+                        marks, scratch, parts, mid_o, mid_lse, step_heads):
     """select -> prune -> attend of a group of rows, in the caller's workspace slices: a Python
     float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row.
     ``step_heads``: q heads of the whole step (the top-p launch shape)."""
