@@ -205,8 +205,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         kept, kcnt = ws.kept_slots[:bs], ws.kept_counts[:bs]
         attend = lambda: _attend.sparse_decode_attention_triton(
             inp["q"], inp["k"], inp["v"], kept, kcnt, sm, out=out,
-            splits=_attend.attend_splits(bs * H, ws.num_sms), mid_o=ws.mid_o, mid_lse=ws.mid_lse,
-            sem=ws.attend_sem)
+            splits=_attend.attend_splits(bs * H, ws.num_sms), mid_o=ws.mid_o, mid_lse=ws.mid_lse)
         stages["attend"] = graph_ms(attend)
         ref_attend = ops.sparse_decode_attention(inp["q"], inp["k"], inp["v"], kept, kcnt, sm,
                                                  backend="triton").float()

@@ -44,9 +44,8 @@ TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w, REFLOOR=rf)
             # deeper pipelining of the row passes (more chunks in flight)
             (1024, 2048, 4096, 4, 8, True), (1024, 2048, 4096, 5, 8, True),
             (1024, 2048, 4096, 6, 8, True), (512, 2048, 4096, 6, 8, True),
-            (512, 2048, 4096, 8, 8, True), (2048, 2048, 4096, 4, 8, True),
-            (1024, 2048, 4096, 3, 16, True)]]
-UNION = [4, 8, 16, 32]
+            (512, 2048, 4096, 8, 8, True), (2048, 2048, 4096, 4, 8, True)]]
+UNION = [4, 8, 16]
 OVERFLOW = [4, 8, 16]
 ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
           for sp in (1, 2, 4, 8, 16) for b in (32, 64) for w in (2, 4)]
@@ -241,10 +240,9 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     # attend over the kept slots: split count and launch shape of the split kernel
     mid_o = torch.empty(bs * H * 16 * G, D, dtype=torch.float32, device="cuda")
     mid_lse = torch.empty(bs * H * 16 * G, dtype=torch.float32, device="cuda")
-    sem = torch.zeros(bs * H, dtype=torch.int32, device="cuda")
     att = lambda sp: A.sparse_decode_attention_triton(inp["q"], inp["k"], inp["v"], k0, n0, sm,
                                                       out=out, splits=sp, mid_o=mid_o,
-                                                      mid_lse=mid_lse, sem=sem)
+                                                      mid_lse=mid_lse)
     default = dict(A.ATTEND_CONFIG)
     sp0 = A.attend_splits(bs * H, ws.num_sms)
     ref = att(sp0).float().clone()
@@ -255,19 +253,12 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         ms = graph_ms(lambda: att(cfg["splits"]))
         log("attend", cfg, ms, max_abs_diff=float((att(cfg["splits"]).float() - ref).abs().max()))
     A.ATTEND_CONFIG = default
-    # the partials combined by the last split program of each row, or by a second kernel
-    for fused in (False, True) if not only or "attend_reduce" in only else []:
-        A.ATTEND_CONFIG = dict(default, fused_reduce=fused)
-        ms = graph_ms(lambda: att(sp0))
-        log("attend_reduce", dict(fused_reduce=fused, splits=sp0), ms,
-            max_abs_diff=float((att(sp0).float() - ref).abs().max()), step_ms=graph_ms(step))
-    A.ATTEND_CONFIG = default
     # Quest alone: attend over every candidate, by split count (default launch shape)
     qk, qn = T.expand_candidates_triton(cand, cnt, PAGE, ws.kept_slots[:bs])
     qk, qn = qk.clone(), qn.clone()
     qatt = lambda sp: A.sparse_decode_attention_triton(inp["q"], inp["k"], inp["v"], qk, qn, sm,
                                                        out=out, splits=sp, mid_o=mid_o,
-                                                       mid_lse=mid_lse, sem=sem)
+                                                       mid_lse=mid_lse)
     sp0 = A.attend_splits(bs * H, ws.num_sms, keep_all=True)
     ref = qatt(sp0).float().clone()
     for sp in (1, 2, 4, 8, 16) if not only or "attend" in only else []:
@@ -315,7 +306,7 @@ def main():
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
                          "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts,"
-                         "stagger,attend_reduce")
+                         "stagger")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

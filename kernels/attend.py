@@ -39,17 +39,11 @@ if triton is not None:
 
     @triton.jit
     def _attend_split_kernel(
-        q_ptr, k_ptr, v_ptr, kept_ptr, count_ptr, mid_o_ptr, mid_lse_ptr, sm_scale, sem_ptr, o_ptr,
+        q_ptr, k_ptr, v_ptr, kept_ptr, count_ptr, mid_o_ptr, mid_lse_ptr, sm_scale,
         stride_qr, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_cr, stride_ch,
-        stride_or, stride_oh,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-        FUSED_REDUCE: tl.constexpr,
     ):
-        """One (row, split): flash-decoding partials of the row's G q heads over its share of
-        the kept slots. ``FUSED_REDUCE``: each program then counts itself done on the row's
-        semaphore, and the last of the row's SPLITS programs combines the partials into ``o``
-        and resets the semaphore to 0 (no second kernel; graph replays find it at 0)."""
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
@@ -60,32 +54,11 @@ if triton is not None:
         end = tl.minimum(start + chunk, count)
         g = tl.arange(0, G_PAD)
         gm = g < G
+        d = tl.arange(0, D)
         mid = (rh * SPLITS + sp) * G  # G rows per (row, split): the dot's padding is not kept
         if start >= end:
             tl.store(mid_lse_ptr + mid + g, tl.full([G_PAD], float("-inf"), tl.float32), mask=gm)
-        else:
-            _attend_split_rows(q_ptr, k_ptr, v_ptr, kept_ptr, mid_o_ptr, mid_lse_ptr, sm_scale,
-                               stride_qr, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-                               stride_cr, stride_ch, r, h, start, end, mid, G, G_PAD, D, BLOCK_N,
-                               DOT_F32)
-        if FUSED_REDUCE:
-            tl.debug_barrier()  # every thread's partials stored before the release below
-            done = tl.atomic_add(sem_ptr + rh, 1, sem="acq_rel")
-            if done == SPLITS - 1:  # the row's last split: all partials are visible
-                for gg in tl.static_range(G):
-                    _attend_reduce_row(mid_o_ptr, mid_lse_ptr, o_ptr, stride_or, stride_oh, rh,
-                                       gg, H, G, D, SPLITS, True)
-                tl.store(sem_ptr + rh, 0)
-
-    @triton.jit
-    def _attend_split_rows(q_ptr, k_ptr, v_ptr, kept_ptr, mid_o_ptr, mid_lse_ptr, sm_scale,
-                           stride_qr, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-                           stride_cr, stride_ch, r, h, start, end, mid, G: tl.constexpr,
-                           G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                           DOT_F32: tl.constexpr):
-        g = tl.arange(0, G_PAD)
-        gm = g < G
-        d = tl.arange(0, D)
+            return
         q = tl.load(q_ptr + r * stride_qr + (h * G + g)[:, None] * stride_qh + d[None, :],
                     mask=gm[:, None], other=0.0)
         if DOT_F32:  # the CPU interpreter has no bf16 dot
@@ -118,39 +91,24 @@ if triton is not None:
         tl.store(mid_lse_ptr + mid + g, m_i + tl.log(l_i), mask=gm)
 
     @triton.jit
-    def _attend_reduce_row(mid_o_ptr, mid_lse_ptr, o_ptr, stride_or, stride_oh, rh, g,
-                           H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                           SPLITS: tl.constexpr, UNCACHED: tl.constexpr):
-        """o of q head g of row rh from its SPLITS partials. ``UNCACHED``: read them from L2
-        (written by other programs of the same kernel, so never from this SM's L1)."""
-        r = rh // H
-        h = rh % H
-        d = tl.arange(0, D)
-        sp = tl.arange(0, SPLITS)
-        lse_ptr = mid_lse_ptr + (rh * SPLITS + sp) * G + g
-        o_ptrs = mid_o_ptr + ((rh * SPLITS + sp) * G + g)[:, None] * D + d[None, :]
-        if UNCACHED:
-            lse = tl.load(lse_ptr, cache_modifier=".cg")
-        else:
-            lse = tl.load(lse_ptr)
-        m = tl.max(lse, 0)
-        wgt = tl.exp(lse - m)  # empty splits: exp(-inf) = 0
-        live = (lse > float("-inf"))[:, None]
-        if UNCACHED:
-            o = tl.load(o_ptrs, mask=live, other=0.0, cache_modifier=".cg")
-        else:
-            o = tl.load(o_ptrs, mask=live, other=0.0)
-        out = tl.sum(o * wgt[:, None], 0) / tl.sum(wgt, 0)
-        tl.store(o_ptr + r * stride_or + (h * G + g) * stride_oh + d, out.to(o_ptr.dtype.element_ty))
-
-    @triton.jit
     def _attend_reduce_kernel(
         mid_o_ptr, mid_lse_ptr, o_ptr, stride_or, stride_oh,
         H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         SPLITS: tl.constexpr,
     ):
-        _attend_reduce_row(mid_o_ptr, mid_lse_ptr, o_ptr, stride_or, stride_oh, tl.program_id(0),
-                           tl.program_id(1), H, G, D, SPLITS, False)
+        rh = tl.program_id(0)
+        g = tl.program_id(1)
+        r = rh // H
+        h = rh % H
+        d = tl.arange(0, D)
+        sp = tl.arange(0, SPLITS)
+        lse = tl.load(mid_lse_ptr + (rh * SPLITS + sp) * G + g)
+        m = tl.max(lse, 0)
+        wgt = tl.exp(lse - m)  # empty splits: exp(-inf) = 0
+        o = tl.load(mid_o_ptr + ((rh * SPLITS + sp) * G + g)[:, None] * D + d[None, :],
+                    mask=(lse > float("-inf"))[:, None], other=0.0)
+        out = tl.sum(o * wgt[:, None], 0) / tl.sum(wgt, 0)
+        tl.store(o_ptr + r * stride_or + (h * G + g) * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
 def attend_splits(num_rows: int, num_sms: int = 132, keep_all: bool = False) -> int:
@@ -171,16 +129,11 @@ def attend_splits(num_rows: int, num_sms: int = 132, keep_all: bool = False) -> 
 # every batch 8-64 (batch 64: 60.3 vs 70.2 us with the 2 splits of waves 4). Quest alone keeps
 # every candidate: over its B0-long rows the fewest splits that fill the GPU 4 times were the
 # fastest at every batch (8, 4, 2, 1 at batch 8, 16, 32, 64; 728.7 vs 738.6 us with 2 at 64)
-# fused_reduce: the last split program of a row combines the partials (a semaphore per row)
-# instead of a second kernel
-ATTEND_CONFIG = dict(waves=32, waves_keep_all=4, BLOCK_N=0, num_warps=4, num_stages=2,
-                     fused_reduce=True)
+ATTEND_CONFIG = dict(waves=32, waves_keep_all=4, BLOCK_N=0, num_warps=4, num_stages=2)
 
 
 def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale,
-                                   out=None, splits=None, mid_o=None, mid_lse=None, sem=None):
-    """``sem``: int32 [>= R * Hkv], zeros (the fused reduce leaves them at zero); allocated when
-    not given."""
+                                   out=None, splits=None, mid_o=None, mid_lse=None):
     R, Hq, D = q.shape
     H = k_buffer.shape[1]
     G = Hq // H
@@ -195,25 +148,16 @@ def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_count
     if mid_lse is None:
         mid_lse = torch.empty(R * H * splits * G, dtype=torch.float32, device=q.device)
     cfg = ATTEND_CONFIG
-    fused = bool(cfg["fused_reduce"])
-    if fused and sem is None:
-        sem = torch.zeros(R * H, dtype=torch.int32, device=q.device)
-    elif fused and (sem.dtype != torch.int32 or sem.numel() < R * H):
-        raise ValueError(f"attend semaphores must be int32 with >= {R * H} entries, got "
-                         f"{sem.dtype} x {sem.numel()}")
     BLOCK_N = cfg["BLOCK_N"] or (64 if D >= 128 else 128)
     _attend_split_kernel[(R * H, splits)](
         q, k_buffer, v_buffer, kept_slots, kept_counts, mid_o, mid_lse, float(sm_scale),
-        sem if fused else mid_lse, out,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0),
-        v_buffer.stride(1), kept_slots.stride(0), kept_slots.stride(1), out.stride(0),
-        out.stride(1), H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, BLOCK_N=BLOCK_N,
-        DOT_F32=interpreting(), FUSED_REDUCE=fused, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        v_buffer.stride(1), kept_slots.stride(0), kept_slots.stride(1),
+        H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, BLOCK_N=BLOCK_N,
+        DOT_F32=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if not fused:
-        _attend_reduce_kernel[(R * H, G)](
-            mid_o, mid_lse, out, out.stride(0), out.stride(1),
-            H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, num_warps=2 if D <= 64 else 4,
-        )
+    _attend_reduce_kernel[(R * H, G)](
+        mid_o, mid_lse, out, out.stride(0), out.stride(1),
+        H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, num_warps=2 if D <= 64 else 4,
+    )
     return out

@@ -144,7 +144,6 @@ class DecodeWorkspace:
     num_sms: int
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
-    attend_sem: torch.Tensor  # int32 [rows * H], zeros between steps (the attend's fused reduce)
     streams: list = field(default_factory=list)  # side streams of the row groups (CUDA)
     events: list = field(default_factory=list)  # group i's stagger point (DECODE_GROUPS)
 
@@ -182,7 +181,6 @@ class DecodeWorkspace:
             num_sms=sms,
             mid_o=torch.empty(mid_rows * G, head_dim, dtype=torch.float32, **kw),
             mid_lse=torch.empty(mid_rows * G, dtype=torch.float32, **kw),
-            attend_sem=torch.zeros(max_rows * H, dtype=torch.int32, **kw),
             streams=[torch.cuda.Stream(device) for _ in range(n_groups - 1)] if cuda else [],
             events=[torch.cuda.Event() for _ in range(n_groups - 1)] if cuda else [],
         )
@@ -191,7 +189,7 @@ class DecodeWorkspace:
         return sum(t.numel() * t.element_size() for t in (
             self.page_scores, self.cand_pages, self.cand_counts, self.scores, self.kept_slots,
             self.kept_counts, self.head_lo, self.head_tot, self.head_max, self.union_marks,
-            self.topp_scratch, self.score_parts, self.mid_o, self.mid_lse, self.attend_sem))
+            self.topp_scratch, self.score_parts, self.mid_o, self.mid_lse))
 
 
 def _static_keep_all(p) -> bool:
@@ -277,8 +275,7 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
                     lo=ws.head_lo[heads], tot=ws.head_tot[heads], mx=ws.head_max[heads],
                     marks=ws.union_marks[rows], scratch=ws.topp_scratch[2 * r0 * H * G * width:],
                     parts=ws.score_parts[rows],
-                    mid_o=ws.mid_o[mid: mid + n_mid], mid_lse=ws.mid_lse[mid: mid + n_mid],
-                    sem=ws.attend_sem[r0 * H: r1 * H])
+                    mid_o=ws.mid_o[mid: mid + n_mid], mid_lse=ws.mid_lse[mid: mid + n_mid])
         mid += n_mid
         kw = dict(budget=ws.capacity, page_size=page_size, sm_scale=sm_scale,
                   min_budget=min_budget, max_budget=max_budget, max_pages=ws.max_pages,
@@ -301,7 +298,7 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
                         req_to_token, req_pool_indices, seq_lens, p, *, budget, page_size,
                         sm_scale, min_budget, max_budget, max_pages, splits, out, page_scores,
                         cand_pages, cand_counts, scores, kept_slots, kept_counts, lo, tot, mx,
-                        marks, scratch, parts, mid_o, mid_lse, sem, step_heads, mark=None):
+                        marks, scratch, parts, mid_o, mid_lse, step_heads, mark=None):
     """select -> prune -> attend of a group of rows, in the caller's workspace slices: a Python
     float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row.
     ``step_heads``: q heads of the whole step (the top-p launch shape). ``mark``: (stage, fn),
@@ -326,8 +323,7 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
             parts=parts)
     at("prune")
     _attend.sparse_decode_attention_triton(q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
-                                           splits=splits, mid_o=mid_o, mid_lse=mid_lse,
-                                           sem=sem)
+                                           splits=splits, mid_o=mid_o, mid_lse=mid_lse)
 
 
 # Row groups of a decode step (tuned on the H100 by benchmarks/tune_kernels.py): from
