@@ -51,7 +51,6 @@ ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
           for sp in (1, 2, 4, 8, 16) for b in (32, 64) for w in (2, 4)]
 SELECT = [1, 2, 4, 8]
 GROUPS = [1, 2, 3, 4]
-STAGGER = [(n, st) for n in (2, 3, 4) for st in ops.STAGGER_STAGES]
 MAXNREG = [dict(topp=80), dict(topp=72), dict(topp=64), dict(union=64), dict(union=80),
            dict(overflow=64), dict(topp=80, union=64, overflow=64),
            dict(topp=64, union=64, overflow=64)]
@@ -280,20 +279,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
             log(name, dict(groups=n, streams=len(gws.streams) + 1), ms,
                 max_abs_diff=float((o.float() - ref[name][0]).abs().max()),
                 counts_equal=bool(torch.equal(kc, ref[name][1])))
-    # the row groups staggered: group i + 1 starts once group i has enqueued a stage
-    # (ops.DECODE_GROUPS["stagger"]); Twilight's step only, outputs against one group's
-    ref = None
-    for n, st in [(1, "")] + STAGGER if (not only or "stagger" in only) and bs > 1 else []:
-        ops.DECODE_GROUPS = dict(min_requests=1, groups=n, keep_all_groups=n, stagger=st)
-        gws = ops.DecodeWorkspace.allocate(bs, H, G, D, 8192, PAGE, ctx, "cuda")
-        step = lambda: decode(gws, pr)
-        ms = graph_ms(step)
-        o, kc = step()
-        torch.cuda.synchronize()
-        ref = ref or (o.float().clone(), kc.clone())
-        log("step_stagger", dict(groups=n, stagger=st), ms,
-            max_abs_diff=float((o.float() - ref[0]).abs().max()),
-            counts_equal=bool(torch.equal(kc, ref[1])))
     ops.DECODE_GROUPS = groups_default
     inp.clear()
     torch.cuda.empty_cache()
@@ -305,8 +290,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts,"
-                         "stagger")
+                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

@@ -272,11 +272,10 @@ PAGE_SCORES_CONFIG = dict(BLOCK_P=32, ITERS=4, STAGES=3, num_warps=2)
 
 def quest_select_pages_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens,
                               budget, page_size, max_pages=None, scores=None, cand_pages=None,
-                              cand_counts=None, after_scores=None):
+                              cand_counts=None):
     """-> (cand_pages int32 [R, Hkv, C // P], cand_counts int32 [R, Hkv]); candidate token n of a
     row is slot ``cand_pages[n // P] * P + n % P``. Graph-safe: every shape depends only on
-    (R, budget, max_pages), never on data. ``after_scores()``, if given, is called between the
-    page scores and the top-K launches."""
+    (R, budget, max_pages), never on data."""
     R, Hq, D = q.shape
     H = kmax.shape[1]
     C = capacity_for(budget, page_size)
@@ -293,8 +292,6 @@ def quest_select_pages_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_ind
         cand_pages = torch.zeros(R, H, K, dtype=torch.int32, device=q.device)
     if cand_counts is None:
         cand_counts = torch.empty(R, H, dtype=torch.int32, device=q.device)
-    if after_scores is not None:
-        after_scores()
     NP_PAD = next_pow2(max_pages)
     _select_kernel[(R * H,)](
         scores, req_to_token, req_pool_indices, seq_lens, cand_pages, cand_counts,

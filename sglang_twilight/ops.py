@@ -145,7 +145,6 @@ class DecodeWorkspace:
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
     streams: list = field(default_factory=list)  # side streams of the row groups (CUDA)
-    events: list = field(default_factory=list)  # group i's stagger point (DECODE_GROUPS)
 
     @classmethod
     def allocate(cls, max_rows, num_kv_heads, group, head_dim, budget, page_size, max_context,
@@ -182,7 +181,6 @@ class DecodeWorkspace:
             mid_o=torch.empty(mid_rows * G, head_dim, dtype=torch.float32, **kw),
             mid_lse=torch.empty(mid_rows * G, dtype=torch.float32, **kw),
             streams=[torch.cuda.Stream(device) for _ in range(n_groups - 1)] if cuda else [],
-            events=[torch.cuda.Event() for _ in range(n_groups - 1)] if cuda else [],
         )
 
     def nbytes(self) -> int:
@@ -256,11 +254,6 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
     main = torch.cuda.current_stream(q.device) if streams else None
     for s in streams:
         s.wait_stream(main)  # every group starts after what came before the step
-    stagger = DECODE_GROUPS.get("stagger", "")
-    if stagger not in STAGGER_STAGES:
-        raise ValueError(f"DECODE_GROUPS stagger must be one of {STAGGER_STAGES}, got {stagger!r}")
-    if not streams or len(ws.events) < len(streams):
-        stagger = ""  # the groups run one after the other anyway (or no events to wait on)
     mid = 0
     width = _topp.topp_scratch_width(ws.capacity)
     for i, (r0, r1, splits) in enumerate(plan):
@@ -280,12 +273,8 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
         kw = dict(budget=ws.capacity, page_size=page_size, sm_scale=sm_scale,
                   min_budget=min_budget, max_budget=max_budget, max_pages=ws.max_pages,
                   splits=splits, out=out[rows], step_heads=R * H * G, **bufs)
-        if stagger and i + 1 < len(plan):
-            kw["mark"] = (stagger, ws.events[i].record)  # on the stream the group runs on
         if i > 0 and streams:
             with torch.cuda.stream(streams[i - 1]):
-                if stagger:
-                    streams[i - 1].wait_event(ws.events[i - 1])  # the group before is far enough
                 _decode_rows_triton(*args, **kw)
         else:
             _decode_rows_triton(*args, **kw)
@@ -298,21 +287,13 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
                         req_to_token, req_pool_indices, seq_lens, p, *, budget, page_size,
                         sm_scale, min_budget, max_budget, max_pages, splits, out, page_scores,
                         cand_pages, cand_counts, scores, kept_slots, kept_counts, lo, tot, mx,
-                        marks, scratch, parts, mid_o, mid_lse, step_heads, mark=None):
+                        marks, scratch, parts, mid_o, mid_lse, step_heads):
     """select -> prune -> attend of a group of rows, in the caller's workspace slices: a Python
     float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row.
-    ``step_heads``: q heads of the whole step (the top-p launch shape). ``mark``: (stage, fn),
-    ``fn()`` called once that stage is enqueued (one of ``STAGGER_STAGES``)."""
-
-    def at(stage):
-        if mark is not None and mark[0] == stage:
-            mark[1]()
-
+    ``step_heads``: q heads of the whole step (the top-p launch shape)."""
     pages, cnt = _quest.quest_select_pages_triton(
         q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, budget, page_size,
-        max_pages=max_pages, scores=page_scores, cand_pages=cand_pages, cand_counts=cand_counts,
-        after_scores=lambda: at("scores"))
-    at("select")
+        max_pages=max_pages, scores=page_scores, cand_pages=cand_pages, cand_counts=cand_counts)
     if _static_keep_all(p):
         kept, kcnt = _topp.expand_candidates_triton(pages, cnt, page_size, kept_slots)
     else:
@@ -321,7 +302,6 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
             scores=scores, kept_slots=kept_slots, kept_counts=kept_counts, lo=lo, tot=tot,
             page_size=page_size, scratch=scratch, mx=mx, marks=marks, step_heads=step_heads,
             parts=parts)
-    at("prune")
     _attend.sparse_decode_attention_triton(q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
                                            splits=splits, mid_o=mid_o, mid_lse=mid_lse)
 
@@ -337,11 +317,7 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
 # attended, ``keep_all_groups``) gained nothing at any batch and lost with 4 (994.9 vs 969.8 us
 # at 64), so it keeps one. The grouped step's time varies more between processes than one
 # group's (docs/KERNELS.md)
-DECODE_GROUPS = dict(min_requests=8, groups=4, keep_all_groups=1, stagger="")
-# ``stagger``: group i + 1 starts once group i has enqueued this stage ("" = every group at the
-# step's start), so that one group's latency-bound kernels run beside the next group's
-# bandwidth-bound ones instead of every group reaching the same kernel at the same time
-STAGGER_STAGES = ("", "scores", "select", "prune")
+DECODE_GROUPS = dict(min_requests=8, groups=4, keep_all_groups=1)
 
 
 def decode_groups(num_requests: int, keep_all: bool = False) -> int:

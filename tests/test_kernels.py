@@ -214,8 +214,8 @@ def test_decode_row_groups_equal_one_group(device, monkeypatch):
     R = len(seq)
     p = torch.rand(R, device=device) * 0.5 + 0.5
     results = {}
-    for n, stagger in ((1, ""), (groups, ""), (groups, "select")):
-        monkeypatch.setattr(ops, "DECODE_GROUPS", dict(min_requests=2, groups=n, stagger=stagger))
+    for n in (1, groups):
+        monkeypatch.setattr(ops, "DECODE_GROUPS", dict(min_requests=2, groups=n))
         ws = ops.DecodeWorkspace.allocate(R, H, G, D, budget, 16, max(seq), device)
         assert len(ws.streams) == (n - 1 if device == "cuda" else 0)
         for pp in (p, 1.0):
@@ -226,24 +226,13 @@ def test_decode_row_groups_equal_one_group(device, monkeypatch):
             if device == "cuda":
                 torch.cuda.synchronize()
             kept = ws.kept_slots if not isinstance(pp, float) else ws.cand_pages
-            results[n, stagger, isinstance(pp, float)] = (o.float().clone(), kc.clone(),
-                                                          kept[:R].clone())
+            results[n, isinstance(pp, float)] = (o.float().clone(), kc.clone(), kept[:R].clone())
     for quest_alone in (False, True):
-        o1, k1, s1 = results[1, "", quest_alone]
-        for stagger in ("", "select"):
-            o2, k2, s2 = results[groups, stagger, quest_alone]
-            assert torch.equal(k1, k2)
-            assert torch.equal(s1, s2)
-            torch.testing.assert_close(o2, o1, atol=1e-2, rtol=1e-2)
-
-
-def test_decode_groups_bad_stagger_names_the_field(monkeypatch):
-    monkeypatch.setattr(ops, "DECODE_GROUPS", dict(min_requests=2, groups=2, stagger="attend"))
-    lay = make_layout([40, 70], 2, 2, 64, device="cpu", backend="triton")
-    with pytest.raises(ValueError, match="stagger"):
-        ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
-                            lay.req_pool_indices, lay.seq_lens, 0.9, budget=64, page_size=16,
-                            sm_scale=0.125, backend="triton")
+        o1, k1, s1 = results[1, quest_alone]
+        o2, k2, s2 = results[groups, quest_alone]
+        assert torch.equal(k1, k2)
+        assert torch.equal(s1, s2)
+        torch.testing.assert_close(o2, o1, atol=1e-2, rtol=1e-2)
 
 
 def test_decode_mixed_batch_short_rows_dense(device):
