@@ -263,23 +263,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     for sp in (1, 2, 4, 8, 16) if not only or "attend" in only else []:
         log("attend_keep_all", dict(splits=sp, default=sp == sp0), graph_ms(lambda: qatt(sp)),
             max_abs_diff=float((qatt(sp).float() - ref).abs().max()))
-    # the threshold searches as a bisection or with three cut points a step (quest.SEARCH_WAYS):
-    # the select, the prune and the whole step, kept sets against the bisection's
-    saved = dict(Q.SEARCH_WAYS)
-    sel()
-    cand0 = ws.cand_pages[:bs].clone()  # the default search's pages
-    for topk, topp in ((2, 2), (4, 2), (2, 4), (4, 4)) if not only or "ways" in only else []:
-        Q.SEARCH_WAYS.update(topk=topk, topp=topp)
-        sel_ms = graph_ms(sel)
-        sel()
-        c1 = ws.cand_pages[:bs].clone()
-        ms = graph_ms(prune)
-        k1, n1 = prune()
-        log("search_ways", dict(topk=topk, topp=topp), ms, select_ms=sel_ms,
-            cand_equal=bool(torch.equal(c1, cand0)), rows_differing=same_sets(k0, n0, k1, n1),
-            step_ms=graph_ms(step))
-    Q.SEARCH_WAYS.clear()
-    Q.SEARCH_WAYS.update(saved)
     # the whole step (select, prune, attend) with its requests in 1-4 row groups, one stream
     # each (ops.DECODE_GROUPS), for Twilight and for Quest alone (p = 1 on the host)
     groups_default = dict(ops.DECODE_GROUPS)
@@ -307,8 +290,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts,"
-                         "ways")
+                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

@@ -169,76 +169,39 @@ if triton is not None:
         return tl.minimum(a1, a2), tl.maximum(b1, b2)
 
     @triton.jit
-    def _smm3(v1, a1, b1, v2, a2, b2, v3, a3, b3, w1, c1, d1, w2, c2, d2, w3, c3, d3):
-        """(sum, min, max) of three cut points in one reduction."""
-        return (v1 + w1, tl.minimum(a1, c1), tl.maximum(b1, d1), v2 + w2, tl.minimum(a2, c2),
-                tl.maximum(b2, d2), v3 + w3, tl.minimum(a3, c3), tl.maximum(b3, d3))
-
-    @triton.jit
-    def _cut(key, val, present, mid, ABSENT: tl.constexpr, BIG: tl.constexpr):
-        """A cut point's operands: val where key >= mid, the keys at and above it (their min is
-        the smallest present key >= mid), the present keys below it (their max)."""
-        ge = key >= mid
-        return (tl.where(ge, val, 0), tl.where(ge, key, BIG),
-                tl.where(present & (key < mid), key, ABSENT))
-
-    @triton.jit
-    def _threshold_search(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr,
-                          WAYS: tl.constexpr = 2):
+    def _threshold_search(key, val, target, ABSENT: tl.constexpr, BIG: tl.constexpr):
         """Largest present key t with sum(val[key >= t]) >= target; keys equal to ABSENT are
         not present, BIG exceeds every key. Needs sum(val[present]) >= target > 0.
 
-        A search over the threshold whose cut points fall between the smallest and largest keys
-        still possible, which stops as soon as a single key value is left. ``WAYS`` 2: a
-        bisection, one fused (sum, min, max) reduction a step. ``WAYS`` 4: three cut points a
-        step, all in one reduction of nine values (the range shrinks fourfold a step, so about
-        half the steps; each cut's mass is a sum over a nested set with the same reduction
-        tree, so the masses fall with the cut and the threshold is the bisection's). Three
-        separate reductions a step, or seven, were slower on the H100 (top-p 29 -> 39 us, top-K
-        11 -> 22 us at batch 8 x 32k, a310281): there the cost was per reduction.
+        A bisection over the threshold whose midpoints fall between the smallest and largest
+        keys still possible: one fused (sum, min, max) reduction a step, and it stops as soon as
+        a single key value is left. (A multi-way search - 7 cuts a step, a third of the steps -
+        was measured slower on the H100: top-p 29 -> 39 us, top-K 11 -> 22 us at batch 8 x 32k;
+        the cost is per reduction, not per step.)
         """
         present = key > ABSENT
         lo_key, hi_key = tl.reduce((tl.where(present, key, BIG), tl.where(present, key, ABSENT)),
                                    0, _min_max)  # one reduction: each is a step on the chain
         while lo_key < hi_key:
             lo64 = lo_key.to(tl.int64)
-            if WAYS == 4:
-                # cut i = lo + ceil(i * n / 4) for i = 1, 2, 3 (n keys in [lo, hi]): in (lo, hi]
-                n = hi_key.to(tl.int64) - lo64 + 1
-                m1 = tl.minimum(lo64 + (n + 3) // 4, lo64 + n - 1).to(tl.int32)
-                m2 = tl.minimum(lo64 + (2 * n + 3) // 4, lo64 + n - 1).to(tl.int32)
-                m3 = tl.minimum(lo64 + (3 * n + 3) // 4, lo64 + n - 1).to(tl.int32)
-                x1, y1, z1 = _cut(key, val, present, m1, ABSENT, BIG)
-                x2, y2, z2 = _cut(key, val, present, m2, ABSENT, BIG)
-                x3, y3, z3 = _cut(key, val, present, m3, ABSENT, BIG)
-                s1, a1, b1, s2, a2, b2, s3, a3, b3 = tl.reduce(
-                    (x1, y1, z1, x2, y2, z2, x3, y3, z3), 0, _smm3)
-                ok1 = s1 >= target
-                ok2 = s2 >= target
-                ok3 = s3 >= target
-                # the last cut whose mass reaches the target bounds t from below, the next one
-                # (or hi) from above
-                new_lo = tl.where(ok3, a3, tl.where(ok2, a2, tl.where(ok1, a1, lo_key)))
-                hi_key = tl.where(ok3, hi_key, tl.where(ok2, b3, tl.where(ok1, b2, b1)))
-                lo_key = new_lo
-            else:
-                # ceil of half the range past lo: in (lo, hi] (the step the H100 results measured)
-                mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 2) // 2).to(tl.int32)
-                x, y, z = _cut(key, val, present, mid, ABSENT, BIG)
-                mass, a, b = tl.reduce((x, y, z), 0, _sum_min_max)
-                ok = mass >= target
-                lo_key = tl.where(ok, a, lo_key)
-                hi_key = tl.where(ok, hi_key, b)
+            # ceil of half the range past lo: in (lo, hi] (the step the H100 results measured)
+            mid = (lo64 + (hi_key.to(tl.int64) - lo64 + 2) // 2).to(tl.int32)
+            ge = key >= mid
+            mass, a, b = tl.reduce(
+                (tl.where(ge, val, 0), tl.where(ge, key, BIG),
+                 tl.where(present & (key < mid), key, ABSENT)), 0, _sum_min_max)
+            ok = mass >= target
+            lo_key = tl.where(ok, a, lo_key)
+            hi_key = tl.where(ok, hi_key, b)
         return lo_key
 
     @triton.jit
-    def _topk_mask(key, valid, k, n_valid, WAYS: tl.constexpr = 2):
+    def _topk_mask(key, valid, k, n_valid):
         """Exactly k (or all valid if fewer) entries with the largest int32 keys (any value but
-        INT32_MIN); ties -> lower index. ``n_valid``: how many are valid (the caller knows).
-        ``WAYS``: of the threshold search."""
+        INT32_MIN); ties -> lower index. ``n_valid``: how many are valid (the caller knows)."""
         nkey = tl.where(valid, key, -2147483648)
         kk = tl.minimum(k, n_valid)
-        t = _threshold_search(nkey, valid.to(tl.int32), kk, -2147483648, 2147483647, WAYS)
+        t = _threshold_search(nkey, valid.to(tl.int32), kk, -2147483648, 2147483647)
         above = valid & (nkey > t)
         tie = valid & (nkey == t)
         need = kk - tl.sum(above.to(tl.int32), 0)
@@ -250,7 +213,6 @@ if triton is not None:
         scores_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, cand_ptr, count_ptr,
         stride_sr, stride_sh, stride_r2t, stride_cr, stride_ch,
         H: tl.constexpr, P: tl.constexpr, K: tl.constexpr, NP_PAD: tl.constexpr,
-        WAYS: tl.constexpr,
     ):
         """One program per (request, kv head): choose pages; write their physical ids in
         ascending logical order (only the last can be partial) and the candidate token count."""
@@ -268,7 +230,7 @@ if triton is not None:
             s = tl.load(scores_ptr + r * stride_sr + h * stride_sh + j, mask=valid, other=0.0)
             key = _f32_key(s)
             key = tl.where((j == 0) | (j == n_pages - 1), 2147483647, key)
-            chosen = _topk_mask(key, valid, K, n_pages, WAYS)
+            chosen = _topk_mask(key, valid, K, n_pages)
         dest = tl.cumsum(chosen.to(tl.int32), 0) - 1
         slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=chosen, other=0)
         tl.store(cand_ptr + r * stride_cr + h * stride_ch + dest, slot // P, mask=chosen)
@@ -334,15 +296,11 @@ def quest_select_pages_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_ind
     _select_kernel[(R * H,)](
         scores, req_to_token, req_pool_indices, seq_lens, cand_pages, cand_counts,
         scores.stride(0), scores.stride(1), req_to_token.stride(0), cand_pages.stride(0),
-        cand_pages.stride(1), H=H, P=page_size, K=K, NP_PAD=NP_PAD, WAYS=SEARCH_WAYS["topk"],
+        cand_pages.stride(1), H=H, P=page_size, K=K, NP_PAD=NP_PAD,
         num_warps=SELECT_WARPS.get(NP_PAD, 4 if NP_PAD <= 1024 else 8),
     )
     return cand_pages, cand_counts
 
-
-# cut points + 1 a step of the threshold searches (``_threshold_search``: 2 or 4): the top-K
-# over pages and the top-p (its kernel and the overflow kernel)
-SEARCH_WAYS = dict(topk=2, topp=2)
 
 # warps of the top-K page kernel by padded page count (tuned on the H100 by
 # benchmarks/tune_kernels.py); others: 4 up to 1024 pages, else 8

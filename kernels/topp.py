@@ -21,7 +21,6 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-from . import quest as _quest
 from .int4 import dequantize_int4_ref
 
 _KEEP_ALL_P = 1.0  # p >= 1 keeps every candidate (and skips the budget clamps)
@@ -279,13 +278,13 @@ if triton is not None:
             tl.store(pb + NP, pt, mask=rm)
 
     @triton.jit
-    def _topp_threshold(s, present, mx, target, WAYS: tl.constexpr = 2):
+    def _topp_threshold(s, present, mx, target):
         """Top-p over e = exp(s - mx) of the present scores (both search paths compute e here,
         so their keys are the same bits): -> (key of each entry, -1 where absent; the
         threshold key, ``_threshold_search``)."""
         v = tl.exp(s - mx)
         key = tl.where(present, v.to(tl.int32, bitcast=True), -1)
-        return key, _threshold_search(key, v, target, -1, 2147483647, WAYS)
+        return key, _threshold_search(key, v, target, -1, 2147483647)
 
     @triton.jit
     def _topp_floor(m, tot, p, count):
@@ -299,8 +298,7 @@ if triton is not None:
         return m + tl.log(floor) - 1e-4
 
     @triton.jit
-    def _block_search_mark(buf, mx, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr,
-                           WAYS: tl.constexpr):
+    def _block_search_mark(buf, mx, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr):
         """``_threshold_search`` over the ``n <= W`` compacted entries of a head's scratch
         (indices in ``buf[:n]``, their scores in ``buf[SCRATCH:SCRATCH + n]``; e = exp(s - mx)
         computed here, the same instructions as wherever else e is needed), held in registers,
@@ -309,7 +307,7 @@ if triton is not None:
         km = k < n
         s = tl.load((buf + SCRATCH + k).to(tl.pointer_type(tl.float32)), mask=km,
                     other=float("-inf"))
-        key, lo = _topp_threshold(s, km, mx, target, WAYS)
+        key, lo = _topp_threshold(s, km, mx, target)
         kept = km & (key >= lo)
         i = tl.load(buf + k, mask=kept, other=0)
         tl.store(mark_row + i, tl.full([W], 1, tl.int8), mask=kept)
@@ -361,7 +359,7 @@ if triton is not None:
         stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_pr, stride_ph, stride_pg,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
         MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, REFLOOR: tl.constexpr,
-        PARTS: tl.constexpr, NP: tl.constexpr, SPAN: tl.constexpr, WAYS: tl.constexpr,
+        PARTS: tl.constexpr, NP: tl.constexpr, SPAN: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -428,9 +426,9 @@ if triton is not None:
             target = p * tot
             mark_row = mark_ptr + r * stride_mr + h * stride_mh
             if n_surv <= SMALL:
-                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, SMALL, WAYS)
+                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, SMALL)
             elif n_surv <= MID:
-                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, MID, WAYS)
+                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, MID)
             else:  # flagged: _topp_overflow_kernel searches this head's whole row
                 lo = tl.full([], -1, tl.int32)
         tl.store(lo_ptr + pid, lo)
@@ -441,7 +439,7 @@ if triton is not None:
     def _topp_overflow_kernel(
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, mark_ptr, stride_sr, stride_sh,
         stride_sg, stride_mr, stride_mh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
-        PER_KV: tl.constexpr, G_PAD: tl.constexpr, WAYS: tl.constexpr,
+        PER_KV: tl.constexpr, G_PAD: tl.constexpr,
     ):
         """Only the q heads ``_topp_head_kernel`` flagged (``lo`` = -1: more entries above the
         floor, even a raised one, than its register block) do anything: the same search over the
@@ -478,7 +476,7 @@ if triton is not None:
                 s = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
                             mask=valid, other=float("-inf"))
                 above = valid & (s >= _topp_floor(m, tot, p, count))
-                key, t = _topp_threshold(s, above, m, p * tot, WAYS)
+                key, t = _topp_threshold(s, above, m, p * tot)
                 tl.store(mark_ptr + r * stride_mr + h * stride_mh + idx,
                          tl.full([C_PAD], 1, tl.int8), mask=above & (key >= t))
                 tl.store(lo_ptr + head, t)
@@ -670,7 +668,6 @@ def _topp_launch(c_pad: int, step_heads: int = 0) -> dict:
     cfg["CHUNK"] = min(cfg["CHUNK"], c_pad)
     cfg["MID"] = min(cfg["MID"], width)
     cfg["SMALL"] = min(cfg["SMALL"], cfg["MID"])
-    cfg["WAYS"] = _quest.SEARCH_WAYS["topp"]
     if c_pad <= 256:
         cfg["num_warps"] = min(cfg["num_warps"], 4)
     return cfg
@@ -725,8 +722,7 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     per_kv = OVERFLOW_PER_KV
     _topp_overflow_kernel[(R * H if per_kv else R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, marks, *strides, *mstrides, H=H, G=G, C_PAD=C_PAD,
-        PER_KV=per_kv, G_PAD=next_pow2(G), WAYS=_quest.SEARCH_WAYS["topp"],
-        num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)),
+        PER_KV=per_kv, G_PAD=next_pow2(G), num_warps=OVERFLOW_WARPS.get(C_PAD, _row_warps(C_PAD)),
         **_maxnreg("overflow"),
     )
     _union_compact_kernel[(R * H,)](

@@ -74,15 +74,7 @@ def test_store_matches_reference(device):
         assert torch.equal(a.kbscale, b.kbscale)
 
 
-@pytest.fixture(params=[2, 4], ids=["bisect", "4way"])
-def search_ways(request, monkeypatch):
-    """The threshold searches (top-K over pages, top-p) as a bisection or with three cut points
-    a step (``quest.SEARCH_WAYS``)."""
-    monkeypatch.setattr(ops._quest, "SEARCH_WAYS", dict(topk=request.param, topp=request.param))
-    return request.param
-
-
-def test_select_matches_reference(device, search_ways):
+def test_select_matches_reference(device):
     cases = _shapes(device)
     # one and two pages of budget: the forced first and last pages compete
     cases += [(cases[0][0], *cases[0][1:5], b) for b in (16, 32)]
@@ -124,7 +116,7 @@ def _assert_same_kept(k1, n1, k2, n2, probs):
     assert differing <= max(1, R * H // 50), differing
 
 
-def test_prune_matches_reference(device, search_ways):
+def test_prune_matches_reference(device):
     for seq, H, G, D, dtype, budget in _shapes(device):
         lay = make_layout(seq, H, G, D, dtype=dtype, device=device, peaked=6.0, backend="triton")
         sm = 1 / math.sqrt(D)
@@ -262,8 +254,7 @@ def test_decode_mixed_batch_short_rows_dense(device):
 
 @pytest.mark.parametrize("from_parts", [False, True], ids=["row-pass", "partials"])
 @pytest.mark.parametrize("overflow_per_kv", [True, False], ids=["overflow-per-kv", "overflow-per-q"])
-def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv, from_parts,
-                                               search_ways):
+def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv, from_parts):
     """The top-p kernel searches the entries above the droppable floor compacted in a register
     block of SMALL or MID values; a head with more first raises its floor and compacts again,
     and one still over MID is flagged and searched by the overflow kernel, its whole row in
@@ -351,32 +342,21 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sglang_twilight.kernels.quest import _threshold_search, _topk_mask  # noqa: E402
+from sglang_twilight.kernels.quest import _topk_mask  # noqa: E402
 from sglang_twilight.kernels.topp import _unpack_nibbles  # noqa: E402
 
 
 @triton.jit
-def _topk_probe(key_ptr, out_ptr, n, k, N: tl.constexpr, WAYS: tl.constexpr):
+def _topk_probe(key_ptr, out_ptr, n, k, N: tl.constexpr):
     i = tl.arange(0, N)
     valid = i < n
     key = tl.load(key_ptr + i, mask=valid, other=0)
-    tl.store(out_ptr + i, _topk_mask(key, valid, k, n, WAYS).to(tl.int32), mask=valid)
+    tl.store(out_ptr + i, _topk_mask(key, valid, k, n).to(tl.int32), mask=valid)
 
 
-@triton.jit
-def _search_probe(key_ptr, val_ptr, out_ptr, n, target, N: tl.constexpr, WAYS: tl.constexpr):
-    i = tl.arange(0, N)
-    valid = i < n
-    key = tl.load(key_ptr + i, mask=valid, other=-1)
-    val = tl.load(val_ptr + i, mask=valid, other=0.0)
-    tl.store(out_ptr, _threshold_search(key, val, target, -1, 2147483647, WAYS))
-
-
-@pytest.mark.parametrize("ways", [2, 4])
-def test_topk_mask_extreme_keys(device, ways):
+def test_topk_mask_extreme_keys(device):
     """The threshold search behind every top-K / top-p: exact on int32 keys at both ends of the
-    range (the forced pages' key is the largest int32), with duplicates and narrow ranges; as a
-    bisection and with three cut points a step."""
+    range (the forced pages' key is the largest int32), with duplicates and narrow ranges."""
     rng = random.Random()
     big, small = 2**31 - 1, -(2**31) + 1
     pools = [[big, big - 1, small, 0, -1, 1], [5, 6, 7], list(range(-3, 4)), None]
@@ -387,43 +367,12 @@ def test_topk_mask_extreme_keys(device, ways):
         k = rng.randint(1, n + 2)
         kt = torch.tensor(keys, dtype=torch.int32, device=device)
         out = torch.zeros(n, dtype=torch.int32, device=device)
-        _topk_probe[(1,)](kt, out, n, k, N=512, WAYS=ways, num_warps=4)
+        _topk_probe[(1,)](kt, out, n, k, N=512, num_warps=4)
         order = sorted(range(n), key=lambda j: (-keys[j], j))  # ties -> lower index
         want = [0] * n
         for j in order[:k]:
             want[j] = 1
         assert out.tolist() == want, (keys, k)
-
-
-def test_threshold_search_ways_agree(device):
-    """The top-p search on fp32 masses: three cut points a step end on the bisection's threshold
-    (the same masses, summed over nested sets in one reduction tree), which is the largest
-    present key whose mass reaches the target; rows of distinct, duplicated and few keys."""
-    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
-    for trial in range(12 if device == "cpu" else 150):
-        n = [1, 3, 40, 700, 2048][trial % 5]
-        w = torch.exp(torch.randn(n, generator=gen) * [0.01, 1.0, 6.0][trial % 3])
-        if trial % 4 == 3:
-            w = w[torch.randint(0, max(1, n // 8), (n,), generator=gen)]  # many ties
-        key = w.view(torch.int32).to(device)
-        val = w.to(device)
-        target = float(w.sum()) * float(torch.rand(1, generator=gen)) * 0.999
-        target = max(target, 1e-30)
-        got = []
-        for ways in (2, 4):
-            out = torch.zeros(1, dtype=torch.int32, device=device)
-            _search_probe[(1,)](key, val, out, n, target, N=2048, WAYS=ways, num_warps=8)
-            got.append(int(out))
-        assert got[0] == got[1], (n, trial, got)
-        t = got[0]
-        wk = w.view(torch.int32)
-        assert bool((wk == t).any())  # a present key
-        mass_at = float(w[wk >= t].double().sum())
-        above = wk[wk > t]
-        assert mass_at >= target * (1 - 1e-5)
-        if above.numel():
-            nxt = int(above.min())
-            assert float(w[wk >= nxt].double().sum()) < target * (1 + 1e-5)
 
 
 @pytest.mark.gpu
