@@ -105,18 +105,27 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         log("page_scores", cfg, ms, max_abs_diff=err, step_ms=graph_ms(step))
     Q.PAGE_SCORES_CONFIG = default
     if not only or "layout" in only:
-        # Quest bounds page-major ([pages, H, D], what the sidecar allocates) or head-major
-        # ([H, pages, D] viewed as [pages, H, D]): same values, other strides
+        # Quest bounds page-major ([pages, H, D], what the sidecar allocates), head-major
+        # ([H, pages, D] viewed as [pages, H, D]) or a page's max and min codes side by side
+        # ([pages, H, 2, D]: one 256-byte run): same values, other strides; alone and in the
+        # whole step (bounds from HBM)
         hm = lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)
+        il = torch.stack([inp["kmax"], inp["kmin"]], 2)
+        saved = inp["kmax"], inp["kmin"], inp["kbs"]
         for name, kx, kn, kb in (("page-major", inp["kmax"], inp["kmin"], inp["kbs"]),
-                                 ("head-major", hm(inp["kmax"]), hm(inp["kmin"]), hm(inp["kbs"]))):
+                                 ("head-major", hm(inp["kmax"]), hm(inp["kmin"]), hm(inp["kbs"])),
+                                 ("interleaved", il[:, :, 0], il[:, :, 1], inp["kbs"])):
             f = lambda: Q.quest_page_scores_triton(inp["q"], kx, kn, kb, inp["r2t"], inp["rpi"],
                                                    inp["seq"], PAGE, ws.max_pages,
                                                    out=ws.page_scores[:bs])
             ms = graph_ms(f)
             err = float((f()[..., : ws.max_pages] - ref[..., : ws.max_pages]).abs().max())
-            log("page_scores_layout", dict(layout=name), ms, max_abs_diff=err)
+            inp["kmax"], inp["kmin"], inp["kbs"] = kx, kn, kb
+            log("page_scores_layout", dict(layout=name), ms, max_abs_diff=err,
+                step_ms=graph_ms(step))
+            inp["kmax"], inp["kmin"], inp["kbs"] = saved
             del kx, kn, kb
+        del il, saved
     sel = lambda: Q.quest_select_pages_triton(
         inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], 8192,
         PAGE, max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
