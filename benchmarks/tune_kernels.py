@@ -208,6 +208,13 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         T.TOPP_CONFIG = cfg
         log_prune("topp+union", cfg)
     T.TOPP_CONFIG = default[0]
+    # the optimistic raised floor: compacted above 2**RAISE times the droppable floor, checked in
+    # the same pass (both launch shapes)
+    saved = dict(T.TOPP_CONFIG), dict(T.TOPP_CONFIG_WIDE)
+    for r in (0, 1, 2, 3) if not only or "raise" in only else []:
+        T.TOPP_CONFIG, T.TOPP_CONFIG_WIDE = dict(saved[0], RAISE=r), dict(saved[1], RAISE=r)
+        log_prune("topp_raise", dict(RAISE=r))
+    T.TOPP_CONFIG, T.TOPP_CONFIG_WIDE = saved
     # the wide top-p launch shape (TOPP_CONFIG_WIDE) at this batch or not
     for wide in (False, True) if not only or "topp_wide" in only else []:
         T.TOPP_WIDE_HEADS = 0 if wide else 1 << 30
@@ -299,7 +306,8 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
                     help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
-                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts")
+                         "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts,"
+                         "raise")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []

@@ -314,23 +314,27 @@ if triton is not None:
         return lo
 
     @triton.jit
-    def _compact_above(row, count, s_floor, buf, SCRATCH: tl.constexpr, CHUNK: tl.constexpr,
-                       STAGES: tl.constexpr):
+    def _compact_above(row, count, s_floor, m, buf, SCRATCH: tl.constexpr, CHUNK: tl.constexpr,
+                       STAGES: tl.constexpr, UNDER: tl.constexpr):
         """The entries of a score row at or above ``s_floor`` compacted into a head's scratch
         (indices in ``buf[:n]``, the bits of their scores in ``buf[SCRATCH:SCRATCH + n]``, at
-        most SCRATCH kept) -> n, however many there are."""
+        most SCRATCH kept) -> (n, however many there are; ``UNDER``: the mass exp(s - m) of the
+        entries left under the floor, accumulated per lane and reduced once, else 0)."""
         c = tl.arange(0, CHUNK)
         n_surv = tl.zeros([], tl.int32)
+        under = tl.zeros([CHUNK], tl.float32)
         for st in tl.range(0, count, CHUNK, num_stages=STAGES):
             msk = st + c < count
             s = tl.load(row + st + c, mask=msk, other=float("-inf"))
             surv = msk & (s >= s_floor)
+            if UNDER:
+                under += tl.where(surv, 0.0, tl.exp(s - m))  # exp(-inf) = 0 past the count
             pos = n_surv + tl.cumsum(surv.to(tl.int32), 0) - 1
             sm = surv & (pos < SCRATCH)
             tl.store(buf + pos, st + c, mask=sm)
             tl.store(buf + SCRATCH + pos, s.to(tl.int32, bitcast=True), mask=sm)
             n_surv += tl.sum(surv.to(tl.int32), 0)
-        return n_surv
+        return n_surv, tl.sum(under, 0)
 
     @triton.jit
     def _topp_refloor(row, count, m, tot, p, s_floor, CHUNK: tl.constexpr, STAGES: tl.constexpr):
@@ -359,7 +363,7 @@ if triton is not None:
         stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_pr, stride_ph, stride_pg,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
         MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, REFLOOR: tl.constexpr,
-        PARTS: tl.constexpr, NP: tl.constexpr, SPAN: tl.constexpr,
+        PARTS: tl.constexpr, NP: tl.constexpr, SPAN: tl.constexpr, RAISE: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -417,11 +421,23 @@ if triton is not None:
             s_floor = _topp_floor(m, tot, p, count)
             buf = scratch_ptr + pid.to(tl.int64) * (2 * SCRATCH)
             # pass 2: the survivors (index, score) compacted into the scratch
-            n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES)
+            if RAISE > 0:
+                # optimistic: above 2**RAISE times the floor, checked in the same pass (the
+                # mass left under it must still be droppable), else again above the floor
+                n_surv, under = _compact_above(row, count, s_floor + RAISE * 0.6931471805599453,
+                                               m, buf, SCRATCH, CHUNK, STAGES, True)
+                if under > (1.0 - p) * tot * 0.999:
+                    tl.debug_barrier()  # every thread is done with the first compaction
+                    n_surv, under = _compact_above(row, count, s_floor, m, buf, SCRATCH, CHUNK,
+                                                   STAGES, False)
+            else:
+                n_surv, under = _compact_above(row, count, s_floor, m, buf, SCRATCH, CHUNK,
+                                               STAGES, False)
             if REFLOOR and n_surv > MID:  # a nearly flat row: a higher floor before flagging it
                 s_floor = _topp_refloor(row, count, m, tot, p, s_floor, CHUNK, STAGES)
                 tl.debug_barrier()  # every thread is done with the first compaction
-                n_surv = _compact_above(row, count, s_floor, buf, SCRATCH, CHUNK, STAGES)
+                n_surv, under = _compact_above(row, count, s_floor, m, buf, SCRATCH, CHUNK,
+                                               STAGES, False)
             tl.debug_barrier()  # this program's stores are visible to all its threads
             target = p * tot
             mark_row = mark_ptr + r * stride_mr + h * stride_mh
@@ -637,7 +653,8 @@ def topp_scratch_width(capacity: int) -> int:
 # in CHUNK pieces; a head with at most SMALL (else MID) entries above the floor is searched in a
 # register block of that size; MID is capped at the scratch width; REFLOOR: a head with more than
 # MID entries above the floor tries a higher floor before it is left to the overflow kernel
-TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFLOOR=True)
+TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFLOOR=True,
+                   RAISE=0)
 # from TOPP_WIDE_HEADS q heads in the whole decode step (every row group) on, smaller programs:
 # with the GPU full many times over, more of them share an SM. Step at 32k, wide vs not:
 # 304.4 vs 308.3 us at batch 32, 581.9 vs 594.9 at 64; 184.4 vs 178.9 at 16, 111.8 vs 108.6 at 8
@@ -668,6 +685,7 @@ def _topp_launch(c_pad: int, step_heads: int = 0) -> dict:
     cfg["CHUNK"] = min(cfg["CHUNK"], c_pad)
     cfg["MID"] = min(cfg["MID"], width)
     cfg["SMALL"] = min(cfg["SMALL"], cfg["MID"])
+    cfg.setdefault("RAISE", 0)
     if c_pad <= 256:
         cfg["num_warps"] = min(cfg["num_warps"], 4)
     return cfg

@@ -252,9 +252,11 @@ def test_decode_mixed_batch_short_rows_dense(device):
             assert bool((kc[r] < 512).all())
 
 
+@pytest.mark.parametrize("raise_floor", [0, 2], ids=["floor", "raised-4x"])
 @pytest.mark.parametrize("from_parts", [False, True], ids=["row-pass", "partials"])
 @pytest.mark.parametrize("overflow_per_kv", [True, False], ids=["overflow-per-kv", "overflow-per-q"])
-def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv, from_parts):
+def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv, from_parts,
+                                               raise_floor):
     """The top-p kernel searches the entries above the droppable floor compacted in a register
     block of SMALL or MID values; a head with more first raises its floor and compacts again,
     and one still over MID is flagged and searched by the overflow kernel, its whole row in
@@ -273,6 +275,9 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per
                             dict(T.TOPP_CONFIG, CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
         # room for 4 partials a row (score_parts_width follows the estimate's launch shape)
         monkeypatch.setattr(T, "ESTIMATE_CONFIG", dict(T.ESTIMATE_CONFIG, BLOCK_N=16, ITERS=2))
+    # RAISE 2: compacted first above 4x the floor, checked in the same pass (here safe for every
+    # row but the flat one, whose entries are all above it anyway)
+    monkeypatch.setattr(T, "TOPP_CONFIG", dict(T.TOPP_CONFIG, RAISE=raise_floor))
     width = T.topp_scratch_width(C)
     assert width == C // 2
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
@@ -337,6 +342,59 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per
                 assert set(k1[0, h, : int(n1[0, h])].tolist()) == got, (p, surv, H)
                 want = ref[h] if G == 1 else ref.any(0)
                 assert got == set(want.nonzero().view(-1).tolist()), (p, surv, H, h)
+
+
+def test_topp_raised_floor_falls_back(device, monkeypatch):
+    """The optimistic 4x floor (TOPP_CONFIG RAISE 2) when it is not safe: a 'ledge' of entries
+    between the floor and 4x it holds more mass than top-p may drop, so the kernel compacts
+    again above the floor itself; where it is safe (a medium and a peaked row) it keeps the
+    4x floor. Every head keeps the reference's set, alone and in a group."""
+    from sglang_twilight.kernels import topp as T
+
+    C = 8192
+    if device == "cpu":
+        C = 256
+        monkeypatch.setattr(T, "TOPP_CONFIG",
+                            dict(T.TOPP_CONFIG, CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
+    monkeypatch.setattr(T, "TOPP_CONFIG", dict(T.TOPP_CONFIG, RAISE=2))
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+
+    def ledge_row():
+        n_ledge, n_big = int(C * 0.36), C // 10  # above the floor: 0.46 C <= MID (C / 2)
+        big = torch.randn(n_big, generator=gen, dtype=torch.float64) * 0.3
+        a = 3.0 * 0.05 / C  # each ledge entry: 3x the floor of p = 0.95; together ~0.054
+        logit = math.log(a * big.exp().sum() / (1 - a * n_ledge))
+        row = torch.full((C,), -40.0, dtype=torch.float64)
+        order = torch.randperm(C, generator=gen)
+        row[order[:n_big]] = big
+        row[order[n_big: n_big + n_ledge]] = logit + torch.rand(n_ledge, generator=gen,
+                                                                dtype=torch.float64) * 1e-3
+        return row.float()
+
+    medium = torch.randn(C, generator=gen) * 0.5
+    medium[torch.randperm(C, generator=gen)[C // 4:]] -= 20.0
+    scores = torch.stack([ledge_row(), ledge_row(), medium,
+                          torch.randn(C, generator=gen) * 12.0]).to(device)
+    probs = torch.softmax(scores.double(), -1)
+    for p in (0.9, 0.95):
+        f0 = (1 - p) / C * 0.999
+        under = torch.where(probs < 4 * f0, probs, 0.0).sum(-1)
+        if p == 0.95:  # the ledge rows need the fallback, the others do not
+            assert bool((under[:2] > (1 - p) * 0.999).all()), under
+        assert bool((under[2:] <= (1 - p) * 0.999).all()), under
+        newest = torch.arange(C, device=device) == C - 1
+        ref = T.topp_mask_ref(probs.float(), p) | newest
+        for H, G in ((1, 4), (4, 1)):
+            s = scores.view(1, H, G, C)
+            cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
+            cnt = torch.full((1, H), C, dtype=torch.int32, device=device)
+            k1, n1 = T.prune_from_scores_ref(s.clone(), cand, cnt, p, 1, 0)
+            k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
+            for h in range(H):
+                got = set(k2[0, h, : int(n2[0, h])].tolist())
+                assert set(k1[0, h, : int(n1[0, h])].tolist()) == got, (p, H, h)
+                want = ref[h] if G == 1 else ref.any(0)
+                assert got == set(want.nonzero().view(-1).tolist()), (p, H, h)
 
 
 import triton  # noqa: E402
