@@ -205,7 +205,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     T.TOPP_WIDE_HEADS = 1 << 30  # the sweep sets the one launch shape used at every batch
     # ("refloor": only the first two, the default with and without the raised floor)
     for cfg in TOPP if not only or "topp" in only else TOPP[:2] if "refloor" in only else []:
-        T.TOPP_CONFIG = cfg
+        T.TOPP_CONFIG = dict(default[0], **cfg)  # the shapes with the default's other entries
         log_prune("topp+union", cfg)
     T.TOPP_CONFIG = default[0]
     # the optimistic raised floor: compacted above 2**RAISE times the droppable floor, checked in

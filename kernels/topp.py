@@ -689,7 +689,6 @@ def _topp_launch(c_pad: int, step_heads: int = 0) -> dict:
     cfg["CHUNK"] = min(cfg["CHUNK"], c_pad)
     cfg["MID"] = min(cfg["MID"], width)
     cfg["SMALL"] = min(cfg["SMALL"], cfg["MID"])
-    cfg.setdefault("RAISE", 0)
     if c_pad <= 256:
         cfg["num_warps"] = min(cfg["num_warps"], 4)
     return cfg

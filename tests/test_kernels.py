@@ -252,6 +252,22 @@ def test_decode_mixed_batch_short_rows_dense(device):
             assert bool((kc[r] < 512).all())
 
 
+def _bulk_and_ledge(gen, C, n_bulk, n_ledge, times_floor):
+    """A score row of C: ``n_bulk`` logits (N(0, 0.3^2)) carry the mass, ``n_ledge`` more sit at
+    ``times_floor`` times the droppable floor of p = 0.95 (each with probability
+    times_floor * 0.05 / C, jittered by 1e-3 so that none tie), the rest far under it; random
+    places."""
+    bulk = torch.randn(n_bulk, generator=gen, dtype=torch.float64) * 0.3
+    a = times_floor * 0.05 / C  # the probability of each ledge entry
+    logit = math.log(a * bulk.exp().sum() / (1 - a * n_ledge))
+    row = torch.full((C,), -40.0, dtype=torch.float64)
+    order = torch.randperm(C, generator=gen)
+    row[order[:n_bulk]] = bulk
+    row[order[n_bulk: n_bulk + n_ledge]] = logit + torch.rand(n_ledge, generator=gen,
+                                                              dtype=torch.float64) * 1e-3
+    return row.float()
+
+
 @pytest.mark.parametrize("raise_floor", [0, 2], ids=["floor", "raised-4x"])
 @pytest.mark.parametrize("from_parts", [False, True], ids=["row-pass", "partials"])
 @pytest.mark.parametrize("overflow_per_kv", [True, False], ids=["overflow-per-kv", "overflow-per-q"])
@@ -292,17 +308,9 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per
     # heavy: 3/4 MID logits carry the mass, 3/4 MID more sit at 1.5x the floor of p = 0.95 (a
     # sliver of the mass), the rest under it: over MID entries above the floor, under MID above
     # twice it, so that head takes the raised floor (_topp_refloor)
-    n_big = 3 * mid // 4
-    big = torch.randn(n_big, generator=gen, dtype=torch.float64) * 0.3
-    a = 1.5 * 0.05 / C  # the probability of each tail entry
-    tail_logit = math.log(a * big.exp().sum() / (1 - a * n_big))
-    heavy = torch.full((C,), -40.0, dtype=torch.float64)
-    order = torch.randperm(C, generator=gen)
-    heavy[order[:n_big]] = big
-    heavy[order[n_big: 2 * n_big]] = tail_logit + torch.rand(n_big, generator=gen,
-                                                              dtype=torch.float64) * 1e-3
+    heavy = _bulk_and_ledge(gen, C, 3 * mid // 4, 3 * mid // 4, 1.5)
     rows = [torch.randn(C, generator=gen) * 12.0, medium,  # peaked, medium,
-            torch.randn(C, generator=gen) * 0.01, heavy.float()]  # flat, heavy
+            torch.randn(C, generator=gen) * 0.01, heavy]  # flat, heavy
     flagged = []  # the heads left to the overflow kernel, seen as it is launched
     overflow = T._topp_overflow_kernel
 
@@ -362,21 +370,12 @@ def test_topp_raised_floor_falls_back(device, monkeypatch):
     seed = random.randrange(1 << 30)
     gen = torch.Generator().manual_seed(seed)
 
-    def ledge_row():
-        n_ledge, n_big = int(C * 0.36), C // 10  # above the floor: 0.46 C <= MID (C / 2)
-        big = torch.randn(n_big, generator=gen, dtype=torch.float64) * 0.3
-        a = 3.0 * 0.05 / C  # each ledge entry: 3x the floor of p = 0.95; together ~0.054
-        logit = math.log(a * big.exp().sum() / (1 - a * n_ledge))
-        row = torch.full((C,), -40.0, dtype=torch.float64)
-        order = torch.randperm(C, generator=gen)
-        row[order[:n_big]] = big
-        row[order[n_big: n_big + n_ledge]] = logit + torch.rand(n_ledge, generator=gen,
-                                                                dtype=torch.float64) * 1e-3
-        return row.float()
-
+    # ledge: 0.36 C entries at 3x the floor of p = 0.95 (together ~0.054 of the mass) beside
+    # C / 10 that carry the rest: 0.46 C above the floor, <= MID (C / 2)
+    ledge = lambda: _bulk_and_ledge(gen, C, C // 10, int(C * 0.36), 3.0)
     medium = torch.randn(C, generator=gen) * 0.5
     medium[torch.randperm(C, generator=gen)[C // 4:]] -= 20.0
-    scores = torch.stack([ledge_row(), ledge_row(), medium,
+    scores = torch.stack([ledge(), ledge(), medium,
                           torch.randn(C, generator=gen) * 12.0]).to(device)
     probs = torch.softmax(scores.double(), -1)
     for p in (0.9, 0.95):
