@@ -130,39 +130,31 @@ def probe(T, bs, ctx, H=8, G=4, D=128):
                span_us=round(span, 2),
                start_quantiles_us=[round(float(starts.quantile(q)), 2) for q in (0, .25, .5, .75, 1)],
                resident_per_sm=round(float(n * dur.mean() / span / sms), 2))
-    res.update(search_steps(scores.view(n, C), cnt.repeat_interleave(G), pr.repeat_interleave(H * G)))
+    res.update(search_steps(scores.view(n, C), cnt.repeat_interleave(G), pr.repeat_interleave(H * G),
+                            T._topp_launch(c_pad)["RAISE"]))
     inp.clear()
     torch.cuda.empty_cache()
     return res
 
 
-def search_steps(s, count, p):
-    """How many bisection steps the kernel's threshold search takes per head (the same loop as
-    ``quest._threshold_search`` over the entries above the first droppable floor, in torch), and
-    how many entries it searches."""
+def search_steps(s, count, p, raise_floor):
+    """How many steps the kernel's threshold search takes per head (``quest.threshold_search_ref``,
+    its steps replayed in torch, over the entries it compacts: above 2**RAISE times the
+    droppable floor where that is safe, else above the floor), and how many entries it
+    searches."""
     idx = torch.arange(s.shape[1], device=s.device)[None, :]
     s = torch.where(idx < count[:, None], s, float("-inf"))
     m = s.amax(1, keepdim=True)
     e = torch.exp(s - m)
     tot = e.sum(1, keepdim=True)
     floor = m + torch.log((1.0 - p[:, None]) * tot / count[:, None].float() * 0.999) - 1e-4
-    present = s >= floor
+    raised = floor + raise_floor * math.log(2)
+    under = torch.where(s < raised, e, 0.0).sum(1, keepdim=True)
+    safe = under <= (1.0 - p[:, None]) * tot * 0.999
+    present = s >= torch.where(safe, raised, floor)
     key = torch.where(present, e.view(torch.int32), -1).long()
-    target = p * tot[:, 0]
-    lo = torch.where(present, key, 2**31).amin(1)
-    hi = key.amax(1)
-    steps = torch.zeros_like(lo)
-    while bool((lo < hi).any()):
-        live = lo < hi
-        mid = lo + (hi - lo + 2) // 2
-        ge = key >= mid[:, None]
-        mass = torch.where(ge, e, 0.0).sum(1)
-        a = torch.where(ge, key, 2**31).amin(1)
-        b = torch.where(present & ~ge, key, -1).amax(1)
-        ok = mass >= target
-        lo = torch.where(live & ok, a, lo)
-        hi = torch.where(live & ~ok, b, hi)
-        steps += live.long()
+    total = (tot - torch.where(safe, under, 0.0))[:, 0]
+    _, steps = Q.threshold_search_ref(key, e, present, p * tot[:, 0], total, value_space=True)
     n_above = present.sum(1).float()
     return dict(search_steps_mean=round(float(steps.float().mean()), 2),
                 search_steps_max=int(steps.max()),

@@ -278,13 +278,14 @@ if triton is not None:
             tl.store(pb + NP, pt, mask=rm)
 
     @triton.jit
-    def _topp_threshold(s, present, mx, target):
+    def _topp_threshold(s, present, mx, target, total):
         """Top-p over e = exp(s - mx) of the present scores (both search paths compute e here,
         so their keys are the same bits): -> (key of each entry, -1 where absent; the
-        threshold key, ``_threshold_search``)."""
+        threshold key, ``_threshold_search``, interpolating in value space from ``total``, about
+        the present entries' mass)."""
         v = tl.exp(s - mx)
         key = tl.where(present, v.to(tl.int32, bitcast=True), -1)
-        return key, _threshold_search(key, v, target, -1, 2147483647)
+        return key, _threshold_search(key, v, target, total, -1, 2147483647, True, False)
 
     @triton.jit
     def _topp_floor(m, tot, p, count):
@@ -298,7 +299,8 @@ if triton is not None:
         return m + tl.log(floor) - 1e-4
 
     @triton.jit
-    def _block_search_mark(buf, mx, n, target, mark_row, SCRATCH: tl.constexpr, W: tl.constexpr):
+    def _block_search_mark(buf, mx, n, target, total, mark_row, SCRATCH: tl.constexpr,
+                           W: tl.constexpr):
         """``_threshold_search`` over the ``n <= W`` compacted entries of a head's scratch
         (indices in ``buf[:n]``, their scores in ``buf[SCRATCH:SCRATCH + n]``; e = exp(s - mx)
         computed here, the same instructions as wherever else e is needed), held in registers,
@@ -307,7 +309,7 @@ if triton is not None:
         km = k < n
         s = tl.load((buf + SCRATCH + k).to(tl.pointer_type(tl.float32)), mask=km,
                     other=float("-inf"))
-        key, lo = _topp_threshold(s, km, mx, target)
+        key, lo = _topp_threshold(s, km, mx, target, total)
         kept = km & (key >= lo)
         i = tl.load(buf + k, mask=kept, other=0)
         tl.store(mark_row + i, tl.full([W], 1, tl.int8), mask=kept)
@@ -442,9 +444,11 @@ if triton is not None:
             target = p * tot
             mark_row = mark_ptr + r * stride_mr + h * stride_mh
             if n_surv <= SMALL:
-                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, SMALL)
+                lo = _block_search_mark(buf, m, n_surv, target, tot - under, mark_row, SCRATCH,
+                                        SMALL)
             elif n_surv <= MID:
-                lo = _block_search_mark(buf, m, n_surv, target, mark_row, SCRATCH, MID)
+                lo = _block_search_mark(buf, m, n_surv, target, tot - under, mark_row, SCRATCH,
+                                        MID)
             else:  # flagged: _topp_overflow_kernel searches this head's whole row
                 lo = tl.full([], -1, tl.int32)
         tl.store(lo_ptr + pid, lo)
@@ -492,7 +496,7 @@ if triton is not None:
                 s = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
                             mask=valid, other=float("-inf"))
                 above = valid & (s >= _topp_floor(m, tot, p, count))
-                key, t = _topp_threshold(s, above, m, p * tot)
+                key, t = _topp_threshold(s, above, m, p * tot, tot)
                 tl.store(mark_ptr + r * stride_mr + h * stride_mh + idx,
                          tl.full([C_PAD], 1, tl.int8), mask=above & (key >= t))
                 tl.store(lo_ptr + head, t)

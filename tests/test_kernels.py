@@ -435,6 +435,86 @@ def test_topk_mask_extreme_keys(device):
         assert out.tolist() == want, (keys, k)
 
 
+
+def _hard_logits(gen, C):
+    """Score rows on which an interpolated threshold search is at its weakest (their weights:
+    uniform, geometric, one spike over noise, four tied values, a power law, two levels)."""
+    u = lambda: torch.rand(C, generator=gen, dtype=torch.float64).clamp_min(1e-30)
+    spike = (u() * 1e-4).log()
+    spike[int(torch.randint(C, (1,), generator=gen))] = 0.0
+    two = torch.where(u() < 0.02, 0.0, math.log(1e-3)) + 1e-3 * u()
+    rows = [u().log(), torch.arange(C, dtype=torch.float64) * math.log(0.9), spike,
+            torch.randint(1, 5, (C,), generator=gen).double().log(), 8 * u().log(), two]
+    return torch.stack(rows).float()
+
+
+def test_search_hard_rows_match_reference(device, monkeypatch):
+    """The threshold search interpolates its probes (``quest._threshold_search``); on rows
+    hard for that, the top-p kernel (alone and in a GQA group) and ``_topk_mask`` keep the
+    reference's sets (``benchmarks/search_study.py`` counts the steps on such rows)."""
+    from sglang_twilight.kernels import topp as T
+
+    C = 2048
+    if device == "cpu":
+        C = 256
+        monkeypatch.setattr(T, "TOPP_CONFIG",
+                            dict(T.TOPP_CONFIG, CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
+    seed = random.randrange(1 << 30)
+    gen = torch.Generator().manual_seed(seed)
+    scores = _hard_logits(gen, C).to(device)
+    newest = torch.arange(C, device=device) == C - 1
+    for p in (0.5, 0.9, 0.95):
+        ref = T.topp_mask_ref(torch.softmax(scores, -1), p) | newest
+        for H, G in ((6, 1), (2, 3)):
+            s = scores.view(1, H, G, C)
+            cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
+            cnt = torch.full((1, H), C, dtype=torch.int32, device=device)
+            k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
+            for h in range(H):
+                got = set(k2[0, h, : int(n2[0, h])].tolist())
+                want = ref[h * G: (h + 1) * G].any(0)
+                assert got == set(want.nonzero().view(-1).tolist()), (seed, p, H, h)
+    bits = scores.view(torch.int32)
+    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # quest._f32_key
+    for row, key in enumerate(keys):
+        for k in (1, C // 4, C - 1):
+            out = torch.zeros(C, dtype=torch.int32, device=device)
+            _topk_probe[(1,)](key.contiguous(), out, C, k, N=C, num_warps=4)
+            order = sorted(range(C), key=lambda j: (-int(key[j]), j))  # ties -> lower index
+            want = torch.zeros(C, dtype=torch.int32)
+            want[order[:k]] = 1
+            assert torch.equal(out.cpu(), want), (seed, row, k)
+
+
+def test_threshold_search_ref_ends_on_sorted_threshold():
+    """``threshold_search_ref`` (the kernel's steps replayed in torch, which the search study
+    counts) ends on the largest key whose mass reaches the target, in key and value space, with
+    forced keys at the top, within about twice the bisection's steps."""
+    from sglang_twilight.kernels import quest as Q
+
+    seed = random.randrange(1 << 30)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.softmax(_hard_logits(gen, 512).double(), -1).float()
+    w = torch.cat([w, torch.rand(10, 512, generator=gen)])
+    present = torch.rand(w.shape, generator=gen) < 0.8
+    present[:, 0] = True
+    for value_space in (True, False):
+        key = w.view(torch.int32).long()
+        # mass in float64 (the kernel's is fp32): no target lands on a rounding edge
+        val = w.double() if value_space else torch.ones_like(w, dtype=torch.int32)
+        if not value_space:
+            key[:, :2] = 2**31 - 1  # forced: the largest key
+        tot = torch.where(present, val, 0).sum(1)
+        for frac in (0.5, 0.95) if value_space else (0.5, 0.95, 1.0):
+            target = frac * tot if value_space else (frac * tot).ceil().long()
+            t, steps = Q.threshold_search_ref(key, val, present, target, tot, value_space)
+            order = torch.sort(torch.where(present, key, -(2**40)), 1, descending=True)
+            mass = torch.gather(torch.where(present, val, 0).double(), 1, order.indices).cumsum(1)
+            first = (mass >= target.double()[:, None]).float().argmax(1)
+            want = order.values.gather(1, first[:, None])[:, 0]
+            assert torch.equal(t, want), (seed, value_space, frac)
+            assert int(steps.max()) <= 2 * 32 + 2, (seed, value_space, frac)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("H,G,D", [(3, 3, 64), (8, 4, 128)])
 def test_decode_p1_as_accurate_as_flashinfer(H, G, D):
