@@ -255,8 +255,8 @@ if triton is not None:
             lo_key, hi_key = tl.reduce(
                 (tl.where(present, key, BIG), tl.where(present, key, ABSENT)), 0, _min_max)
             top_nb = hi_key
-        tgt = target.to(tl.float32)
-        m_lo = total.to(tl.float32)  # the mass at or above lo (estimated until a probe lands)
+        tgt = tl.zeros([], tl.float32) + target  # (either may be a constexpr int)
+        m_lo = tl.zeros([], tl.float32) + total  # mass at or above lo (estimated till a probe)
         m_hi = tl.zeros([], tl.float32)  # the mass above hi
         w_lo = tl.full([], 1.0, tl.float32)
         w_hi = tl.full([], 1.0, tl.float32)

@@ -667,7 +667,10 @@ TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFL
 # with the GPU full many times over, more of them share an SM. Step at 32k, wide vs not:
 # 304.4 vs 308.3 us at batch 32, 581.9 vs 594.9 at 64; 184.4 vs 178.9 at 16, 111.8 vs 108.6 at 8
 # (tune_estimate_wide_h100.json)
-TOPP_CONFIG_WIDE = dict(TOPP_CONFIG, CHUNK=512, num_warps=4)
+# At 4 warps the interpolated threshold search (5cf593c) took the kernel from 149 to 189
+# registers a thread (ptxas), three programs an SM to two; capped at 168 (no spills) it keeps
+# three
+TOPP_CONFIG_WIDE = dict(TOPP_CONFIG, CHUNK=512, num_warps=4, maxnreg=168)
 TOPP_WIDE_HEADS = 1024
 # the top-p kernel takes each head's max and sum from the estimate's partials
 # (``twilight_prune_triton``) instead of a first pass over its row
