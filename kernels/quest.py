@@ -228,7 +228,9 @@ if triton is not None:
     def _threshold_search(key, val, target, total, ABSENT: tl.constexpr, BIG: tl.constexpr,
                           VALUE: tl.constexpr, FORCED: tl.constexpr):
         """Largest present key t with sum(val[key >= t]) >= target; keys equal to ABSENT are
-        not present, BIG exceeds every key. Needs sum(val[present]) >= target > 0.
+        not present, BIG exceeds every key. Needs sum(val[present]) >= target > 0. -> (t, the
+        mass at or above t in fp32: exact when it was measured, or ``total`` when no probe
+        landed at or below t).
 
         Each step probes one key between the smallest and largest keys still possible (one fused
         (sum, min, max) reduction) and moves one end onto a present key; it stops as soon as a
@@ -294,7 +296,7 @@ if triton is not None:
             span1 = span
             lo_key = tl.where(ok, a, lo_key)
             hi_key = tl.where(ok, hi_key, b)
-        return lo_key
+        return lo_key, m_lo
 
     @triton.jit
     def _topk_mask(key, valid, k, n_valid):
@@ -302,13 +304,17 @@ if triton is not None:
         INT32_MIN); ties -> lower index. ``n_valid``: how many are valid (the caller knows)."""
         nkey = tl.where(valid, key, -2147483648)
         kk = tl.minimum(k, n_valid)
-        t = _threshold_search(nkey, valid.to(tl.int32), kk, n_valid, -2147483648, 2147483647,
-                              False, True)
-        above = valid & (nkey > t)
-        tie = valid & (nkey == t)
-        need = kk - tl.sum(above.to(tl.int32), 0)
-        tie_rank = tl.cumsum(tie.to(tl.int32), 0)
-        return above | (tie & (tie_rank <= need))
+        t, n_ge = _threshold_search(nkey, valid.to(tl.int32), kk, n_valid, -2147483648,
+                                    2147483647, False, True)
+        if n_ge == kk:  # (a count: exact in fp32) no tie to break, no scan
+            chosen = valid & (nkey >= t)
+        else:
+            above = valid & (nkey > t)
+            tie = valid & (nkey == t)
+            need = kk - tl.sum(above.to(tl.int32), 0)
+            tie_rank = tl.cumsum(tie.to(tl.int32), 0)
+            chosen = above | (tie & (tie_rank <= need))
+        return chosen
 
     @triton.jit
     def _select_kernel(

@@ -285,7 +285,8 @@ if triton is not None:
         the present entries' mass)."""
         v = tl.exp(s - mx)
         key = tl.where(present, v.to(tl.int32, bitcast=True), -1)
-        return key, _threshold_search(key, v, target, total, -1, 2147483647, True, False)
+        t, _ = _threshold_search(key, v, target, total, -1, 2147483647, True, False)
+        return key, t
 
     @triton.jit
     def _topp_floor(m, tot, p, count):
