@@ -332,9 +332,6 @@ if triton is not None:
         rpi = tl.load(rpi_ptr + r).to(tl.int64)
         j = tl.arange(0, NP_PAD)
         valid = j < n_pages
-        # every page's first slot, loaded beside the scores: not one more round trip after the
-        # search
-        slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=valid, other=0)
         if n_pages <= K:
             chosen = valid
         else:
@@ -343,6 +340,7 @@ if triton is not None:
             key = tl.where((j == 0) | (j == n_pages - 1), 2147483647, key)
             chosen = _topk_mask(key, valid, K, n_pages)
         dest = tl.cumsum(chosen.to(tl.int32), 0) - 1
+        slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=chosen, other=0)
         tl.store(cand_ptr + r * stride_cr + h * stride_ch + dest, slot // P, mask=chosen)
         # tokens of the chosen pages (a closed form, not one more reduction): all of them, or K
         # pages of which only the last may be partial; it is chosen (forced) when K >= 2 (at

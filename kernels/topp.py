@@ -520,9 +520,6 @@ if triton is not None:
         count = tl.load(count_ptr + r * H + h)
         idx = tl.arange(0, C_PAD)
         valid = idx < count
-        # every candidate's slot, loaded first: not one more round trip after the compaction
-        slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, valid, P,
-                                FROM_PAGES)
         keep = valid
         n_keep = count
         if not KEEP_ALL:
@@ -548,6 +545,7 @@ if triton is not None:
                 keep = union & valid
                 n_keep = k  # the union, or exactly k when a clamp binds (k <= count)
         dest = tl.cumsum(keep.to(tl.int32), 0) - 1
+        slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, keep, P, FROM_PAGES)
         tl.store(kept_ptr + r * stride_kr + h * stride_kh + dest, slot.to(tl.int32), mask=keep)
         tl.store(kept_count_ptr + r * H + h, n_keep)  # known: not one more reduction
 
