@@ -1,0 +1,128 @@
+"""Nsight Compute's view of one Twilight decode step: per kernel, its duration, DRAM and L2
+traffic and throughput, achieved occupancy and what its warps stall on.
+
+The step of ``bench_attention.py`` (Llama-3.1-8B layer shapes, its key law, Quest B0 = 8192 ->
+top-p 0.95) runs in one row group, eagerly, a few times to compile and warm up; then one step
+runs between ``cudaProfilerStart`` and ``cudaProfilerStop`` under ``ncu`` (this script starts
+it on itself with ``--child``), which replays each kernel to collect its sections. The CSV it
+prints is turned into one JSON row per kernel: the sections' metrics by their display names,
+and the warp stall reasons (cycles a warp spends stalled on each, per issued instruction).
+Needs ``ncu`` on the PATH (or ``--ncu``).
+
+Usage: python benchmarks/ncu_step.py --batch 8 --context 32768 --out ncu_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import PAGE, make_inputs, source_commit  # noqa: E402
+
+from sglang_twilight import ops  # noqa: E402
+
+SECTIONS = ["SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats",
+            "WarpStateStats", "SchedulerStats"]
+
+
+def child(bs, ctx, top_p, budget, H=8, G=4, D=128):
+    inp = make_inputs(bs, ctx, H, G, D, torch.bfloat16, "cuda")
+    ops.DECODE_GROUPS = dict(min_requests=1, groups=1, keep_all_groups=1)  # no overlap
+    ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
+    pr = torch.full((bs,), top_p, dtype=torch.float32, device="cuda")
+    out = torch.empty_like(inp["q"])
+    sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"], inp["kbs"])
+
+    def step():
+        ops.twilight_decode(inp["q"], inp["k"], inp["v"], *sc, inp["r2t"], inp["rpi"], inp["seq"],
+                            pr, budget=budget, page_size=PAGE, sm_scale=1 / math.sqrt(D),
+                            min_budget=1, max_budget=0, backend="triton", workspace=ws, out=out)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+def parse(text):
+    """ncu's CSV (details page, one line per kernel x metric) -> one dict per kernel launch."""
+    start = text.find('"ID"')
+    if start < 0:
+        raise SystemExit("ncu_step: no CSV in ncu's output:\n" + text[-3000:])
+    kernels = {}
+    for row in csv.DictReader(io.StringIO(text[start:])):
+        k = kernels.setdefault(row["ID"], dict(kernel=row["Kernel Name"].split("(")[0],
+                                               grid=row["Grid Size"], block=row["Block Size"],
+                                               metrics={}, stalls={}))
+        name, unit, value = row["Metric Name"], row["Metric Unit"], row["Metric Value"]
+        try:
+            value = float(value.replace(",", ""))
+        except ValueError:
+            pass
+        if name.startswith("smsp__average_warps_issue_stalled_"):
+            reason = name[len("smsp__average_warps_issue_stalled_"):].split("_per_issue")[0]
+            k["stalls"][reason] = value
+        else:
+            k["metrics"][f"{row['Section Name']}: {name}" + (f" [{unit}]" if unit else "")] = value
+    for k in kernels.values():  # the largest stall reasons first
+        k["stalls"] = dict(sorted(k["stalls"].items(), key=lambda kv: -(kv[1] or 0)))
+    return list(kernels.values())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--budget", type=int, default=8192)
+    ap.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.child:
+        child(args.batch, args.context, args.top_p, args.budget)
+        return
+    stalls = "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$"
+    cmd = [args.ncu, "--profile-from-start", "off", "--csv", "--page", "details",
+           "--print-units", "base", *sum((["--section", s] for s in SECTIONS), []),
+           "--metrics", stalls, sys.executable, os.path.abspath(__file__), "--child",
+           "--batch", str(args.batch), "--context", str(args.context),
+           "--top-p", str(args.top_p), "--budget", str(args.budget)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"ncu_step: ncu failed ({run.returncode}):\n{run.stdout[-3000:]}\n"
+                         f"{run.stderr[-3000:]}")
+    rows = parse(run.stdout)
+    version = subprocess.run([args.ncu, "--version"], capture_output=True, text=True).stdout
+    out = dict(card=torch.cuda.get_device_name(),
+               versions=dict(torch=torch.__version__, ncu=version.strip().splitlines()[-1]),
+               commit=source_commit(), command="python " + " ".join(sys.argv),
+               setup=dict(batch=args.batch, context=args.context, top_p=args.top_p,
+                          budget=args.budget, groups=1), rows=rows)
+    for r in rows:
+        m = r["metrics"]
+        pick = {k.split(": ", 1)[1]: v for k, v in m.items()
+                if any(s in k for s in ("Duration", "DRAM Throughput", "Achieved Occupancy",
+                                        "Registers Per Thread"))}
+        top = list(r["stalls"].items())[:3]
+        print(f"{r['kernel'][:28]:28s} grid {r['grid']:>14s} {pick} stalls {top}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
