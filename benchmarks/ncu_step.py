@@ -7,9 +7,13 @@ runs between ``cudaProfilerStart`` and ``cudaProfilerStop`` under ``ncu`` (this 
 it on itself with ``--child``), which replays each kernel to collect its sections. The CSV it
 prints is turned into one JSON row per kernel: the sections' metrics by their display names,
 and the warp stall reasons (cycles a warp spends stalled on each, per issued instruction).
-Needs ``ncu`` on the PATH (or ``--ncu``).
+``--source REGEX``: a second pass over the kernels whose names match, with ncu's source
+counters (warp stall samples and instructions per line of the kernel's Python source, which the
+Triton kernels carry as line info); per kernel the JSON keeps the ``--top`` lines with the most
+stall samples. Needs ``ncu`` on the PATH (or ``--ncu``).
 
 Usage: python benchmarks/ncu_step.py --batch 8 --context 32768 --out ncu_step.json
+       python benchmarks/ncu_step.py --batch 8 --source "_estimate_kernel|_topp_head_kernel"
 """
 
 from __future__ import annotations
@@ -82,6 +86,36 @@ def parse(text):
     return list(kernels.values())
 
 
+def parse_source(text, top):
+    """ncu's source page (``--page source --csv --print-source cuda``), one table per kernel ->
+    {kernel: [the ``top`` lines with the most warp stall samples, each {column: value}]}."""
+    out, kernel, header = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("Kernel Name:") or line.startswith('"Kernel Name"'):
+            kernel = line.split(",", 1)[-1].split(":", 1)[-1].strip().strip('"').split("(")[0]
+            header = None
+            continue
+        if line.startswith('"#"') or (line.startswith('"') and "Source" in line
+                                      and "Warp Stall Sampling" in line):
+            header = next(csv.reader([line]))
+            out.setdefault(kernel or f"kernel{len(out)}", [])
+            continue
+        if header and line.startswith('"'):
+            vals = next(csv.reader([line]))
+            if len(vals) != len(header):
+                continue
+            row = {}
+            for k, v in zip(header, vals):
+                try:
+                    row[k] = float(v.replace(",", ""))
+                except ValueError:
+                    row[k] = v
+            out[kernel or f"kernel{len(out) - 1}"].append(row)
+    key = lambda r: -(r.get("Warp Stall Sampling (All Samples)") or 0
+                      if isinstance(r.get("Warp Stall Sampling (All Samples)"), float) else 0)
+    return {k: sorted(v, key=key)[:top] for k, v in out.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -89,6 +123,8 @@ def main():
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--budget", type=int, default=8192)
     ap.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
+    ap.add_argument("--source", default=None, help="regex of kernel names for the source view")
+    ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -106,12 +142,27 @@ def main():
         raise SystemExit(f"ncu_step: ncu failed ({run.returncode}):\n{run.stdout[-3000:]}\n"
                          f"{run.stderr[-3000:]}")
     rows = parse(run.stdout)
+    source = None
+    if args.source:
+        cmd_src = [args.ncu, "--profile-from-start", "off", "--section", "SourceCounters",
+                   "--import-source", "yes", "--kernel-name", f"regex:{args.source}",
+                   "--page", "source", "--csv", "--print-source", "cuda", *cmd[cmd.index(
+                       sys.executable):]]
+        run = subprocess.run(cmd_src, capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"ncu_step: ncu (source) failed ({run.returncode}):\n"
+                             f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        source = parse_source(run.stdout, args.top)
+        if not any(source.values()):
+            source = dict(unparsed=run.stdout[:20000])
     version = subprocess.run([args.ncu, "--version"], capture_output=True, text=True).stdout
     out = dict(card=torch.cuda.get_device_name(),
                versions=dict(torch=torch.__version__, ncu=version.strip().splitlines()[-1]),
                commit=source_commit(), command="python " + " ".join(sys.argv),
                setup=dict(batch=args.batch, context=args.context, top_p=args.top_p,
                           budget=args.budget, groups=1), rows=rows)
+    if source is not None:
+        out["source"] = source
     for r in rows:
         m = r["metrics"]
         pick = {k.split(": ", 1)[1]: v for k, v in m.items()
