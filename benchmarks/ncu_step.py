@@ -8,9 +8,9 @@ it on itself with ``--child``), which replays each kernel to collect its section
 prints is turned into one JSON row per kernel: the sections' metrics by their display names,
 and the warp stall reasons (cycles a warp spends stalled on each, per issued instruction).
 ``--source REGEX``: a second pass over the kernels whose names match, with ncu's source
-counters (warp stall samples and instructions per line of the kernel's Python source, which the
-Triton kernels carry as line info); per kernel the JSON keeps the ``--top`` lines with the most
-stall samples. Needs ``ncu`` on the PATH (or ``--ncu``).
+counters (warp stall samples and instructions executed per SASS instruction, or per line of
+the kernel's source with ``--print-source cuda``); per kernel the JSON keeps the ``--top`` rows
+with the most stall samples (ncu's raw page when it cannot be parsed). Needs ``ncu`` on the PATH (or ``--ncu``).
 
 Usage: python benchmarks/ncu_step.py --batch 8 --context 32768 --out ncu_step.json
        python benchmarks/ncu_step.py --batch 8 --source "_estimate_kernel|_topp_head_kernel"
@@ -87,8 +87,8 @@ def parse(text):
 
 
 def parse_source(text, top):
-    """ncu's source page (``--page source --csv --print-source cuda``), one table per kernel ->
-    {kernel: [the ``top`` lines with the most warp stall samples, each {column: value}]}."""
+    """ncu's source page (``--page source --csv``), one table per kernel -> {kernel: [the ``top``
+    rows with the most warp stall samples, each {column: value}]}."""
     out, kernel, header = {}, None, None
     for line in text.splitlines():
         if line.startswith("Kernel Name:") or line.startswith('"Kernel Name"'):
@@ -111,8 +111,10 @@ def parse_source(text, top):
                 except ValueError:
                     row[k] = v
             out[kernel or f"kernel{len(out) - 1}"].append(row)
-    key = lambda r: -(r.get("Warp Stall Sampling (All Samples)") or 0
-                      if isinstance(r.get("Warp Stall Sampling (All Samples)"), float) else 0)
+    def key(r):
+        v = r.get("Warp Stall Sampling (All Samples)")
+        return -v if isinstance(v, float) else 0
+
     return {k: sorted(v, key=key)[:top] for k, v in out.items()}
 
 
@@ -124,6 +126,7 @@ def main():
     ap.add_argument("--budget", type=int, default=8192)
     ap.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
     ap.add_argument("--source", default=None, help="regex of kernel names for the source view")
+    ap.add_argument("--print-source", default="sass", help="ncu's --print-source for --source")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
@@ -146,7 +149,7 @@ def main():
     if args.source:
         cmd_src = [args.ncu, "--profile-from-start", "off", "--section", "SourceCounters",
                    "--import-source", "yes", "--kernel-name", f"regex:{args.source}",
-                   "--page", "source", "--csv", "--print-source", "cuda", *cmd[cmd.index(
+                   "--page", "source", "--csv", "--print-source", args.print_source, *cmd[cmd.index(
                        sys.executable):]]
         run = subprocess.run(cmd_src, capture_output=True, text=True)
         if run.returncode:
@@ -154,7 +157,7 @@ def main():
                              f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
         source = parse_source(run.stdout, args.top)
         if not any(source.values()):
-            source = dict(unparsed=run.stdout[:20000])
+            source = dict(unparsed=run.stdout[:200000])
     version = subprocess.run([args.ncu, "--version"], capture_output=True, text=True).stdout
     out = dict(card=torch.cuda.get_device_name(),
                versions=dict(torch=torch.__version__, ncu=version.strip().splitlines()[-1]),
