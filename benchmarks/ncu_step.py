@@ -10,7 +10,8 @@ and the warp stall reasons (cycles a warp spends stalled on each, per issued ins
 ``--source REGEX``: a second pass over the kernels whose names match, with ncu's source
 counters (warp stall samples and instructions executed per SASS instruction, or per line of
 the kernel's source with ``--print-source cuda``); per kernel the JSON keeps the ``--top`` rows
-with the most stall samples (ncu's raw page when it cannot be parsed). Needs ``ncu`` on the PATH (or ``--ncu``).
+with the most stall samples and the samples' share by SASS opcode (ncu's raw page when it
+cannot be parsed). Needs ``ncu`` on the PATH (or ``--ncu``).
 
 Usage: python benchmarks/ncu_step.py --batch 8 --context 32768 --out ncu_step.json
        python benchmarks/ncu_step.py --batch 8 --source "_estimate_kernel|_topp_head_kernel"
@@ -87,12 +88,14 @@ def parse(text):
 
 
 def parse_source(text, top):
-    """ncu's source page (``--page source --csv``), one table per kernel -> {kernel: [the ``top``
-    rows with the most warp stall samples, each {column: value}]}."""
+    """ncu's source page (``--page source --csv``), one table per kernel -> {kernel: {the warp
+    stall samples in all, their share by SASS opcode (the ``top`` largest), and the ``top`` rows
+    with the most samples, each {column: value}}}."""
     out, kernel, header = {}, None, None
     for line in text.splitlines():
         if line.startswith("Kernel Name:") or line.startswith('"Kernel Name"'):
             kernel = line.split(",", 1)[-1].split(":", 1)[-1].strip().strip('"').split("(")[0]
+            kernel = kernel.strip('"')
             header = None
             continue
         if line.startswith('"#"') or (line.startswith('"') and "Source" in line
@@ -111,11 +114,26 @@ def parse_source(text, top):
                 except ValueError:
                     row[k] = v
             out[kernel or f"kernel{len(out) - 1}"].append(row)
-    def key(r):
+    def samples(r):
         v = r.get("Warp Stall Sampling (All Samples)")
-        return -v if isinstance(v, float) else 0
+        return v if isinstance(v, float) else 0.0
 
-    return {k: sorted(v, key=key)[:top] for k, v in out.items()}
+    def opcode(r):  # SASS: the mnemonic's first part after any predicate ("@!P0  LDS R1, ..")
+        words = str(r.get("Source", "")).split()
+        words = words[1:] if words and words[0].startswith("@") else words
+        return words[0].split(".")[0] if words else "?"
+
+    res = {}
+    for k, rows in out.items():
+        total = sum(samples(r) for r in rows) or 1.0
+        by_op = {}
+        for r in rows:
+            by_op[opcode(r)] = by_op.get(opcode(r), 0.0) + samples(r)
+        res[k] = dict(samples=total,
+                      share_by_opcode={o: round(v / total, 4) for o, v in
+                                       sorted(by_op.items(), key=lambda kv: -kv[1])[:top]},
+                      top=sorted(rows, key=lambda r: -samples(r))[:top])
+    return res
 
 
 def main():
@@ -156,7 +174,7 @@ def main():
             raise SystemExit(f"ncu_step: ncu (source) failed ({run.returncode}):\n"
                              f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
         source = parse_source(run.stdout, args.top)
-        if not any(source.values()):
+        if not any(v["top"] for v in source.values()):
             source = dict(unparsed=run.stdout[:200000])
     version = subprocess.run([args.ncu, "--version"], capture_output=True, text=True).stdout
     out = dict(card=torch.cuda.get_device_name(),
