@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,8 +95,7 @@ def parse_source(text, top):
     out, kernel, header = {}, None, None
     for line in text.splitlines():
         if line.startswith("Kernel Name:") or line.startswith('"Kernel Name"'):
-            kernel = line.split(",", 1)[-1].split(":", 1)[-1].strip().strip('"').split("(")[0]
-            kernel = kernel.strip('"')
+            kernel = re.findall(r"\w+", line.split(",", 1)[-1].split(":", 1)[-1])[0]
             header = None
             continue
         if line.startswith('"#"') or (line.startswith('"') and "Source" in line
