@@ -144,7 +144,8 @@ class DecodeWorkspace:
     num_sms: int
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
-    streams: list = field(default_factory=list)  # side streams of the row groups (CUDA)
+    # side streams of the row groups (CUDA): one more than the groups need (``side_streams``)
+    streams: list = field(default_factory=list)
 
     @classmethod
     def allocate(cls, max_rows, num_kv_heads, group, head_dim, budget, page_size, max_context,
@@ -180,7 +181,8 @@ class DecodeWorkspace:
             num_sms=sms,
             mid_o=torch.empty(mid_rows * G, head_dim, dtype=torch.float32, **kw),
             mid_lse=torch.empty(mid_rows * G, dtype=torch.float32, **kw),
-            streams=[torch.cuda.Stream(device) for _ in range(n_groups - 1)] if cuda else [],
+            streams=[torch.cuda.Stream(device) for _ in range(n_groups)]
+            if cuda and n_groups > 1 else [],
         )
 
     def nbytes(self) -> int:
@@ -248,10 +250,9 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
                          f"requests needs {need}: allocate it under the same DECODE_GROUPS")
     if out is None:
         out = torch.empty_like(q)
-    streams = ws.streams[: len(plan) - 1] if q.is_cuda else []
-    if len(streams) < len(plan) - 1:
-        streams = []  # too few streams (or one group): the groups run one after the other
-    main = torch.cuda.current_stream(q.device) if streams else None
+    main = torch.cuda.current_stream(q.device) if q.is_cuda else None
+    streams = side_streams(ws.streams, main, len(plan) - 1)  # none: one after the other
+
     for s in streams:
         s.wait_stream(main)  # every group starts after what came before the step
     mid = 0
@@ -281,6 +282,18 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
     for s in streams:
         main.wait_stream(s)  # the step ends when every group has
     return out, (ws.cand_counts if keep_all else ws.kept_counts)[:R]  # Quest alone: candidates
+
+
+def side_streams(pool, main, n):
+    """``n`` streams of a workspace's ``pool`` for the row groups besides the caller's stream
+    ``main``, or [] (the groups then run one after the other) when the pool has too few.
+    PyTorch hands its streams out round-robin from a pool of 32, so one of a workspace's may be
+    the caller's own (a CUDA graph's capture stream, created once per process): a group put on
+    it ran after the others instead of beside them, and a step's time depended on how many
+    streams the process had taken before (the benchmark's 8k batch 16 step: 0.1576 ms after the
+    32k and 16k cases, 0.1167 alone). A workspace holds one stream more than its groups need."""
+    side = [s for s in pool if s != main][:n]
+    return side if n > 0 and len(side) == n else []
 
 
 def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscale,

@@ -330,3 +330,16 @@ def test_attend_splits_fit_the_workspace(sms, groups, monkeypatch):
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and bounds[0][0] == 0
             need = sum(r * H * A.attend_splits(r * H, ws.num_sms, keep_all) for r in sizes) * G
             assert ws.mid_lse.numel() >= need and ws.mid_o.shape[0] >= need
+
+
+def test_side_streams_never_the_callers():
+    """The row groups' side streams are the workspace's streams other than the caller's (PyTorch
+    hands pool streams out round-robin, so the caller's capture stream can be among them); too
+    few, or no group to place, and the groups run on the caller's stream one after the other."""
+    a, b, c, d, x = (object() for _ in range(5))
+    assert ops.side_streams([a, b, c, d], b, 3) == [a, c, d]
+    assert ops.side_streams([a, b, c, d], x, 3) == [a, b, c]
+    assert ops.side_streams([a, b, c, d], d, 3) == [a, b, c]
+    assert ops.side_streams([a, b], a, 2) == []
+    assert ops.side_streams([a, b, c, d], x, 0) == []
+    assert ops.side_streams([], None, 0) == []
