@@ -4,9 +4,10 @@ Top-p is found the way the paper's Algorithm 1 does it - a bisection on the thre
 but over the *bit pattern* of the fp32 weights: for non-negative floats the int32 bits are ordered
 like the values, so integer halvings land exactly on the largest threshold ``t`` with
 ``sum(w[w >= t]) >= target`` (no epsilon, no iteration count to tune). The reference halves the
-whole bit range (31 steps); the kernel halves between the smallest and largest keys still possible
-and stops when one is left (``quest._threshold_search``) - the same ``t``. The kept set ``w >= t``
-is the smallest set reaching the target; values tied at ``t`` are all kept.
+whole bit range (31 steps); the kernel probes between the smallest and largest keys still
+possible, interpolated where the target mass falls, and stops when one is left
+(``quest._threshold_search``) - the same ``t``. The kept set ``w >= t`` is the smallest set
+reaching the target; values tied at ``t`` are all kept.
 """
 
 from __future__ import annotations

@@ -252,7 +252,6 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
         out = torch.empty_like(q)
     main = torch.cuda.current_stream(q.device) if q.is_cuda else None
     streams = side_streams(ws.streams, main, len(plan) - 1)  # none: one after the other
-
     for s in streams:
         s.wait_stream(main)  # every group starts after what came before the step
     mid = 0
