@@ -239,8 +239,9 @@ if triton is not None:
         known masses (``total``, an estimate of the whole present mass, at the start), in key
         space, or in value space when ``VALUE`` (the keys are the bits of non-negative floats);
         an end kept twice in a row has its mass weight halved (the Illinois rule), and a step
-        bisects instead whenever the last two did not halve the range, so no search takes more
-        than about twice the bisection's steps. ``FORCED``: keys equal to BIG may be present
+        bisects instead whenever the last two did not halve the range: the range halves at least
+        once every three steps, so no search takes more than about three times the bisection's
+        worst case (32 steps on int32 keys). ``FORCED``: keys equal to BIG may be present
         (forced entries); the interpolation starts from the largest other key. On the
         benchmark's keys it takes 7.1 steps (at most 10) for the top-K pages instead of 13.5
         (16), and 6.5 (12) instead of 9.5 (15) for top-p (``benchmarks/search_study.py``). (A

@@ -489,7 +489,8 @@ def test_search_hard_rows_match_reference(device, monkeypatch):
 def test_threshold_search_ref_ends_on_sorted_threshold():
     """``threshold_search_ref`` (the kernel's steps replayed in torch, which the search study
     counts) ends on the largest key whose mass reaches the target, in key and value space, with
-    forced keys at the top, within about twice the bisection's steps."""
+    forced keys at the top, within three times the bisection's worst case (the range halves at
+    least once every three steps)."""
     from sglang_twilight.kernels import quest as Q
 
     seed = random.randrange(1 << 30)
@@ -513,7 +514,7 @@ def test_threshold_search_ref_ends_on_sorted_threshold():
             first = (mass >= target.double()[:, None]).float().argmax(1)
             want = order.values.gather(1, first[:, None])[:, 0]
             assert torch.equal(t, want), (seed, value_space, frac)
-            assert int(steps.max()) <= 2 * 32 + 2, (seed, value_space, frac)
+            assert int(steps.max()) <= 3 * 32 + 3, (seed, value_space, frac)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("H,G,D", [(3, 3, 64), (8, 4, 128)])
