@@ -63,6 +63,14 @@ def child(bs, ctx, top_p, budget, H=8, G=4, D=128):
     torch.cuda.profiler.stop()
 
 
+def _number(v):
+    """A CSV cell as a float where it is one ("1,234.5" too), else as it is."""
+    try:
+        return float(v.replace(",", ""))
+    except ValueError:
+        return v
+
+
 def parse(text):
     """ncu's CSV (details page, one line per kernel x metric) -> one dict per kernel launch."""
     start = text.find('"ID"')
@@ -73,11 +81,7 @@ def parse(text):
         k = kernels.setdefault(row["ID"], dict(kernel=row["Kernel Name"].split("(")[0],
                                                grid=row["Grid Size"], block=row["Block Size"],
                                                metrics={}, stalls={}))
-        name, unit, value = row["Metric Name"], row["Metric Unit"], row["Metric Value"]
-        try:
-            value = float(value.replace(",", ""))
-        except ValueError:
-            pass
+        name, unit, value = row["Metric Name"], row["Metric Unit"], _number(row["Metric Value"])
         if name.startswith("smsp__average_warps_issue_stalled_"):
             reason = name[len("smsp__average_warps_issue_stalled_"):].split("_per_issue")[0]
             k["stalls"][reason] = value
@@ -92,7 +96,7 @@ def parse_source(text, top):
     """ncu's source page (``--page source --csv``), one table per kernel -> {kernel: {the warp
     stall samples in all, their share by SASS opcode (the ``top`` largest), and the ``top`` rows
     with the most samples, each {column: value}}}."""
-    out, kernel, header = {}, None, None
+    out, kernel, header, rows = {}, None, None, None
     for line in text.splitlines():
         if line.startswith("Kernel Name:") or line.startswith('"Kernel Name"'):
             kernel = re.findall(r"\w+", line.split(",", 1)[-1].split(":", 1)[-1])[0]
@@ -101,19 +105,13 @@ def parse_source(text, top):
         if line.startswith('"#"') or (line.startswith('"') and "Source" in line
                                       and "Warp Stall Sampling" in line):
             header = next(csv.reader([line]))
-            out.setdefault(kernel or f"kernel{len(out)}", [])
+            rows = out.setdefault(kernel or f"kernel{len(out)}", [])
             continue
         if header and line.startswith('"'):
             vals = next(csv.reader([line]))
-            if len(vals) != len(header):
-                continue
-            row = {}
-            for k, v in zip(header, vals):
-                try:
-                    row[k] = float(v.replace(",", ""))
-                except ValueError:
-                    row[k] = v
-            out[kernel or f"kernel{len(out) - 1}"].append(row)
+            if len(vals) == len(header):
+                rows.append({k: _number(v) for k, v in zip(header, vals)})
+
     def samples(r):
         v = r.get("Warp Stall Sampling (All Samples)")
         return v if isinstance(v, float) else 0.0
