@@ -281,6 +281,19 @@ def source_commit() -> str:
         return "unknown"
 
 
+def write_cpu_study(path, setup: dict, results: dict) -> dict:
+    """A study run on the CPU (``floor_study.py``, ``search_study.py``): its results with the
+    card, versions, commit, command and setup, printed and, with ``path``, written as JSON."""
+    out = dict(card="cpu", versions=dict(torch=torch.__version__, python=platform.python_version()),
+               commit=source_commit(), command="python " + " ".join(sys.argv), setup=setup,
+               **results)
+    print(json.dumps(out, indent=1))
+    if path:
+        with open(path, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return out
+
+
 def write_rows(path, rows):
     """A sweep's or probe's rows as JSON with the card, versions, commit and command."""
     with open(path, "w") as f:

@@ -23,16 +23,14 @@ Usage: python benchmarks/floor_study.py --batch 2 --context 32768 --out floor.js
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, make_inputs, source_commit  # noqa: E402
+from bench_attention import PAGE, make_inputs, write_cpu_study  # noqa: E402
 
 from sglang_twilight.kernels import quest as Q  # noqa: E402
 from sglang_twilight.kernels import topp as T  # noqa: E402
@@ -95,15 +93,9 @@ def main():
         f = block_bound_floor(s, span, p).double()
         res["block_bound"][span] = dict(survivors=stats((e >= f[..., None]).sum(-1)),
                                         floor_over_f0=stats(f / f0))
-    out = dict(card="cpu", versions=dict(torch=torch.__version__, python=platform.python_version()),
-               commit=source_commit(), command="python " + " ".join(sys.argv),
-               setup=dict(batch=args.batch, context=args.context, budget=args.budget, top_p=p,
-                          candidates=C, q_heads=int(e.shape[0] * e.shape[1] * e.shape[2])),
-               **res)
-    print(json.dumps(out, indent=1))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=1)
+    write_cpu_study(args.out, dict(batch=args.batch, context=args.context, budget=args.budget,
+                                   top_p=p, candidates=C,
+                                   q_heads=int(e.shape[0] * e.shape[1] * e.shape[2])), res)
 
 
 if __name__ == "__main__":

@@ -21,27 +21,19 @@ Usage: python benchmarks/search_study.py --batch 8 --context 32768 --out search_
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, make_inputs, source_commit  # noqa: E402
+from bench_attention import PAGE, make_inputs, write_cpu_study  # noqa: E402
 
 from sglang_twilight.kernels import quest as Q  # noqa: E402
 from sglang_twilight.kernels import topp as T  # noqa: E402
 
 BIG = 2**31 - 1
-
-
-def f32_key(x):
-    """``quest._f32_key`` in torch: float32 -> int32 in the same order, as int64."""
-    b = x.float().contiguous().view(torch.int32).long()
-    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
 
 
 def bisection_ref(key, present, val, target):
@@ -61,17 +53,8 @@ def bisection_ref(key, present, val, target):
     return lo, steps
 
 
-def sorted_threshold(key, present, val, target):
-    """The definition: the largest present key whose mass at or above it reaches target."""
-    k = torch.where(present, key, -(2**40))
-    order = torch.sort(k, 1, descending=True)
-    mass = torch.gather(torch.where(present, val, 0).double(), 1, order.indices).cumsum(1)
-    first = (mass >= target.double()[:, None]).float().argmax(1)
-    return order.values.gather(1, first[:, None])[:, 0]
-
-
 def compare(key, present, val, target, total, value_space):
-    t_ref = sorted_threshold(key, present, val, target)
+    t_ref = Q.threshold_sorted_ref(key, present, val, target)
     t_bis, n_bis = bisection_ref(key, present, val, target)
     t_new, n_new = Q.threshold_search_ref(key, val, present, target, total, value_space)
     assert torch.equal(t_bis, t_ref) and torch.equal(t_new, t_ref), "threshold differs"
@@ -85,7 +68,7 @@ def compare(key, present, val, target, total, value_space):
 
 def topk_case(key, k, forced):
     """Top-k of each row (val 1), the ``forced`` columns at the largest key."""
-    key = torch.where(forced[None], BIG, key)
+    key = torch.where(forced[None], BIG, key.long())  # int64: the bisection's midpoints
     pres = torch.ones_like(key, dtype=torch.bool)
     n = key.shape[1]
     return compare(key, pres, torch.ones(key.shape, dtype=torch.int32), torch.full((key.shape[0],), k),
@@ -128,7 +111,7 @@ def main():
     ps = Q.quest_page_scores_ref(inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], pt, n_pages)
     NP = ps.shape[-1]
     j = torch.arange(NP)
-    res = dict(topk_pages=topk_case(f32_key(ps.reshape(-1, NP)), args.budget // PAGE,
+    res = dict(topk_pages=topk_case(Q.f32_key_ref(ps.reshape(-1, NP)), args.budget // PAGE,
                                     (j == 0) | (j == NP - 1)), topp={}, synthetic={})
     cand, cnt = Q.quest_select_ref(inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"],
                                    inp["rpi"], inp["seq"], args.budget, PAGE)
@@ -144,14 +127,9 @@ def main():
     for name, v in synthetic(64, 2048, seed=1).items():
         res["synthetic"][name] = {
             f"top-p {p}": topp_case(v, torch.ones_like(v, dtype=torch.bool), p) for p in (0.95, 0.5)}
-        res["synthetic"][name]["top-512"] = topk_case(f32_key(v), 512, torch.zeros(2048, dtype=torch.bool))
-    out = dict(card="cpu", versions=dict(torch=torch.__version__, python=platform.python_version()),
-               commit=source_commit(), command="python " + " ".join(sys.argv),
-               setup=dict(batch=args.batch, context=args.context, budget=args.budget), **res)
-    print(json.dumps(out, indent=1))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=1)
+        res["synthetic"][name]["top-512"] = topk_case(Q.f32_key_ref(v), 512,
+                                                      torch.zeros(2048, dtype=torch.bool))
+    write_cpu_study(args.out, dict(batch=args.batch, context=args.context, budget=args.budget), res)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,22 @@ def expand_pages_ref(chosen, req_to_token, req_pool_indices, seq_lens, page_size
     return out[..., :capacity].to(torch.int32).contiguous(), counts.to(torch.int32)
 
 
+def f32_key_ref(x: torch.Tensor) -> torch.Tensor:
+    """``_f32_key`` in torch: fp32 -> int32 keys in the same order (signed compare)."""
+    b = x.float().contiguous().view(torch.int32)
+    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+def threshold_sorted_ref(key, present, val, target):
+    """The threshold search's definition, by a sort: per row the largest present key whose
+    mass at or above it (summed in float64) reaches target. key int [N, W], present bool, val
+    [N, W], target [N] -> [N]."""
+    order = torch.sort(torch.where(present, key, -(2**40)), 1, descending=True)
+    mass = torch.gather(torch.where(present, val, 0).double(), 1, order.indices).cumsum(1)
+    first = (mass >= target.double()[:, None]).float().argmax(1)
+    return order.values.gather(1, first[:, None])[:, 0]
+
+
 def threshold_search_ref(key, val, present, target, total, value_space=False, big=2**31 - 1):
     """``_threshold_search``'s steps replayed in torch, one row per search (key int64 [N, W],
     val [N, W], present bool [N, W], target and total [N]) -> (threshold key [N], steps [N]).

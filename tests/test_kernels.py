@@ -452,6 +452,7 @@ def test_search_hard_rows_match_reference(device, monkeypatch):
     """The threshold search interpolates its probes (``quest._threshold_search``); on rows
     hard for that, the top-p kernel (alone and in a GQA group) and ``_topk_mask`` keep the
     reference's sets (``benchmarks/search_study.py`` counts the steps on such rows)."""
+    from sglang_twilight.kernels import quest as Q
     from sglang_twilight.kernels import topp as T
 
     C = 2048
@@ -474,8 +475,7 @@ def test_search_hard_rows_match_reference(device, monkeypatch):
                 got = set(k2[0, h, : int(n2[0, h])].tolist())
                 want = ref[h * G: (h + 1) * G].any(0)
                 assert got == set(want.nonzero().view(-1).tolist()), (seed, p, H, h)
-    bits = scores.view(torch.int32)
-    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # quest._f32_key
+    keys = Q.f32_key_ref(scores)
     for row, key in enumerate(keys):
         for k in (1, C // 4, C - 1):
             out = torch.zeros(C, dtype=torch.int32, device=device)
@@ -509,10 +509,7 @@ def test_threshold_search_ref_ends_on_sorted_threshold():
         for frac in (0.5, 0.95) if value_space else (0.5, 0.95, 1.0):
             target = frac * tot if value_space else (frac * tot).ceil().long()
             t, steps = Q.threshold_search_ref(key, val, present, target, tot, value_space)
-            order = torch.sort(torch.where(present, key, -(2**40)), 1, descending=True)
-            mass = torch.gather(torch.where(present, val, 0).double(), 1, order.indices).cumsum(1)
-            first = (mass >= target.double()[:, None]).float().argmax(1)
-            want = order.values.gather(1, first[:, None])[:, 0]
+            want = Q.threshold_sorted_ref(key, present, val, target)
             assert torch.equal(t, want), (seed, value_space, frac)
             assert int(steps.max()) <= 3 * 32 + 3, (seed, value_space, frac)
 
