@@ -147,7 +147,7 @@ def search_steps(s, count, p, raise_floor):
     m = s.amax(1, keepdim=True)
     e = torch.exp(s - m)
     tot = e.sum(1, keepdim=True)
-    floor = m + torch.log((1.0 - p[:, None]) * tot / count[:, None].float() * 0.999) - 1e-4
+    floor = T0.topp_floor_ref(m, tot, p[:, None], count[:, None].float())
     raised = floor + raise_floor * math.log(2)
     under = torch.where(s < raised, e, 0.0).sum(1, keepdim=True)
     safe = under <= (1.0 - p[:, None]) * tot * 0.999

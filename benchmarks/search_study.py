@@ -121,7 +121,7 @@ def main():
     e = torch.exp(s - m)
     tot = e.sum(1, keepdim=True)
     for p in (0.95, 0.9, 0.5):
-        f0 = m + torch.log((1 - p) * tot / s.shape[1] * 0.999) - 1e-4  # as ``_topp_floor``
+        f0 = T.topp_floor_ref(m, tot, p, s.shape[1])
         for name, fl in (("floor", f0), ("4x floor", f0 + 2 * math.log(2))):
             res["topp"][f"p={p} above {name}"] = topp_case(e, s >= fl, p)
     for name, v in synthetic(64, 2048, seed=1).items():

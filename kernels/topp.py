@@ -38,6 +38,12 @@ def _rows_p(p, rows: int, device) -> torch.Tensor:
     return torch.full((rows,), float(p), dtype=torch.float32, device=device)
 
 
+def topp_floor_ref(m, tot, p, count):
+    """``_topp_floor`` in torch: the score under which no entry can be kept, with the same
+    margins (max ``m``, sum ``tot`` of exp(s - m), top-p ``p``, ``count`` candidates)."""
+    return m + torch.log((1.0 - p) * tot / count * 0.999) - 1e-4
+
+
 def topp_mask_ref(probs: torch.Tensor, p) -> torch.Tensor:
     """probs fp32 [N_rows, N] (>= 0), p float or [N_rows] -> bool [N_rows, N]."""
     if probs.dim() != 2:
