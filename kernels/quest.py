@@ -209,10 +209,16 @@ if triton is not None:
             qv = qv.to(tl.float32)
         qposT = tl.trans(tl.maximum(qv, 0.0).to(qv.dtype))  # exact: relu of a bf16/fp16 value
         qnegT = tl.trans(tl.minimum(qv, 0.0).to(qv.dtype))
+        # every block's page slots in one load before the loop, so that the loop's only loads
+        # (the bounds) do not wait on a load of the same block and pipeline STAGES deep
+        ja = start + tl.arange(0, ITERS * BLOCK_P)
+        slots = tl.reshape(tl.load(r2t_ptr + rpi * stride_r2t + ja * P, mask=ja < n_pages, other=0),
+                           [ITERS, BLOCK_P])
+        blk = tl.arange(0, ITERS)
         for it in tl.range(0, ITERS, num_stages=STAGES):
             j = start + it * BLOCK_P + tl.arange(0, BLOCK_P)
             jm = j < n_pages
-            slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=jm, other=0).to(tl.int64)
+            slot = tl.sum(tl.where(blk[:, None] == it, slots, 0), 0).to(tl.int64)
             bp = (slot // P)[:, None] * stride_bp + h * stride_bh + d[None, :]
             # int8 codes, exact in bf16/fp16; the page's scale after the dots
             bmax = tl.load(kmax_ptr + bp, mask=jm[:, None], other=0).to(qposT.dtype)  # [BP, D]
