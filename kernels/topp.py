@@ -525,15 +525,12 @@ if triton is not None:
         min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_cr,
         stride_ch, stride_kr, stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
         P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr,
-        MARKS_FULL: tl.constexpr,
     ):
         """One program per (request, kv head): the union over the group (the marks the top-p
         kernel left, plus the newest token), the budget clamps, the compaction; the marks are
         cleared for the next call. Only when a clamp binds are the weights needed: then
         w = max over the group of exp(s - max) / sum is recomputed from the scores.
-        ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read).
-        ``MARKS_FULL``: the mark rows are C_PAD long, read and cleared whole (every mark past
-        the count is zero), in 16-byte vectors instead of a byte at a time."""
+        ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read)."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -545,12 +542,8 @@ if triton is not None:
         if not KEEP_ALL:
             if tl.load(p_ptr + r) < 1.0:
                 mark_row = mark_ptr + r * stride_mr + h * stride_mh + idx
-                if MARKS_FULL:
-                    marked = (tl.load(mark_row) != 0) & valid
-                    tl.store(mark_row, tl.zeros([C_PAD], tl.int8))
-                else:
-                    marked = tl.load(mark_row, mask=valid, other=0) != 0
-                    tl.store(mark_row, tl.zeros([C_PAD], tl.int8), mask=marked)
+                marked = tl.load(mark_row, mask=valid, other=0) != 0
+                tl.store(mark_row, tl.zeros([C_PAD], tl.int8), mask=marked)
                 union = valid & (marked | (idx == count - 1))  # the newest token is always kept
                 n_union = tl.sum(union.to(tl.int32), 0)
                 k = tl.maximum(n_union, tl.minimum(min_budget, count))
@@ -572,8 +565,6 @@ if triton is not None:
         slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, keep, P, FROM_PAGES)
         tl.store(kept_ptr + r * stride_kr + h * stride_kh + dest, slot.to(tl.int32), mask=keep)
         tl.store(kept_count_ptr + r * H + h, n_keep)  # known: not one more reduction
-
-
 
 
 def _estimate_config(rows: int) -> dict:
@@ -785,7 +776,6 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         int(min_budget), int(max_budget or 0), *strides, *mstrides, cand_slots.stride(0),
         cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
         P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False,
-        MARKS_FULL=marks.shape[-1] == C_PAD and marks.stride(-1) == 1,
         num_warps=_row_warps(C_PAD), **_maxnreg("union"),
     )
     return kept_slots, kept_counts
@@ -803,7 +793,7 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
         cand_pages, cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots,
         cand_counts, 0, 0, 0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1),
         kept_slots.stride(0), kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size,
-        FROM_PAGES=True, KEEP_ALL=True, MARKS_FULL=False,
+        FROM_PAGES=True, KEEP_ALL=True,
         num_warps=_row_warps(C_PAD),
     )
     return kept_slots, cand_counts
