@@ -334,8 +334,9 @@ if triton is not None:
 
         A chunk is read as [CHUNK / V, V] (V = 4 neighbours, one thread's): each group's
         survivors are counted and ranked within the thread, and only the groups' counts are
-        scanned across the block. Scanning the [CHUNK] flags themselves cost 354 instead of 220
-        instructions a thread per 1024-chunk at 8 warps (sm_90 SASS, offline compile)."""
+        scanned across the block. Scanning the [CHUNK] flags themselves cost 377 instead of 218
+        instructions a thread per 1024-chunk at 8 warps (the top-p kernel's sm_90 SASS, offline
+        compile): the flags went through shared memory into another layout for the scan."""
         V: tl.constexpr = 4 if CHUNK >= 4 else CHUNK
         grp = tl.arange(0, CHUNK // V)
         off = grp[:, None] * V + tl.arange(0, V)[None, :]
