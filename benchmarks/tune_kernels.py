@@ -35,11 +35,6 @@ PAGE_SCORES = [dict(BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for b, i, s, w in
     # more bytes in flight, for bounds read from HBM rather than L2 (the whole step's case)
     (32, 4, 4, 2), (32, 4, 6, 2), (32, 8, 4, 2), (32, 8, 6, 2), (16, 8, 6, 2), (64, 4, 4, 4),
     (32, 2, 4, 2), (16, 16, 8, 1)]]
-# HEADS KV heads a page-score program (_page_scores_heads_kernel: HEADS x 256 contiguous bytes a
-# page instead of 256 scattered ones)
-PAGE_HEADS = [dict(HEADS=hb, BLOCK_P=b, ITERS=i, STAGES=s, num_warps=w) for hb, b, i, s, w in [
-    (8, 16, 4, 3, 8), (8, 16, 8, 3, 8), (8, 16, 4, 2, 4), (4, 16, 4, 3, 4), (4, 16, 8, 3, 4),
-    (4, 32, 4, 3, 4), (2, 32, 4, 3, 4), (2, 16, 4, 3, 2)]]
 TOPP = [dict(CHUNK=c, SMALL=s, MID=m, STAGES=st, num_warps=w, REFLOOR=rf)
         for c, s, m, st, w, rf in [
             (1024, 2048, 4096, 3, 8, True), (1024, 2048, 4096, 3, 8, False),
@@ -108,12 +103,6 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         ms = graph_ms(ps)
         err = float((ps()[..., : ws.max_pages] - ref[..., : ws.max_pages]).abs().max())
         log("page_scores", cfg, ms, max_abs_diff=err, step_ms=graph_ms(step))
-    for cfg in [default] + PAGE_HEADS if not only or "page_heads" in only else []:
-        Q.PAGE_SCORES_CONFIG = cfg
-        ms = graph_ms(ps)
-        err = float((ps()[..., : ws.max_pages] - ref[..., : ws.max_pages]).abs().max())
-        log("page_heads", cfg, ms, max_abs_diff=err, step_ms=graph_ms(step),
-            quest_step_ms=graph_ms(lambda: decode(ws, 1.0)))  # Quest alone shares the select
     Q.PAGE_SCORES_CONFIG = default
     if not only or "layout" in only:
         # Quest bounds page-major ([pages, H, D], what the sidecar allocates), head-major
@@ -317,7 +306,7 @@ def main():
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--only", default="",
-                    help="comma list: page_scores,page_heads,select,estimate,unpack,layout,topp,union,"
+                    help="comma list: page_scores,select,estimate,unpack,layout,topp,union,"
                          "overflow,maxnreg,attend,groups,refloor,topp_wide,overflow_grid,parts,"
                          "raise")
     ap.add_argument("--out", default=None)

@@ -229,57 +229,6 @@ if triton is not None:
             tl.store(out_ptr + r * stride_or + h * stride_oh + j, tl.max(s, 1), mask=jm)
 
     @triton.jit
-    def _page_scores_heads_kernel(
-        q_ptr, kmax_ptr, kmin_ptr, kb_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, out_ptr,
-        stride_qr, stride_qh, stride_bp, stride_bh, stride_bsp, stride_bsh, stride_r2t, stride_or,
-        stride_oh,
-        H: tl.constexpr, HB: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-        BLOCK_P: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, G_PAD: tl.constexpr,
-        DOT_F32: tl.constexpr,
-    ):
-        """``_page_scores_kernel`` for HB KV heads of a request at once: one program reads the
-        bounds of HB heads of each of its pages, HB * 2 * D contiguous bytes a page (all of a
-        page's row when HB = H) instead of 2 * D, and scores them with one batched dot per
-        bound. Grid (R * H / HB, pages / (BLOCK_P * ITERS))."""
-        rb = tl.program_id(0)
-        start = tl.program_id(1) * (BLOCK_P * ITERS)
-        r = rb // (H // HB)
-        h0 = (rb % (H // HB)) * HB
-        seq = tl.load(seqlen_ptr + r)
-        n_pages = (seq + P - 1) // P
-        if start >= n_pages:
-            return
-        rpi = tl.load(rpi_ptr + r).to(tl.int64)
-        hh = h0 + tl.arange(0, HB)
-        d = tl.arange(0, D)
-        g = tl.arange(0, G_PAD)
-        gm = g < G
-        qv = tl.load(q_ptr + r * stride_qr + (hh[:, None, None] * G + g[None, :, None]) * stride_qh
-                     + d[None, None, :], mask=gm[None, :, None], other=0.0)  # [HB, G_PAD, D]
-        if DOT_F32:
-            qv = qv.to(tl.float32)
-        qposT = tl.permute(tl.maximum(qv, 0.0).to(qv.dtype), (0, 2, 1))  # [HB, D, G_PAD]
-        qnegT = tl.permute(tl.minimum(qv, 0.0).to(qv.dtype), (0, 2, 1))
-        ja = start + tl.arange(0, ITERS * BLOCK_P)
-        slots = tl.reshape(tl.load(r2t_ptr + rpi * stride_r2t + ja * P, mask=ja < n_pages, other=0),
-                           [ITERS, BLOCK_P])
-        blk = tl.arange(0, ITERS)
-        for it in tl.range(0, ITERS, num_stages=STAGES):
-            j = start + it * BLOCK_P + tl.arange(0, BLOCK_P)
-            jm = j < n_pages
-            page = tl.sum(tl.where(blk[:, None] == it, slots, 0), 0).to(tl.int64) // P
-            bp = (page[None, :, None] * stride_bp + hh[:, None, None] * stride_bh
-                  + d[None, None, :])  # [HB, BLOCK_P, D]
-            bmax = tl.load(kmax_ptr + bp, mask=jm[None, :, None], other=0).to(qposT.dtype)
-            bmin = tl.load(kmin_ptr + bp, mask=jm[None, :, None], other=0).to(qposT.dtype)
-            bs = tl.load(kb_ptr + page[None, :] * stride_bsp + hh[:, None] * stride_bsh,
-                         mask=jm[None, :], other=0.0)  # [HB, BLOCK_P]
-            s = (tl.dot(bmax, qposT) + tl.dot(bmin, qnegT)) * bs[:, :, None]  # [HB, BP, G_PAD]
-            s = tl.where(gm[None, None, :], s, float("-inf"))
-            tl.store(out_ptr + r * stride_or + hh[:, None] * stride_oh + j[None, :], tl.max(s, 2),
-                     mask=jm[None, :])
-
-    @triton.jit
     def _f32_key(x):
         """Monotone map fp32 -> int32 (signed compare matches float order; no NaN)."""
         b = x.to(tl.int32, bitcast=True)
@@ -436,17 +385,6 @@ def quest_page_scores_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indi
     BLOCK_P, ITERS = cfg["BLOCK_P"], cfg["ITERS"]
     if out is None:
         out = torch.empty(R, H, max_pages, dtype=torch.float32, device=q.device)
-    HB = cfg.get("HEADS", 1)
-    if HB > 1 and H % HB == 0 and HB & (HB - 1) == 0:
-        _page_scores_heads_kernel[(R * H // HB, triton.cdiv(max_pages, BLOCK_P * ITERS))](
-            q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, out,
-            q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kbscale.stride(0),
-            kbscale.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1),
-            H=H, HB=HB, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, ITERS=ITERS,
-            STAGES=cfg["STAGES"], G_PAD=max(16, next_pow2(G)), DOT_F32=interpreting(),
-            num_warps=cfg["num_warps"],
-        )
-        return out
     _page_scores_kernel[(R * H, triton.cdiv(max_pages, BLOCK_P * ITERS))](
         q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, out,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kbscale.stride(0),

@@ -102,28 +102,6 @@ def test_select_matches_reference(device):
                 assert len(swapped) == 2 and float(s.max() - s.min()) <= tol, (r, h, s)
 
 
-def test_page_scores_heads_per_program_match_reference(device, monkeypatch):
-    """The page scores with HB KV heads a program (``PAGE_SCORES_CONFIG["HEADS"]``: one program
-    reads HB heads' bounds of each page, contiguous) equal the reference, like one head a
-    program; a head count HB does not divide falls back to one head a program."""
-    Q = ops._quest
-    for seq, H, G, D, dtype, _ in _shapes(device):
-        lay = make_layout(seq, H, G, D, dtype=dtype, device=device, backend="triton")
-        pt, n_pages = Q.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
-        ref = Q.quest_page_scores_ref(lay.q, lay.kmax, lay.kmin, lay.kbscale, pt, n_pages)
-        max_pages = max(seq) // 16 + 3
-        for hb in sorted({1, 2, H}):
-            monkeypatch.setitem(Q.PAGE_SCORES_CONFIG, "HEADS", hb)
-            out = Q.quest_page_scores_triton(lay.q, lay.kmax, lay.kmin, lay.kbscale,
-                                             lay.req_to_token, lay.req_pool_indices, lay.seq_lens,
-                                             16, max_pages)
-            for r in range(len(seq)):
-                n = int(n_pages[r])
-                got, want = out[r, :, :n], ref[r, :, :n]
-                tol = 1e-4 * (1 + float(want.abs().max()))
-                assert float((got - want).abs().max()) <= tol, (hb, r, H, G, D)
-
-
 def _assert_same_kept(k1, n1, k2, n2, probs):
     """Identical kept sets, except near-ties in the estimate (fp32 summation order)."""
     R, H = n1.shape
