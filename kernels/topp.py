@@ -525,33 +525,48 @@ if triton is not None:
         s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
         min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_cr,
         stride_ch, stride_kr, stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
-        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr,
+        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr, V: tl.constexpr,
     ):
         """One program per (request, kv head): the union over the group (the marks the top-p
         kernel left, plus the newest token), the budget clamps, the compaction; the marks are
         cleared for the next call. Only when a clamp binds are the weights needed: then
         w = max over the group of exp(s - max) / sum is recomputed from the scores.
-        ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read)."""
+        ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read): the row
+        as [C_PAD], so that its C_PAD kept slots are stored coalesced. Else the row is held as
+        [C_PAD / V, V], V neighbours in one thread (a page's tokens when V is the page size:
+        one page id loaded for them), counted and ranked in the thread, with only the groups'
+        counts scanned across the block (the kept slots are few, their stores scattered
+        anyway)."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
         count = tl.load(count_ptr + r * H + h)
-        idx = tl.arange(0, C_PAD)
-        valid = idx < count
-        keep = valid
-        n_keep = count
-        if not KEEP_ALL:
+        cbase = cand_ptr + r * stride_cr + h * stride_ch
+        kbase = kept_ptr + r * stride_kr + h * stride_kh
+        if KEEP_ALL:
+            idx = tl.arange(0, C_PAD)
+            keep = idx < count
+            dest = tl.cumsum(keep.to(tl.int32), 0) - 1
+            slot = _candidate_slots(cbase, idx, keep, P, FROM_PAGES)
+            tl.store(kbase + dest, slot.to(tl.int32), mask=keep)
+            tl.store(kept_count_ptr + r * H + h, count)
+        else:
+            grp = tl.arange(0, C_PAD // V)
+            idx = grp[:, None] * V + tl.arange(0, V)[None, :]
+            valid = idx < count
+            keep = valid
+            n_keep = count
             if tl.load(p_ptr + r) < 1.0:
                 mark_row = mark_ptr + r * stride_mr + h * stride_mh + idx
                 marked = tl.load(mark_row, mask=valid, other=0) != 0
-                tl.store(mark_row, tl.zeros([C_PAD], tl.int8), mask=marked)
+                tl.store(mark_row, tl.zeros([C_PAD // V, V], tl.int8), mask=marked)
                 union = valid & (marked | (idx == count - 1))  # the newest token is always kept
-                n_union = tl.sum(union.to(tl.int32), 0)
+                n_union = tl.sum(tl.sum(union.to(tl.int32), 1), 0)
                 k = tl.maximum(n_union, tl.minimum(min_budget, count))
                 if max_budget > 0:
                     k = tl.minimum(k, max_budget)
                 if k != n_union:
-                    w = tl.zeros([C_PAD], tl.float32)
+                    w = tl.zeros([C_PAD // V, V], tl.float32)
                     for g in tl.static_range(G):
                         s = tl.load(s_ptr + r * stride_sr + h * stride_sh + g * stride_sg + idx,
                                     mask=valid, other=float("-inf"))
@@ -559,13 +574,29 @@ if triton is not None:
                         w = tl.maximum(w, e / tl.load(tot_ptr + rh * G + g))
                     rank_key = tl.where(valid, w + 2.0 * union.to(tl.float32), -1.0)
                     rank_key = tl.where(idx == count - 1, 4.0, rank_key)
-                    union = _topk_mask(_f32_key(rank_key), valid, k, count)
+                    chosen = _topk_mask(tl.reshape(_f32_key(rank_key), [C_PAD]),
+                                        tl.reshape(valid, [C_PAD]), k, count)
+                    union = tl.reshape(chosen, [C_PAD // V, V])
                 keep = union & valid
                 n_keep = k  # the union, or exactly k when a clamp binds (k <= count)
-        dest = tl.cumsum(keep.to(tl.int32), 0) - 1
-        slot = _candidate_slots(cand_ptr + r * stride_cr + h * stride_ch, idx, keep, P, FROM_PAGES)
-        tl.store(kept_ptr + r * stride_kr + h * stride_kh + dest, slot.to(tl.int32), mask=keep)
-        tl.store(kept_count_ptr + r * H + h, n_keep)  # known: not one more reduction
+            ki = keep.to(tl.int32)
+            n_grp = tl.sum(ki, 1)
+            dest = (tl.cumsum(n_grp, 0) - n_grp)[:, None] + tl.cumsum(ki, 1) - 1
+            if FROM_PAGES and V == P:  # a group is one page: one id for its V slots
+                page = tl.load(cbase + grp, mask=n_grp > 0, other=0).to(tl.int64)
+                slot = page[:, None] * P + tl.arange(0, V)[None, :]
+            else:
+                slot = _candidate_slots(cbase, idx, keep, P, FROM_PAGES)
+            tl.store(kbase + dest, slot.to(tl.int32), mask=keep)
+            tl.store(kept_count_ptr + r * H + h, n_keep)  # known: not one more reduction
+
+
+def _union_shape(c_pad: int, page_size: int, from_pages: bool) -> int:
+    """V of ``_union_compact_kernel``'s pruned rows: a page's tokens when the page size is a
+    power of two that fits the row (one page id loaded per group), else 4 neighbours."""
+    if from_pages and page_size >= 4 and page_size & (page_size - 1) == 0 and page_size <= c_pad:
+        return page_size
+    return min(4, c_pad)
 
 
 def _estimate_config(rows: int) -> dict:
@@ -777,7 +808,8 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         int(min_budget), int(max_budget or 0), *strides, *mstrides, cand_slots.stride(0),
         cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
         P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False,
-        num_warps=_row_warps(C_PAD), **_maxnreg("union"),
+        V=_union_shape(C_PAD, page_size, page_size > 0), num_warps=_row_warps(C_PAD),
+        **_maxnreg("union"),
     )
     return kept_slots, kept_counts
 
@@ -794,8 +826,7 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
         cand_pages, cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots,
         cand_counts, 0, 0, 0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1),
         kept_slots.stride(0), kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size,
-        FROM_PAGES=True, KEEP_ALL=True,
-        num_warps=_row_warps(C_PAD),
+        FROM_PAGES=True, KEEP_ALL=True, V=1, num_warps=_row_warps(C_PAD),
     )
     return kept_slots, cand_counts
 
