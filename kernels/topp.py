@@ -720,7 +720,7 @@ TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFL
 # At 4 warps the interpolated threshold search (5cf593c) took the kernel from 149 to 189
 # registers a thread (ptxas), three programs an SM to two; capped at 168 (no spills) it keeps
 # three
-TOPP_CONFIG_WIDE = dict(TOPP_CONFIG, CHUNK=512, num_warps=4, maxnreg=168)
+TOPP_CONFIG_WIDE = dict(TOPP_CONFIG, CHUNK=1024, num_warps=4, maxnreg=168)
 TOPP_WIDE_HEADS = 1024
 # the top-p kernel takes each head's max and sum from the estimate's partials
 # (``twilight_prune_triton``) instead of a first pass over its row
