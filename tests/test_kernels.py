@@ -142,7 +142,8 @@ def test_prune_matches_reference(device):
 def test_estimate_partials_match_reference(device, monkeypatch):
     """The estimate's per-program partials (max, sum of exp per q head; the top-p kernel starts
     from them) equal the torch reference over the scores it wrote, for every program that has
-    candidates, whichever launch shape it takes; several programs a row on the CPU too."""
+    candidates, whichever launch shape it takes; several programs a row in some case (the
+    last GPU case always; a random one may be too short), on the CPU too."""
     from sglang_twilight.kernels import topp as T
 
     if device == "cpu":
@@ -150,6 +151,7 @@ def test_estimate_partials_match_reference(device, monkeypatch):
                                                        STAGES=2))
         monkeypatch.setattr(T, "ESTIMATE_CONFIG_WIDE", dict(T.ESTIMATE_CONFIG_WIDE, BLOCK_N=16,
                                                             ITERS=1, STAGES=2))
+    several = False
     for seq, H, G, D, dtype, budget in _shapes(device):
         lay = make_layout(seq, H, G, D, dtype=dtype, device=device, peaked=6.0, backend="triton")
         sm = 1 / math.sqrt(D)
@@ -164,7 +166,7 @@ def test_estimate_partials_match_reference(device, monkeypatch):
         span = T.estimate_span(R * H)
         ref = T.score_parts_ref(s, cnt, span, width)
         used = torch.arange(width, device=device) < (-(-cnt.long() // span))[:, :, None, None]
-        assert int(used.sum()) > R * H  # several programs a row somewhere
+        several |= int(used.sum()) > R * H
         used = used.expand(R, H, G, width)
         assert torch.equal(parts[:, :, :, 0][used], ref[:, :, :, 0][used])  # the max is exact
         torch.testing.assert_close(parts[:, :, :, 1][used], ref[:, :, :, 1][used], rtol=2e-5,
@@ -173,6 +175,7 @@ def test_estimate_partials_match_reference(device, monkeypatch):
             with pytest.raises(ValueError, match="score partials"):
                 T.int4_scores_triton(lay.q, *lay.sidecar[:3], pages, cnt, sm, page_size=16,
                                      parts=torch.empty(R, H, G, 2, 1, device=device))
+    assert several  # several programs a row somewhere
 
 
 def test_attend_matches_reference(device):
