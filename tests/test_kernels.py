@@ -467,8 +467,11 @@ def test_search_hard_rows_match_reference(device, monkeypatch):
     gen = torch.Generator().manual_seed(seed)
     scores = _hard_logits(gen, C).to(device)
     newest = torch.arange(C, device=device) == C - 1
+    probs = torch.softmax(scores, -1)
     for p in (0.5, 0.9, 0.95):
-        ref = T.topp_mask_ref(torch.softmax(scores, -1), p) | newest
+        ref = T.topp_mask_ref(probs, p) | newest
+        # each row's threshold weight: the smallest it keeps (the newest token aside)
+        thr = torch.where(ref & ~newest, probs, float("inf")).min(-1).values
         for H, G in ((6, 1), (2, 3)):
             s = scores.view(1, H, G, C)
             cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
@@ -476,8 +479,12 @@ def test_search_hard_rows_match_reference(device, monkeypatch):
             k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
             for h in range(H):
                 got = set(k2[0, h, : int(n2[0, h])].tolist())
-                want = ref[h * G: (h + 1) * G].any(0)
-                assert got == set(want.nonzero().view(-1).tolist()), (seed, p, H, h)
+                want = set(ref[h * G: (h + 1) * G].any(0).nonzero().view(-1).tolist())
+                # only ties may differ: an entry whose weight is within fp32 rounding of a
+                # row's threshold (the kernel's exp may make it equal, and keeps every tie)
+                for x in got ^ want:
+                    w, t = probs[h * G: (h + 1) * G, x], thr[h * G: (h + 1) * G]
+                    assert bool(((w - t).abs() <= 1e-5 * t).any()), (seed, p, H, h, x)
     keys = Q.f32_key_ref(scores)
     for row, key in enumerate(keys):
         for k in (1, C // 4, C - 1):
