@@ -469,9 +469,10 @@ def test_search_hard_rows_match_reference(device, monkeypatch):
     newest = torch.arange(C, device=device) == C - 1
     probs = torch.softmax(scores, -1)
     for p in (0.5, 0.9, 0.95):
-        ref = T.topp_mask_ref(probs, p) | newest
-        # each row's threshold weight: the smallest it keeps (the newest token aside)
-        thr = torch.where(ref & ~newest, probs, float("inf")).min(-1).values
+        kept = T.topp_mask_ref(probs, p)
+        ref = kept | newest
+        # each row's threshold weight: the smallest top-p keeps (the newest token aside)
+        thr = torch.where(kept, probs, float("inf")).min(-1).values
         for H, G in ((6, 1), (2, 3)):
             s = scores.view(1, H, G, C)
             cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
