@@ -324,6 +324,17 @@ if triton is not None:
         return lo
 
     @triton.jit
+    def _group_ranks(flag):
+        """Flags held as [groups, V], V neighbours in one thread, in row order -> (each flagged
+        entry's rank among the flagged, from 0; the flagged count of each group). The groups are
+        counted and ranked in their threads and only their counts are scanned across the block:
+        scanning the flags themselves moved them through shared memory into another layout
+        (377 instead of 218 sm_90 instructions a thread per 1024 top-p entries at 8 warps)."""
+        fi = flag.to(tl.int32)
+        n_grp = tl.sum(fi, 1)
+        return (tl.cumsum(n_grp, 0) - n_grp)[:, None] + tl.cumsum(fi, 1) - 1, n_grp
+
+    @triton.jit
     def _compact_above(row, count, s_floor, m, buf, SCRATCH: tl.constexpr, CHUNK: tl.constexpr,
                        STAGES: tl.constexpr, UNDER: tl.constexpr):
         """The entries of a score row at or above ``s_floor`` compacted into a head's scratch
@@ -332,11 +343,8 @@ if triton is not None:
         exp(s - m) of the entries left under the floor, accumulated per lane and reduced once,
         else 0).
 
-        A chunk is read as [CHUNK / V, V] (V = 4 neighbours, one thread's): each group's
-        survivors are counted and ranked within the thread, and only the groups' counts are
-        scanned across the block. Scanning the [CHUNK] flags themselves cost 377 instead of 218
-        instructions a thread per 1024-chunk at 8 warps (the top-p kernel's sm_90 SASS, offline
-        compile): the flags went through shared memory into another layout for the scan."""
+        A chunk is read as [CHUNK / V, V] (V = 4 neighbours, one thread's) and its survivors
+        ranked by ``_group_ranks``."""
         V: tl.constexpr = 4 if CHUNK >= 4 else CHUNK
         grp = tl.arange(0, CHUNK // V)
         off = grp[:, None] * V + tl.arange(0, V)[None, :]
@@ -348,9 +356,8 @@ if triton is not None:
             surv = s >= s_floor  # -inf past the count: never (the floor is finite)
             if UNDER:
                 under += tl.where(surv, 0.0, tl.exp(s - m))  # exp(-inf) = 0 past the count
-            si = surv.to(tl.int32)
-            n_grp = tl.sum(si, 1)
-            pos = n_surv + (tl.cumsum(n_grp, 0) - n_grp)[:, None] + tl.cumsum(si, 1) - 1
+            rank, n_grp = _group_ranks(surv)
+            pos = n_surv + rank
             sm = surv & (pos < SCRATCH)
             tl.store(buf + pos, i, mask=sm)
             tl.store(buf + SCRATCH + pos, s.to(tl.int32, bitcast=True), mask=sm)
@@ -534,9 +541,8 @@ if triton is not None:
         ``KEEP_ALL``: every candidate is kept (Quest alone; no score or mark is read): the row
         as [C_PAD], so that its C_PAD kept slots are stored coalesced. Else the row is held as
         [C_PAD / V, V], V neighbours in one thread (a page's tokens when V is the page size:
-        one page id loaded for them), counted and ranked in the thread, with only the groups'
-        counts scanned across the block (the kept slots are few, their stores scattered
-        anyway)."""
+        one page id loaded for them), ranked by ``_group_ranks`` (the kept slots are few, their
+        stores scattered anyway)."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -546,10 +552,9 @@ if triton is not None:
         if KEEP_ALL:
             idx = tl.arange(0, C_PAD)
             keep = idx < count
+            n_keep = count
             dest = tl.cumsum(keep.to(tl.int32), 0) - 1
             slot = _candidate_slots(cbase, idx, keep, P, FROM_PAGES)
-            tl.store(kbase + dest, slot.to(tl.int32), mask=keep)
-            tl.store(kept_count_ptr + r * H + h, count)
         else:
             grp = tl.arange(0, C_PAD // V)
             idx = grp[:, None] * V + tl.arange(0, V)[None, :]
@@ -579,16 +584,14 @@ if triton is not None:
                     union = tl.reshape(chosen, [C_PAD // V, V])
                 keep = union & valid
                 n_keep = k  # the union, or exactly k when a clamp binds (k <= count)
-            ki = keep.to(tl.int32)
-            n_grp = tl.sum(ki, 1)
-            dest = (tl.cumsum(n_grp, 0) - n_grp)[:, None] + tl.cumsum(ki, 1) - 1
+            dest, n_grp = _group_ranks(keep)
             if FROM_PAGES and V == P:  # a group is one page: one id for its V slots
                 page = tl.load(cbase + grp, mask=n_grp > 0, other=0).to(tl.int64)
                 slot = page[:, None] * P + tl.arange(0, V)[None, :]
             else:
                 slot = _candidate_slots(cbase, idx, keep, P, FROM_PAGES)
-            tl.store(kbase + dest, slot.to(tl.int32), mask=keep)
-            tl.store(kept_count_ptr + r * H + h, n_keep)  # known: not one more reduction
+        tl.store(kbase + dest, slot.to(tl.int32), mask=keep)
+        tl.store(kept_count_ptr + r * H + h, n_keep)  # known: not one more reduction
 
 
 def _union_shape(c_pad: int, page_size: int, from_pages: bool) -> int:
