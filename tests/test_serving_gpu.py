@@ -82,10 +82,10 @@ class Server:
                                   stderr=subprocess.STDOUT)
         t0 = time.time()
         while time.time() - t0 < timeout:
-            if self.p.poll() is not None:
+            rc = self.p.poll()
+            if rc is not None:
                 self.stop()
-                raise RuntimeError(f"{self.name} server exited rc={self.p.returncode}: "
-                                   f"{self.tail()}")
+                raise RuntimeError(f"{self.name} server exited rc={rc}: {self.tail()}")
             try:
                 if self.get("/health", timeout=5)[0] == 200:
                     log.info("%s up in %.0fs", self.name, time.time() - t0)
