@@ -167,42 +167,48 @@ if triton is not None:
         else:
             return tl.load(base + n, mask=nm, other=0).to(tl.int64)
 
-    # int4 codes -> bf16/fp16 (see _unpack_nibbles): one PTX template, the constants per type
-    # (packed twice, one per 16-bit lane): 1.0, minus the magic value, the magic value (128.0
-    # in bf16, 1024.0 in fp16: their last mantissa step is 1)
+    # int4 codes -> 8 + v/2 in bf16/fp16 (see _unpack_nibbles): one PTX template, the shifts
+    # and constants per type: each register of two 16-bit lanes gets one nibble of two of the
+    # four code bytes, moved by one shift into the top four mantissa bits of 8.0 (bf16: bits
+    # 6-3, fp16: bits 9-6) and OR-ed into 8.0 by one lop3 ((a & mask) | magic)
     _UNPACK_PTX = """{{
-            .reg .b32 t0, t1, one, base;
-            mov.b32 one, {one};
-            mov.b32 base, {base};
-            prmt.b32 t0, $4, 0, 0x4140;
-            prmt.b32 t1, $4, 0, 0x4342;
-            lop3.b32 $0, t0, 0x000F000F, {magic}, 0xEA;
-            lop3.b32 $1, t1, 0x000F000F, {magic}, 0xEA;
-            shr.u32 t0, t0, 4;
-            shr.u32 t1, t1, 4;
-            lop3.b32 $2, t0, 0x000F000F, {magic}, 0xEA;
-            lop3.b32 $3, t1, 0x000F000F, {magic}, 0xEA;
-            fma.rn.{fma} $0, $0, one, base;
-            fma.rn.{fma} $1, $1, one, base;
-            fma.rn.{fma} $2, $2, one, base;
-            fma.rn.{fma} $3, $3, one, base;
+            .reg .b32 t0, t1, t2, t3;
+            {s0} t0, $4, {n0};
+            {s1} t1, $4, {n1};
+            {s2} t2, $4, {n2};
+            {s3} t3, $4, {n3};
+            lop3.b32 $0, t0, {mask}, {magic}, 0xEA;
+            lop3.b32 $1, t1, {mask}, {magic}, 0xEA;
+            lop3.b32 $2, t2, {mask}, {magic}, 0xEA;
+            lop3.b32 $3, t3, {mask}, {magic}, 0xEA;
             }}"""
     _UNPACK_BF16 = tl.constexpr(_UNPACK_PTX.format(
-        one="0x3F803F80", base="0xC300C300", magic="0x43004300", fma="bf16x2"))
+        s0="shl.b32", n0=3, s1="shr.u32", n1=5, s2="shr.u32", n2=1, s3="shr.u32", n3=9,
+        mask="0x00780078", magic="0x41004100"))
     _UNPACK_FP16 = tl.constexpr(_UNPACK_PTX.format(
-        one="0x3C003C00", base="0xE400E400", magic="0x64006400", fma="f16x2"))
+        s0="shl.b32", n0=6, s1="shr.u32", n1=2, s2="shl.b32", n2=2, s3="shr.u32", n3=6,
+        mask="0x03C003C0", magic="0x48004800"))
 
     @triton.jit
     def _unpack_nibbles(packed, dtype: tl.constexpr):
-        """uint8 codes -> (low nibbles, high nibbles) as bf16/fp16, exactly, four bytes per
-        32-bit register: the bytes are spread into 16-bit lanes (prmt), each nibble is OR-ed
-        into the mantissa of 128.0 (bf16) / 1024.0 (fp16), whose last mantissa step is 1, so
-        the lane holds 128 + v / 1024 + v (lop3), and one packed fma subtracts 128 / 1024.
-        About 3 instructions per 2 codes, where converting each code costs several."""
+        """uint8 codes -> (low nibbles, high nibbles) as 8 + v/2 in bf16/fp16, exactly: v is
+        shifted into the top four mantissa bits of 8.0 and OR-ed in, one shift and one lop3 per
+        register of two values, nothing subtracted (the dot takes 8 * sum(q) out afterwards,
+        through the same sum of q that the zero point needs). The four code bytes b0..b3 of a
+        32-bit register come out in the lane order b0, b2, b1, b3, so the estimate loads q in
+        that order (``_unpack_order``); ``test_unpack_nibbles_exact`` checks every byte value in
+        every lane. Two instructions per two codes, where the unpack before (bytes spread by
+        prmt, each nibble OR-ed into 128.0 / 1024.0, an fma subtracting it) took three."""
         return tl.inline_asm_elementwise(
             asm=_UNPACK_BF16 if dtype == tl.bfloat16 else _UNPACK_FP16,
             constraints="=r,=r,=r,=r,r", args=[packed], dtype=(dtype.value, dtype.value),
             is_pure=True, pack=4)
+
+    @triton.jit
+    def _unpack_order(k):
+        """Index k's position in the lane order of ``_unpack_nibbles``: 1 and 2 swapped in every
+        group of four (an involution: the same map takes positions back to indices)."""
+        return (k & ~3) | ((k & 1) << 1) | ((k >> 1) & 1)
 
     @triton.jit
     def _estimate_kernel(
@@ -213,6 +219,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, SZ_PAIRED: tl.constexpr,
         DOT_F32: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr,
         UNPACK_ASM: tl.constexpr, PARTS: tl.constexpr, NP: tl.constexpr, G_P2: tl.constexpr,
+        SLOTS_FIRST: tl.constexpr,
     ):
         """Grid (R*H, C/(BLOCK_N*ITERS)): s = sm_scale * (scale * q.codes + zero * sum(q)).
 
@@ -221,7 +228,10 @@ if triton is not None:
         blocks of BLOCK_N candidates, software-pipelined (STAGES), so the next block's gathers are
         in flight while this one is converted and multiplied. ``SZ_PAIRED``: zero is stored right
         after scale (the sidecar's interleaved buffer), read as one 32-bit word. ``UNPACK_ASM``:
-        the codes become bf16/fp16 through ``_unpack_nibbles`` (CUDA only). ``PARTS``: each
+        the codes become 8 + v/2 in bf16/fp16 through ``_unpack_nibbles`` (CUDA only), q is read
+        in its lane order and the dot rescaled after (exact: 8 + v/2 is, and q.(8 + v/2) sums
+        terms at most about twice as large as q.v). ``SLOTS_FIRST``: every block's candidate
+        slots are read before the loop (``ESTIMATE_CONFIG``). ``PARTS``: each
         program also writes, per q head, the max m of its scores and sum(exp(s - m))
         (``parts[r, h, g, 0, j]`` and ``parts[r, h, g, 1, j]`` for program j; NP per head), read
         back from what it stored (G rows, where the dot's tile has G_PAD columns), so the top-p
@@ -238,20 +248,34 @@ if triton is not None:
         g = tl.arange(0, G_PAD)
         gm = g < G
         qb = q_ptr + r * stride_qr + (h * G + g)[:, None] * stride_qh
-        qe = tl.load(qb + 2 * half[None, :], mask=gm[:, None], other=0.0)  # [G_PAD, D/2]
-        qo = tl.load(qb + 2 * half[None, :] + 1, mask=gm[:, None], other=0.0)
-        qsum = tl.sum(qe.to(tl.float32), 1) + tl.sum(qo.to(tl.float32), 1)  # [G_PAD]
+        hq = _unpack_order(half) if UNPACK_ASM else half  # q in the unpack's lane order
+        qe = tl.load(qb + 2 * hq[None, :], mask=gm[:, None], other=0.0)  # [G_PAD, D/2]
+        qo = tl.load(qb + 2 * hq[None, :] + 1, mask=gm[:, None], other=0.0)
         if DOT_F32:  # the CPU interpreter has no bf16 dot
             qe = qe.to(tl.float32)
             qo = qo.to(tl.float32)
         qeT = tl.trans(qe)
         qoT = tl.trans(qo)
+        # sum(q) of each head in every row of the block's tile (exact products, fp32 sums),
+        # times sm_scale. As a dot it also keeps q's dot operands in registers across the loop:
+        # with q used only by the loop's dots, Triton reloaded them from shared memory at every
+        # block (eight 16x16 ldmatrix a warp, twice the code bytes' shared-memory reads)
+        ones = tl.full([BLOCK_N, D // 2], 1.0, qe.dtype)
+        qsum = (tl.dot(ones, qeT) + tl.dot(ones, qoT)) * sm_scale  # [BLOCK_N, G_PAD]
         cbase = cand_ptr + r * stride_cr + h * stride_ch
         obase = out_ptr + r * stride_or + h * stride_oh + g[None, :] * stride_og
+        if SLOTS_FIRST:  # every block's slots before the loop: the code gathers pipeline deeper
+            na = start + tl.arange(0, ITERS * BLOCK_N)
+            slots = tl.reshape(_candidate_slots(cbase, na, na < count, P, FROM_PAGES),
+                               [ITERS, BLOCK_N])
+            blk = tl.arange(0, ITERS)
         for it in tl.range(0, ITERS, num_stages=STAGES):
             n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
             nm = n < count
-            slot = _candidate_slots(cbase, n, nm, P, FROM_PAGES)
+            if SLOTS_FIRST:
+                slot = tl.sum(tl.where(blk[:, None] == it, slots, 0), 0)
+            else:
+                slot = _candidate_slots(cbase, n, nm, P, FROM_PAGES)
             packed = tl.load(kq_ptr + slot[:, None] * stride_kqs + h * stride_kqh + half[None, :],
                              mask=nm[:, None], other=0)
             szp = slot * stride_ss + h * stride_sh
@@ -262,13 +286,16 @@ if triton is not None:
             else:
                 sc = tl.load(ks_ptr + szp, mask=nm, other=0.0).to(tl.float32)
                 zr = tl.load(kz_ptr + szp, mask=nm, other=0.0).to(tl.float32)
-            if UNPACK_ASM:
+            if UNPACK_ASM:  # codes as 8 + v/2: q.codes = 2 q.(8 + v/2) - 16 sum(q)
                 lo, hi = _unpack_nibbles(packed, qe.dtype)
+                sc2 = 2.0 * sc * sm_scale
+                zr = zr - 16.0 * sc
             else:
                 lo = (packed & 0x0F).to(qe.dtype)
                 hi = (packed >> 4).to(qe.dtype)
+                sc2 = sc * sm_scale
             dot = tl.dot(lo, qeT) + tl.dot(hi, qoT)  # [BLOCK_N, G_PAD] fp32
-            s = (sc[:, None] * dot + zr[:, None] * qsum[None, :]) * sm_scale
+            s = sc2[:, None] * dot + zr[:, None] * qsum
             tl.store(obase + n[:, None], s, mask=nm[:, None] & gm[None, :])
         if PARTS:  # the scores just stored, read back: G rows, no padded columns to exp
             tl.debug_barrier()  # every thread's stores are visible to the whole program
@@ -655,11 +682,11 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
         pa.stride(0), pa.stride(1), pa.stride(2), PARTS=parts is not None,
         NP=parts.shape[-1] if parts is not None else 1, G_P2=next_pow2(G),
         H=H, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_N=BLOCK_N, ITERS=ITERS,
-        STAGES=cfg["STAGES"], SZ_PAIRED=_scale_zero_paired(kscale, kzero),
+        SZ_PAIRED=_scale_zero_paired(kscale, kzero),
         DOT_F32=interpreting(), P=max(page_size, 1), FROM_PAGES=page_size > 0,
         UNPACK_ASM=ESTIMATE_UNPACK == "asm" and not interpreting()
         and q.dtype in (torch.bfloat16, torch.float16),
-        num_warps=cfg["num_warps"],
+        STAGES=cfg["STAGES"], SLOTS_FIRST=cfg.get("SLOTS_FIRST", False), num_warps=cfg["num_warps"],
     )
     return out
 
@@ -669,8 +696,13 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
 # fill the GPU many times over, smaller programs at one warp win. Its gathers want many blocks in
 # flight: 6 (5) pipeline stages instead of 3 took it from 21.3 to 18.7 us at batch 8 x 32k, 43.3
 # to 39.4 at 16, 151.6 to 140.1 at 64 (tune_stages_h100.json, tune_estimate_wide_h100.json)
-ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=6, num_warps=2)
-ESTIMATE_CONFIG_WIDE = dict(BLOCK_N=64, ITERS=4, STAGES=5, num_warps=1)
+# ``SLOTS_FIRST``: a program reads all its blocks' candidate slots before its loop, so that the
+# loop's only loads (codes, scale and zero) pipeline STAGES - 1 blocks deep instead of one; the
+# wide shape only: with the slots first the code gathers got faster from batch 32 (estimate
+# 76.5 -> 75.0 us at 32 x 32k, step 413.7 -> 408.4 at 64) and slower at batch 8 (20.3 ->
+# 23.0 us: a program's 512 slots read first put one more load on its chain)
+ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=6, num_warps=2, SLOTS_FIRST=False)
+ESTIMATE_CONFIG_WIDE = dict(BLOCK_N=64, ITERS=4, STAGES=5, num_warps=1, SLOTS_FIRST=True)
 ESTIMATE_WIDE_ROWS = 256
 # how the estimate turns int4 codes into bf16/fp16: "asm" (_unpack_nibbles) or "convert"
 # (Triton's integer ops and conversions; always in the interpreter)

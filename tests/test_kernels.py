@@ -561,7 +561,8 @@ def test_decode_p1_as_accurate_as_flashinfer(H, G, D):
 
 @triton.jit
 def _unpack_probe(src_ptr, lo_ptr, hi_ptr, N: tl.constexpr, IS_BF16: tl.constexpr):
-    i = tl.arange(0, N)
+    # [N/4, 4]: the four bytes of a 32-bit register in one thread, as in the estimate's tile
+    i = tl.arange(0, N // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
     b = tl.load(src_ptr + i)
     lo, hi = _unpack_nibbles(b, tl.bfloat16 if IS_BF16 else tl.float16)
     tl.store(lo_ptr + i, lo)
@@ -572,12 +573,16 @@ def _unpack_probe(src_ptr, lo_ptr, hi_ptr, N: tl.constexpr, IS_BF16: tl.constexp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_unpack_nibbles_exact(dtype):
     """The estimate's inline-asm unpack: every byte value, in shuffled order (so each lane of the
-    packed registers sees every value), gives exactly its low and high nibble."""
+    packed registers sees every value), gives exactly 8 + v/2 of its low and high nibble, in the
+    lane order k0, k2, k1, k3 of each register's four bytes (``_unpack_order``, which the
+    estimate loads q in)."""
     if not torch.cuda.is_available() or INTERP:
         pytest.skip("inline PTX needs the compiled CUDA kernels")
     src = torch.arange(256, dtype=torch.uint8).repeat(8)[torch.randperm(2048)].cuda()
     lo = torch.empty(2048, dtype=dtype, device="cuda")
     hi = torch.empty_like(lo)
     _unpack_probe[(1,)](src, lo, hi, N=2048, IS_BF16=dtype == torch.bfloat16, num_warps=4)
-    assert torch.equal(lo.float(), (src & 15).float())
-    assert torch.equal(hi.float(), (src >> 4).float())
+    order = torch.arange(2048, device="cuda")
+    order = (order & ~3) | ((order & 1) << 1) | ((order >> 1) & 1)  # _unpack_order
+    assert torch.equal(lo.float(), 8 + (src[order] & 15).float() / 2)
+    assert torch.equal(hi.float(), 8 + (src[order] >> 4).float() / 2)
