@@ -215,6 +215,11 @@ if triton is not None:
         slots = tl.reshape(tl.load(r2t_ptr + rpi * stride_r2t + ja * P, mask=ja < n_pages, other=0),
                            [ITERS, BLOCK_P])
         blk = tl.arange(0, ITERS)
+        # the dots' accumulator starts from zeros made by a dot with q outside the loop: q's dot
+        # operands are then converted once, into registers (q used only by the loop's dots was
+        # reloaded from shared memory at every block, and held 8 KB of it a program)
+        zb = tl.zeros([BLOCK_P, D], qposT.dtype)
+        acc0 = tl.dot(zb, qposT) + tl.dot(zb, qnegT)
         for it in tl.range(0, ITERS, num_stages=STAGES):
             j = start + it * BLOCK_P + tl.arange(0, BLOCK_P)
             jm = j < n_pages
@@ -224,7 +229,7 @@ if triton is not None:
             bmax = tl.load(kmax_ptr + bp, mask=jm[:, None], other=0).to(qposT.dtype)  # [BP, D]
             bmin = tl.load(kmin_ptr + bp, mask=jm[:, None], other=0).to(qposT.dtype)
             bs = tl.load(kb_ptr + (slot // P) * stride_bsp + h * stride_bsh, mask=jm, other=0.0)
-            s = (tl.dot(bmax, qposT) + tl.dot(bmin, qnegT)) * bs[:, None]  # [BP, G_PAD] fp32
+            s = (tl.dot(bmax, qposT, acc0) + tl.dot(bmin, qnegT)) * bs[:, None]  # [BP, G_PAD] fp32
             s = tl.where(gm[None, :], s, float("-inf"))
             tl.store(out_ptr + r * stride_or + h * stride_oh + j, tl.max(s, 1), mask=jm)
 
