@@ -753,9 +753,11 @@ TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFL
 # 304.4 vs 308.3 us at batch 32, 581.9 vs 594.9 at 64; 184.4 vs 178.9 at 16, 111.8 vs 108.6 at 8
 # (tune_estimate_wide_h100.json)
 # At 4 warps the interpolated threshold search (5cf593c) took the kernel from 149 to 189
-# registers a thread (ptxas), three programs an SM to two; capped at 168 (no spills) it keeps
-# three
-TOPP_CONFIG_WIDE = dict(TOPP_CONFIG, CHUNK=1024, num_warps=4, maxnreg=168)
+# registers a thread (ptxas), three programs an SM to two; capped at 168 (no spills) it kept
+# three. Capped at 128 four fit, for 56 bytes of spills a thread: prune 135.5 -> 128.6 us at
+# batch 32 x 32k and 249.6 -> 238.8 at 64, step 221.0 -> 215.2 and 413.0 -> 405.0 (same call,
+# bench_a5bcd6d-topp128_h100.json against bench_a5bcd6d_h100.json)
+TOPP_CONFIG_WIDE = dict(TOPP_CONFIG, CHUNK=1024, num_warps=4, maxnreg=128)
 TOPP_WIDE_HEADS = 1024
 # the top-p kernel takes each head's max and sum from the estimate's partials
 # (``twilight_prune_triton``) instead of a first pass over its row
