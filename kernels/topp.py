@@ -758,7 +758,12 @@ TOPP_CONFIG = dict(CHUNK=1024, SMALL=2048, MID=4096, STAGES=3, num_warps=8, REFL
 # batch 32 x 32k and 249.6 -> 238.8 at 64, step 221.0 -> 215.2 and 413.0 -> 405.0 (same call,
 # bench_a5bcd6d-topp128_h100.json against bench_a5bcd6d_h100.json)
 TOPP_CONFIG_WIDE = dict(TOPP_CONFIG, CHUNK=1024, num_warps=4, maxnreg=128)
-TOPP_WIDE_HEADS = 1024
+# From 512 q heads (batch 16 at 32 q heads) since the 128-register cap: at batch 16 the wide
+# shape's 512 programs then fit the GPU at once (four an SM), and prune took 71.9 instead of
+# 79.7 us, the step 129.4 instead of 133.8 (bench_wide16_401af62_h100.json against
+# bench_cur_401af62_h100.json, same call); at batch 8 it stays slower (prune 45.7 vs 44.0 us,
+# bench_wide8_401af62_h100.json)
+TOPP_WIDE_HEADS = 512
 # the top-p kernel takes each head's max and sum from the estimate's partials
 # (``twilight_prune_triton``) instead of a first pass over its row
 TOPP_FROM_PARTS = True
