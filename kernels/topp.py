@@ -229,9 +229,9 @@ if triton is not None:
         in flight while this one is converted and multiplied. ``SZ_PAIRED``: zero is stored right
         after scale (the sidecar's interleaved buffer), read as one 32-bit word. ``UNPACK_ASM``:
         the codes become 8 + v/2 in bf16/fp16 through ``_unpack_nibbles`` (CUDA only), q is read
-        in its lane order and the dot rescaled after (exact: 8 + v/2 is, and q.(8 + v/2) sums
-        terms at most about twice as large as q.v). ``SLOTS_FIRST``: every block's candidate
-        slots are read before the loop (``ESTIMATE_CONFIG``). ``PARTS``: each
+        in its lane order and the dot rescaled after (8 + v/2 is exact; the fp32 sums of
+        q.(8 + v/2) round about three times as coarsely as q.v's would). ``SLOTS_FIRST``: every
+        block's candidate slots are read before the loop (``ESTIMATE_CONFIG``). ``PARTS``: each
         program also writes, per q head, the max m of its scores and sum(exp(s - m))
         (``parts[r, h, g, 0, j]`` and ``parts[r, h, g, 1, j]`` for program j; NP per head), read
         back from what it stored (G rows, where the dot's tile has G_PAD columns), so the top-p
@@ -700,7 +700,9 @@ def int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, 
 # loop's only loads (codes, scale and zero) pipeline STAGES - 1 blocks deep instead of one; the
 # wide shape only: with the slots first the code gathers got faster from batch 32 (estimate
 # 76.5 -> 75.0 us at 32 x 32k, step 413.7 -> 408.4 at 64) and slower at batch 8 (20.3 ->
-# 23.0 us: a program's 512 slots read first put one more load on its chain)
+# 23.0 us: a program's 512 slots read first put one more load on its chain). These are from a
+# probe run on the H100 with both forms behind a flag (no results file: the flag is gone); the
+# bench_2358fab_h100.json run has the wide shape with them
 ESTIMATE_CONFIG = dict(BLOCK_N=64, ITERS=8, STAGES=6, num_warps=2, SLOTS_FIRST=False)
 ESTIMATE_CONFIG_WIDE = dict(BLOCK_N=64, ITERS=4, STAGES=5, num_warps=1, SLOTS_FIRST=True)
 ESTIMATE_WIDE_ROWS = 256
