@@ -79,6 +79,30 @@ def graph_ms(fn, reps=200):
     return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
 
 
+_L2_FLUSH: list = []
+
+
+def graph_ms_l2_cold(fn, reps=200):
+    """Median ms of fn with the L2 cache holding none of its data: a graph replays (read of a
+    buffer twice the L2's size, fn) back to back, less the same graph without fn. ``graph_ms``
+    replays fn back to back, so whatever of its inputs fits the L2 (50 MB on the H100: the
+    Quest bounds of batch 8 x 32k are 34 MB) is read from there; in a model every layer reads
+    its own, so a layer's attention starts cold. The flush reads rather than writes, so that no
+    dirty lines are written back while fn runs."""
+    if not _L2_FLUSH:
+        l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+        _L2_FLUSH.append(torch.ones(max(2 * l2, 1 << 20) // 4, dtype=torch.float32, device="cuda"))
+    buf = _L2_FLUSH[0]
+    flush = lambda: buf.sum()
+    both = graph_ms(lambda: (flush(), fn()), reps)
+    return both - graph_ms(flush, reps)
+
+
+def timed(fn, l2: str) -> tuple[float, float | None]:
+    """(ms as ``graph_ms`` measures it, ms with the L2 cold or None) for ``--l2``."""
+    return graph_ms(fn), (graph_ms_l2_cold(fn) if l2 == "both" else None)
+
+
 def flashinfer_dense(inp, H, G, D, dtype, sm):
     import flashinfer
 
@@ -153,7 +177,9 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
                       page_locality=args.page_locality)
     dense_fn, dense_out = flashinfer_dense(inp, H, G, D, dtype, sm)
     base = dict(batch=bs, context=ctx)
-    rows.append(dict(base, method="flashinfer", ms=graph_ms(dense_fn)))
+    cold = lambda c: {} if c is None else dict(ms_l2_cold=c)
+    ms, c = timed(dense_fn, args.l2)
+    rows.append(dict(base, method="flashinfer", ms=ms, **cold(c)))
     sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"], inp["kbs"])
     for name, budget, p in (("quest-1024", 1024, 1.0), ("quest-8192", 8192, 1.0),
                             ("twilight", 8192, args.top_p)):
@@ -171,10 +197,10 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         step()
         counts = ws.kept_counts if p < 1.0 else ws.cand_counts  # Quest alone attends candidates
         kept_tokens = float(counts[:bs].float().mean())
-        ms = graph_ms(step)
+        ms, c = timed(step, args.l2)
         err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
         rows.append(dict(base, method=name, ms=ms, kept_tokens=kept_tokens, budget=budget, top_p=p,
-                         rel_err_vs_dense=err))
+                         rel_err_vs_dense=err, **cold(c)))
         if name != "twilight":
             continue
         # stage breakdown, each stage in its own graph, same inputs
@@ -186,7 +212,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], C,
             PAGE, max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
             cand_counts=ws.cand_counts[:bs])
-        stages["select"] = graph_ms(sel)
+        stages["select"], c_sel = timed(sel, args.l2)
         stages["select.scores"] = graph_ms(lambda: _quest.quest_page_scores_triton(
             inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"],
             PAGE, ws.max_pages, out=ws.page_scores[:bs]))
@@ -197,7 +223,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
             scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs],
             parts=ws.score_parts[:bs])
-        stages["prune"] = graph_ms(prune)
+        stages["prune"], c_prune = timed(prune, args.l2)
         # the estimate as the prune runs it (with the partials the top-p kernel reads)
         stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs],
@@ -232,6 +258,9 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         bound_ms = (sel_bytes + prune_bytes) / HBM_BYTES_PER_S * 1e3
         stages["select+prune.bandwidth_bound_ms"] = bound_ms
         stages["select+prune.fraction_of_bound"] = bound_ms / (stages["select"] + stages["prune"])
+        if c_sel is not None:  # the same, each stage starting with a cold L2
+            stages["select.l2_cold"], stages["prune.l2_cold"] = c_sel, c_prune
+            stages["select+prune.fraction_of_bound.l2_cold"] = bound_ms / (c_sel + c_prune)
         stage_rows.append(dict(base, method="twilight", **stages))
         print(json.dumps(stage_rows[-1]), flush=True)
     inp.clear()  # free this case's KV before the next one
@@ -246,6 +275,9 @@ def main():
     ap.add_argument("--max-budget", type=int, default=0, help="Twilight max kept tokens (0 = no cap)")
     ap.add_argument("--tail", type=float, default=1.3, help="key heavy-tail scale (peakedness)")
     ap.add_argument("--page-locality", type=float, default=1.0, help="per-page logit spread")
+    ap.add_argument("--l2", choices=("warm", "both"), default="warm",
+                    help="both: also time every method, and the select and prune stages, with the "
+                         "L2 cache flushed before each replay (ms_l2_cold, *.l2_cold)")
     ap.add_argument("--out", default="benchmarks/results/bench_attention.json")
     args = ap.parse_args()
     H, G, D, dtype = 8, 4, 128, torch.bfloat16
@@ -317,7 +349,11 @@ def write_results(args, rows, stage_rows, H, G, D):
         shapes=dict(num_q_heads=H * G, num_kv_heads=H, head_dim=D, dtype="bfloat16", page_size=PAGE),
         keys=("k_t = noise + c_t * qhat, c_t = %g * N(0,1) per page + %g * Exp(1) per token; "
               "q heads of a group share qhat" % (args.page_locality, args.tail)),
-        timing="median of CUDA-graph replays (triton.testing.do_bench_cudagraph)",
+        timing="median of CUDA-graph replays (triton.testing.do_bench_cudagraph), back to back: "
+               "inputs that fit the L2 cache stay there between replays" + (
+                   "; ms_l2_cold and *.l2_cold: the same with the L2 flushed (a read of twice its "
+                   "size) before each replay, the flush's own time taken out"
+                   if args.l2 == "both" else ""),
         rows=rows,
         stages=stage_rows,
     )
