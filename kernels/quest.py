@@ -239,10 +239,7 @@ if triton is not None:
         if FUSE_SELECT:
             tl.debug_barrier()  # every thread's scores stored before the release below
             n_prog = (n_pages + BLOCK_P * ITERS - 1) // (BLOCK_P * ITERS)  # the row's programs
-            last = tl.atomic_add(sem_ptr + rh, 1, sem="acq_rel") == n_prog - 1
-            tl.debug_barrier()  # every thread has read the atomic's result (through shared
-            # memory) before the top-K's reductions reuse that memory
-            if last:
+            if tl.atomic_add(sem_ptr + rh, 1, sem="acq_rel") == n_prog - 1:
                 tl.store(sem_ptr + rh, 0)  # the row's last program: every score is visible
                 _select_row(out_ptr, r2t_ptr, cand_ptr, count_ptr, stride_or, stride_oh,
                             stride_r2t, stride_cr, stride_ch, r, h, seq, rpi, H, P, K, NP_PAD,

@@ -520,12 +520,7 @@ if triton is not None:
         if FUSE_UNION:
             tl.debug_barrier()  # every thread's marks and this head's lo stored before the release
             rh = r * H + h
-            last = tl.atomic_add(usem_ptr + rh, 1, sem="acq_rel") == G - 1  # the group's last head
-            # every thread has read the atomic's result, which Triton passes on through shared
-            # memory, before the union's reductions reuse that memory (without this barrier a
-            # fast warp overwrote it: on the H100, wrong kept slots and illegal addresses)
-            tl.debug_barrier()
-            if last:
+            if tl.atomic_add(usem_ptr + rh, 1, sem="acq_rel") == G - 1:  # the group's last head
                 gg = tl.arange(0, G_P2)
                 los = tl.load(lo_ptr + rh * G + gg, mask=gg < G, other=0, cache_modifier=".cg")
                 state = 0
