@@ -641,6 +641,11 @@ if triton is not None:
         h = rh % H
         if FUSED:
             state = tl.load(usem_ptr + rh)
+            # every thread has its value before one of them resets it: a warp that loaded after
+            # the reset went on with the union the top-p kernel had done, and the warps of one
+            # program split at its barriers (on the H100: wrong kept slots, illegal addresses, a
+            # hang; the interpreter and compute-sanitizer never showed it)
+            tl.debug_barrier()
             tl.store(usem_ptr + rh, 0)
             if state < 0:
                 return
