@@ -211,7 +211,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         sel = lambda: _quest.quest_select_pages_triton(
             inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], C,
             PAGE, max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
-            cand_counts=ws.cand_counts[:bs], sem=ws.select_sem)
+            cand_counts=ws.cand_counts[:bs])
         stages["select"], c_sel = timed(sel, args.l2)
         stages["select.scores"] = graph_ms(lambda: _quest.quest_page_scores_triton(
             inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"],
@@ -222,7 +222,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
             scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
             lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
             scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs],
-            parts=ws.score_parts[:bs], usem=ws.union_sem)
+            parts=ws.score_parts[:bs])
         stages["prune"], c_prune = timed(prune, args.l2)
         # the estimate as the prune runs it (with the partials the top-p kernel reads)
         stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(

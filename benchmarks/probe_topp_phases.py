@@ -106,11 +106,9 @@ def probe(T, bs, ctx, H=8, G=4, D=128):
         T._topp_head_kernel[(n,)](
             stamps, scores, cnt, pr, lo, tot, mx, ws.topp_scratch, marks, pa, scores.stride(0),
             scores.stride(1), scores.stride(2), marks.stride(0), marks.stride(1), pa.stride(0),
-            pa.stride(1), pa.stride(2), lo, lo, lo, lo, 0, 0, 0, 0, 0, 0, H=H, G=G,
-            SCRATCH=T.topp_scratch_width(C), PARTS=parts is not None,
-            NP=pa.shape[-1] if parts is not None else 1, SPAN=T.estimate_span(bs * H),
-            FUSE_UNION=False, G_P2=1, P=1, FROM_PAGES=False, V=1, UCHUNK=1,
-            **T._topp_launch(c_pad))
+            pa.stride(1), pa.stride(2), H=H, G=G, SCRATCH=T.topp_scratch_width(C),
+            PARTS=parts is not None, NP=pa.shape[-1] if parts is not None else 1,
+            SPAN=T.estimate_span(bs * H), **T._topp_launch(c_pad))
         marks.zero_()
 
     for _ in range(3):

@@ -181,19 +181,15 @@ if triton is not None:
     def _page_scores_kernel(
         q_ptr, kmax_ptr, kmin_ptr, kb_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, out_ptr,
         stride_qr, stride_qh, stride_bp, stride_bh, stride_bsp, stride_bsh, stride_r2t, stride_or,
-        stride_oh, sem_ptr, cand_ptr, count_ptr, stride_cr, stride_ch,
+        stride_oh,
         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
         BLOCK_P: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, G_PAD: tl.constexpr,
-        DOT_F32: tl.constexpr, FUSE_SELECT: tl.constexpr, K: tl.constexpr, NP_PAD: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
         """One program: one (request, kv head) x ITERS blocks of BLOCK_P logical pages -> scores
         (-inf past end), the blocks software-pipelined (STAGES).
 
         sum_d max(q_d M_d, q_d m_d) = relu(q) . M + min(q, 0) . m: two tensor-core dots.
-        ``FUSE_SELECT``: each program then counts itself done on the row's semaphore
-        (``sem_ptr``, int32 per (request, kv head), 0 between calls), and the row's last one
-        chooses its pages (``_select_row``, the scores read from L2) and resets the semaphore:
-        no kernel of its own, and at large batches a row's choice overlaps other rows' scores.
         """
         rh = tl.program_id(0)
         start = tl.program_id(1) * (BLOCK_P * ITERS)
@@ -236,14 +232,6 @@ if triton is not None:
             s = (tl.dot(bmax, qposT, acc0) + tl.dot(bmin, qnegT)) * bs[:, None]  # [BP, G_PAD] fp32
             s = tl.where(gm[None, :], s, float("-inf"))
             tl.store(out_ptr + r * stride_or + h * stride_oh + j, tl.max(s, 1), mask=jm)
-        if FUSE_SELECT:
-            tl.debug_barrier()  # every thread's scores stored before the release below
-            n_prog = (n_pages + BLOCK_P * ITERS - 1) // (BLOCK_P * ITERS)  # the row's programs
-            if tl.atomic_add(sem_ptr + rh, 1, sem="acq_rel") == n_prog - 1:
-                tl.store(sem_ptr + rh, 0)  # the row's last program: every score is visible
-                _select_row(out_ptr, r2t_ptr, cand_ptr, count_ptr, stride_or, stride_oh,
-                            stride_r2t, stride_cr, stride_ch, r, h, seq, rpi, H, P, K, NP_PAD,
-                            True)
 
     @triton.jit
     def _f32_key(x):
@@ -366,27 +354,16 @@ if triton is not None:
         ascending logical order (only the last can be partial) and the candidate token count."""
         rh = tl.program_id(0)
         r = rh // H
-        _select_row(scores_ptr, r2t_ptr, cand_ptr, count_ptr, stride_sr, stride_sh, stride_r2t,
-                    stride_cr, stride_ch, r, rh % H, tl.load(seqlen_ptr + r),
-                    tl.load(rpi_ptr + r).to(tl.int64), H, P, K, NP_PAD, False)
-
-    @triton.jit
-    def _select_row(scores_ptr, r2t_ptr, cand_ptr, count_ptr, stride_sr, stride_sh, stride_r2t,
-                    stride_cr, stride_ch, r, h, seq, rpi, H: tl.constexpr, P: tl.constexpr,
-                    K: tl.constexpr, NP_PAD: tl.constexpr, UNCACHED: tl.constexpr):
-        """The pages of (request r, kv head h) from its page scores. ``UNCACHED``: the scores
-        were written by other programs of the running kernel: read from L2, never this SM's L1."""
+        h = rh % H
+        seq = tl.load(seqlen_ptr + r)
         n_pages = (seq + P - 1) // P
+        rpi = tl.load(rpi_ptr + r).to(tl.int64)
         j = tl.arange(0, NP_PAD)
         valid = j < n_pages
         if n_pages <= K:
             chosen = valid
         else:
-            sp = scores_ptr + r * stride_sr + h * stride_sh + j
-            if UNCACHED:
-                s = tl.load(sp, mask=valid, other=0.0, cache_modifier=".cg")
-            else:
-                s = tl.load(sp, mask=valid, other=0.0)
+            s = tl.load(scores_ptr + r * stride_sr + h * stride_sh + j, mask=valid, other=0.0)
             key = _f32_key(s)
             key = tl.where((j == 0) | (j == n_pages - 1), 2147483647, key)
             chosen = _topk_mask(key, valid, K, n_pages)
@@ -404,9 +381,7 @@ if triton is not None:
 
 
 def quest_page_scores_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens,
-                             page_size, max_pages, out=None, select=None):
-    """Page scores [R, H, max_pages]. ``select``: (K, cand_pages, cand_counts, semaphores int32
-    [R * H], all zero): the same kernel also chooses each row's K pages (``SELECT_FUSED``)."""
+                             page_size, max_pages, out=None):
     _check_bounds(kmax, kmin, kbscale)
     R, Hq, D = q.shape
     H = kmax.shape[1]
@@ -415,16 +390,12 @@ def quest_page_scores_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indi
     BLOCK_P, ITERS = cfg["BLOCK_P"], cfg["ITERS"]
     if out is None:
         out = torch.empty(R, H, max_pages, dtype=torch.float32, device=q.device)
-    K, cand, cnt, sem = select if select is not None else (1, out, out, out)
     _page_scores_kernel[(R * H, triton.cdiv(max_pages, BLOCK_P * ITERS))](
         q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, out,
         q.stride(0), q.stride(1), kmax.stride(0), kmax.stride(1), kbscale.stride(0),
         kbscale.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1),
-        sem, cand, cnt, cand.stride(0), cand.stride(1),
         H=H, G=G, D=D, P=page_size, BLOCK_P=BLOCK_P, ITERS=ITERS, STAGES=cfg["STAGES"],
-        G_PAD=max(16, next_pow2(G)), DOT_F32=interpreting(), FUSE_SELECT=select is not None,
-        K=K, NP_PAD=next_pow2(max_pages), num_warps=cfg["num_warps"],
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and select is not None else {}),
+        G_PAD=max(16, next_pow2(G)), DOT_F32=interpreting(), num_warps=cfg["num_warps"],
     )
     return out
 
@@ -437,11 +408,10 @@ PAGE_SCORES_CONFIG = dict(BLOCK_P=32, ITERS=4, STAGES=3, num_warps=2)
 
 def quest_select_pages_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens,
                               budget, page_size, max_pages=None, scores=None, cand_pages=None,
-                              cand_counts=None, sem=None):
+                              cand_counts=None):
     """-> (cand_pages int32 [R, Hkv, C // P], cand_counts int32 [R, Hkv]); candidate token n of a
     row is slot ``cand_pages[n // P] * P + n % P``. Graph-safe: every shape depends only on
-    (R, budget, max_pages), never on data. ``sem``: int32 [R * Hkv], all zero (left so), for
-    ``SELECT_FUSED``; allocated when None."""
+    (R, budget, max_pages), never on data."""
     R, Hq, D = q.shape
     H = kmax.shape[1]
     C = capacity_for(budget, page_size)
@@ -449,25 +419,15 @@ def quest_select_pages_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_ind
     if max_pages is None:  # eager convenience; the backend passes the server's max context
         max_pages = -(-int(seq_lens.max().item()) // page_size)
     max_pages = max(int(max_pages), 1)
-    if cand_pages is None:
-        cand_pages = torch.zeros(R, H, K, dtype=torch.int32, device=q.device)
-    if cand_counts is None:
-        cand_counts = torch.empty(R, H, dtype=torch.int32, device=q.device)
-    if max_pages > K and SELECT_FUSED:
-        if sem is None:
-            sem = torch.zeros(R * H, dtype=torch.int32, device=q.device)
-        elif sem.dtype != torch.int32 or sem.numel() < R * H:
-            raise ValueError(f"select semaphores must be int32 with >= {R * H} entries, got "
-                             f"{sem.dtype} x {sem.numel()}")
-        quest_page_scores_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens,
-                                 page_size, max_pages, out=scores,
-                                 select=(K, cand_pages, cand_counts, sem))
-        return cand_pages, cand_counts
     if max_pages > K:
         scores = quest_page_scores_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
                                           seq_lens, page_size, max_pages, out=scores)
     elif scores is None:  # every request fits the budget: no scoring needed
         scores = torch.empty(R, H, 1, dtype=torch.float32, device=q.device)
+    if cand_pages is None:
+        cand_pages = torch.zeros(R, H, K, dtype=torch.int32, device=q.device)
+    if cand_counts is None:
+        cand_counts = torch.empty(R, H, dtype=torch.int32, device=q.device)
     NP_PAD = next_pow2(max_pages)
     _select_kernel[(R * H,)](
         scores, req_to_token, req_pool_indices, seq_lens, cand_pages, cand_counts,
@@ -477,10 +437,6 @@ def quest_select_pages_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_ind
     )
     return cand_pages, cand_counts
 
-
-# the page scores kernel also chooses the pages (its row's last program, ``FUSE_SELECT``), instead
-# of a kernel of its own after it
-SELECT_FUSED = True
 
 # warps of the top-K page kernel by padded page count (tuned on the H100 by
 # benchmarks/tune_kernels.py); others: 4 up to 1024 pages, else 8

@@ -416,13 +416,9 @@ if triton is not None:
     def _topp_head_kernel(
         s_ptr, count_ptr, p_ptr, lo_ptr, tot_ptr, max_ptr, scratch_ptr, mark_ptr, parts_ptr,
         stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_pr, stride_ph, stride_pg,
-        usem_ptr, cand_ptr, kept_ptr, kept_count_ptr, min_budget, max_budget, stride_cr,
-        stride_ch, stride_kr, stride_kh,
         H: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr,
         MID: tl.constexpr, SCRATCH: tl.constexpr, STAGES: tl.constexpr, REFLOOR: tl.constexpr,
         PARTS: tl.constexpr, NP: tl.constexpr, SPAN: tl.constexpr, RAISE: tl.constexpr,
-        FUSE_UNION: tl.constexpr, G_P2: tl.constexpr, P: tl.constexpr,
-        FROM_PAGES: tl.constexpr, V: tl.constexpr, UCHUNK: tl.constexpr,
     ):
         """One program per (request, q head): the top-p threshold of e = exp(s - max), and the
         kept entries marked (a byte per candidate, shared by the KV head's G q heads: that mark
@@ -442,12 +438,6 @@ if triton is not None:
         recomputed where needed, same instructions, same bits), in CHUNK pieces. ``PARTS``: the
         max and sum come from the estimate's per-program partials (``_estimate_kernel``, one per
         SPAN candidates), not from a first pass over the row.
-
-        ``FUSE_UNION``: each program then counts itself done on its (request, KV head)'s
-        semaphore (``usem_ptr``, 0 between calls), and the group's last one does the union and
-        compaction (``_union_in_chunks``) when no head of the group was flagged and no budget
-        clamp binds, and leaves -1 there for ``_union_compact_kernel`` to skip the row (else 0:
-        that kernel does it, after the overflow kernel).
         """
         pid = tl.program_id(0)
         r = pid // (H * G)
@@ -517,60 +507,6 @@ if triton is not None:
         tl.store(lo_ptr + pid, lo)
         tl.store(tot_ptr + pid, tot)
         tl.store(max_ptr + pid, m)
-        if FUSE_UNION:
-            tl.debug_barrier()  # every thread's marks and this head's lo stored before the release
-            rh = r * H + h
-            if tl.atomic_add(usem_ptr + rh, 1, sem="acq_rel") == G - 1:  # the group's last head
-                gg = tl.arange(0, G_P2)
-                los = tl.load(lo_ptr + rh * G + gg, mask=gg < G, other=0, cache_modifier=".cg")
-                state = 0
-                if (p < 1.0) & (tl.min(los, 0) >= 0):
-                    mrow = mark_ptr + r * stride_mr + h * stride_mh
-                    done = _union_in_chunks(
-                        mrow, cand_ptr + r * stride_cr + h * stride_ch,
-                        kept_ptr + r * stride_kr + h * stride_kh, kept_count_ptr + rh, count,
-                        min_budget, max_budget, P, FROM_PAGES, V, UCHUNK)
-                    state = tl.where(done, -1, 0)
-                tl.store(usem_ptr + rh, state)
-
-    @triton.jit
-    def _union_in_chunks(mark_row, cbase, kbase, kept_count_ptr, count, min_budget, max_budget,
-                         P: tl.constexpr, FROM_PAGES: tl.constexpr, V: tl.constexpr,
-                         UCHUNK: tl.constexpr):
-        """``_union_compact_kernel``'s work for one row when no budget clamp binds, UCHUNK
-        candidates at a time (held as [UCHUNK / V, V], ranked by ``_group_ranks``), inside the
-        top-p kernel: the marks (written by the group's other programs: read from L2) plus the
-        newest token, compacted in row order; the marks cleared. -> whether it did it (False:
-        a clamp binds, nothing written or cleared)."""
-        grp = tl.arange(0, UCHUNK // V)
-        off = grp[:, None] * V + tl.arange(0, V)[None, :]
-        n_union = tl.zeros([], tl.int32)
-        for st in range(0, count, UCHUNK):  # count first: a clamp needs the whole row's weights
-            idx = st + off
-            m = tl.load(mark_row + idx, mask=idx < count, other=0, cache_modifier=".cg")
-            n_union += tl.sum(tl.sum(((m != 0) | (idx == count - 1)).to(tl.int32), 1), 0)
-        k = tl.maximum(n_union, tl.minimum(min_budget, count))
-        if max_budget > 0:
-            k = tl.minimum(k, max_budget)
-        done = k == n_union
-        if done:
-            n_done = tl.zeros([], tl.int32)
-            for st in range(0, count, UCHUNK):
-                idx = st + off
-                valid = idx < count
-                marked = tl.load(mark_row + idx, mask=valid, other=0, cache_modifier=".cg") != 0
-                tl.store(mark_row + idx, tl.zeros([UCHUNK // V, V], tl.int8), mask=marked)
-                keep = valid & (marked | (idx == count - 1))
-                rank, n_grp = _group_ranks(keep)
-                if FROM_PAGES and V == P:  # a group is one page: one id for its V slots
-                    page = tl.load(cbase + st // V + grp, mask=n_grp > 0, other=0).to(tl.int64)
-                    slot = page[:, None] * P + tl.arange(0, V)[None, :]
-                else:
-                    slot = _candidate_slots(cbase, idx, keep, P, FROM_PAGES)
-                tl.store(kbase + n_done + rank, slot.to(tl.int32), mask=keep)
-                n_done += tl.sum(n_grp, 0)
-            tl.store(kept_count_ptr, n_union)
-        return done
 
     @triton.jit
     def _topp_overflow_kernel(
@@ -622,9 +558,8 @@ if triton is not None:
     def _union_compact_kernel(
         s_ptr, mark_ptr, max_ptr, tot_ptr, cand_ptr, count_ptr, p_ptr, kept_ptr, kept_count_ptr,
         min_budget, max_budget, stride_sr, stride_sh, stride_sg, stride_mr, stride_mh, stride_cr,
-        stride_ch, stride_kr, stride_kh, usem_ptr, H: tl.constexpr, G: tl.constexpr,
-        C_PAD: tl.constexpr, P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr,
-        V: tl.constexpr, FUSED: tl.constexpr,
+        stride_ch, stride_kr, stride_kh, H: tl.constexpr, G: tl.constexpr, C_PAD: tl.constexpr,
+        P: tl.constexpr, FROM_PAGES: tl.constexpr, KEEP_ALL: tl.constexpr, V: tl.constexpr,
     ):
         """One program per (request, kv head): the union over the group (the marks the top-p
         kernel left, plus the newest token), the budget clamps, the compaction; the marks are
@@ -634,21 +569,10 @@ if triton is not None:
         as [C_PAD], so that its C_PAD kept slots are stored coalesced. Else the row is held as
         [C_PAD / V, V], V neighbours in one thread (a page's tokens when V is the page size:
         one page id loaded for them), ranked by ``_group_ranks`` (the kept slots are few, their
-        stores scattered anyway). ``FUSED``: the top-p kernel did the rows whose semaphore
-        (``usem_ptr``) it left at -1; they are skipped, and every semaphore is set back to 0."""
+        stores scattered anyway)."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
-        if FUSED:
-            state = tl.load(usem_ptr + rh)
-            # every thread has its value before one of them resets it: a warp that loaded after
-            # the reset went on with the union the top-p kernel had done, and the warps of one
-            # program split at its barriers (on the H100: wrong kept slots, illegal addresses, a
-            # hang; the interpreter and compute-sanitizer never showed it)
-            tl.debug_barrier()
-            tl.store(usem_ptr + rh, 0)
-            if state < 0:
-                return
         count = tl.load(count_ptr + r * H + h)
         cbase = cand_ptr + r * stride_cr + h * stride_ch
         kbase = kept_ptr + r * stride_kr + h * stride_kh
@@ -804,12 +728,6 @@ def _row_warps(c_pad: int) -> int:
     return UNION_WARPS.get(c_pad, 4 if c_pad <= 2048 else 8)
 
 
-# the top-p kernel's last program of each (request, KV head) does the union and compaction
-# (``FUSE_UNION``; the union kernel then only does the rows it could not: a head flagged for the
-# overflow kernel, a budget clamp, p >= 1), UNION_CHUNK candidates at a time
-UNION_FUSED = True
-UNION_CHUNK = 1024
-
 # warps of the overflow top-p kernel by padded row; rows not listed: as the union kernel
 OVERFLOW_WARPS: dict[int, int] = {}
 # the overflow kernel's grid: one program per (request, KV head) (True) or per q head (False)
@@ -880,15 +798,14 @@ def _topp_launch(c_pad: int, step_heads: int = 0) -> dict:
 def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                              kept_slots=None, kept_counts=None, lo=None, tot=None, page_size=0,
                              scratch=None, mx=None, marks=None, step_heads=None, parts=None,
-                             parts_span=0, usem=None):
+                             parts_span=0):
     """Top-p per q head, then union / clamps / compaction per KV head; ``scores`` is only read.
     ``lo``, ``tot``, ``mx`` (R*H*G each) receive each head's threshold key, sum of e and row
     max, where e = exp(s - max). ``scratch``: int32, ``2*R*H*G*topp_scratch_width(C)`` entries
     or more. ``marks``: int8 [R, H, C], all zero (it is left all zero). ``step_heads``: q heads
     of the whole decode step when these rows are one of its row groups (the launch shape).
     ``parts``: the estimate's partials of these scores (``int4_scores_triton``), one per
-    ``parts_span`` candidates: the max and sum of each head come from them. ``usem``: int32
-    [R * H], all zero (left so), for ``UNION_FUSED``; allocated when None."""
+    ``parts_span`` candidates: the max and sum of each head come from them."""
     R, H, G, C = scores.shape
     dev = scores.device
     pr = _rows_p(p, R, dev)
@@ -916,27 +833,13 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
             raise ValueError(f"parts_span must be > 0 with parts, got {parts_span}")
         _check_parts(parts, R, H, G, C, parts_span)
     pa = parts if parts is not None else scores
-    fused = UNION_FUSED
-    if fused and usem is None:
-        usem = torch.zeros(R * H, dtype=torch.int32, device=dev)
-    elif fused and (usem.dtype != torch.int32 or usem.numel() < R * H):
-        raise ValueError(f"union semaphores must be int32 with >= {R * H} entries, got "
-                         f"{usem.dtype} x {usem.numel()}")
-    if not fused:
-        usem = lo  # not read
     strides = (scores.stride(0), scores.stride(1), scores.stride(2))
     mstrides = (marks.stride(0), marks.stride(1))
-    ustrides = (cand_slots.stride(0), cand_slots.stride(1), kept_slots.stride(0),
-                kept_slots.stride(1))
-    V = _union_shape(C_PAD, page_size, page_size > 0)
     _topp_head_kernel[(R * H * G,)](
         scores, cand_counts, pr, lo, tot, mx, scratch, marks, pa, *strides, *mstrides,
-        pa.stride(0), pa.stride(1), pa.stride(2), usem, cand_slots, kept_slots, kept_counts,
-        int(min_budget), int(max_budget or 0), *ustrides, H=H, G=G, SCRATCH=width,
+        pa.stride(0), pa.stride(1), pa.stride(2), H=H, G=G, SCRATCH=width,
         PARTS=parts is not None, NP=parts.shape[-1] if parts is not None else 1,
-        SPAN=max(int(parts_span), 1), FUSE_UNION=fused, G_P2=next_pow2(G),
-        P=max(page_size, 1), FROM_PAGES=page_size > 0, V=V, UCHUNK=min(UNION_CHUNK, C_PAD),
-        **_topp_launch(C_PAD, step_heads or R * H * G),
+        SPAN=max(int(parts_span), 1), **_topp_launch(C_PAD, step_heads or R * H * G),
     )
     per_kv = OVERFLOW_PER_KV
     _topp_overflow_kernel[(R * H if per_kv else R * H * G,)](
@@ -946,9 +849,11 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
     )
     _union_compact_kernel[(R * H,)](
         scores, marks, mx, tot, cand_slots, cand_counts, pr, kept_slots, kept_counts,
-        int(min_budget), int(max_budget or 0), *strides, *mstrides, *ustrides, usem, H=H, G=G,
-        C_PAD=C_PAD, P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False, V=V,
-        FUSED=fused, num_warps=_row_warps(C_PAD), **_maxnreg("union"),
+        int(min_budget), int(max_budget or 0), *strides, *mstrides, cand_slots.stride(0),
+        cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
+        P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False,
+        V=_union_shape(C_PAD, page_size, page_size > 0), num_warps=_row_warps(C_PAD),
+        **_maxnreg("union"),
     )
     return kept_slots, kept_counts
 
@@ -964,9 +869,8 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
     _union_compact_kernel[(R * H,)](
         cand_pages, cand_pages, cand_pages, cand_pages, cand_pages, cand_counts, ones, kept_slots,
         cand_counts, 0, 0, 0, 0, 0, 0, 0, cand_pages.stride(0), cand_pages.stride(1),
-        kept_slots.stride(0), kept_slots.stride(1), cand_counts, H=H, G=1, C_PAD=C_PAD,
-        P=page_size, FROM_PAGES=True, KEEP_ALL=True, V=1, FUSED=False,
-        num_warps=_row_warps(C_PAD),
+        kept_slots.stride(0), kept_slots.stride(1), H=H, G=1, C_PAD=C_PAD, P=page_size,
+        FROM_PAGES=True, KEEP_ALL=True, V=1, num_warps=_row_warps(C_PAD),
     )
     return kept_slots, cand_counts
 
@@ -974,7 +878,7 @@ def expand_candidates_triton(cand_pages, cand_counts, page_size, kept_slots=None
 def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                           max_budget, scores=None, kept_slots=None, kept_counts=None, lo=None,
                           tot=None, page_size=0, scratch=None, mx=None, marks=None,
-                          step_heads=None, parts=None, usem=None):
+                          step_heads=None, parts=None):
     """``page_size > 0``: ``cand_slots`` holds page lists (see quest_select_pages_triton).
     ``parts``: the buffer of the estimate's partials (allocated when None), used when
     ``TOPP_FROM_PARTS``."""
@@ -989,4 +893,4 @@ def twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_s
                                 page_size=page_size, parts=parts)
     return prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max_budget,
                                     kept_slots, kept_counts, lo, tot, page_size, scratch, mx,
-                                    marks, step_heads, parts, estimate_span(R * H), usem)
+                                    marks, step_heads, parts, estimate_span(R * H))

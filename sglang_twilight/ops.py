@@ -141,8 +141,6 @@ class DecodeWorkspace:
     union_marks: torch.Tensor
     topp_scratch: torch.Tensor
     score_parts: torch.Tensor
-    select_sem: torch.Tensor
-    union_sem: torch.Tensor
     num_sms: int
     mid_o: torch.Tensor
     mid_lse: torch.Tensor
@@ -180,8 +178,6 @@ class DecodeWorkspace:
                                      dtype=torch.int32, **kw),
             score_parts=torch.empty(max_rows, H, G, 2, _topp.score_parts_width(C),
                                     dtype=torch.float32, **kw),
-            select_sem=torch.zeros(max_rows * H, dtype=torch.int32, **kw),
-            union_sem=torch.zeros(max_rows * H, dtype=torch.int32, **kw),
             num_sms=sms,
             mid_o=torch.empty(mid_rows * G, head_dim, dtype=torch.float32, **kw),
             mid_lse=torch.empty(mid_rows * G, dtype=torch.float32, **kw),
@@ -193,7 +189,7 @@ class DecodeWorkspace:
         return sum(t.numel() * t.element_size() for t in (
             self.page_scores, self.cand_pages, self.cand_counts, self.scores, self.kept_slots,
             self.kept_counts, self.head_lo, self.head_tot, self.head_max, self.union_marks,
-            self.topp_scratch, self.score_parts, self.select_sem, self.union_sem, self.mid_o, self.mid_lse))
+            self.topp_scratch, self.score_parts, self.mid_o, self.mid_lse))
 
 
 def _static_keep_all(p) -> bool:
@@ -271,8 +267,7 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
                     kept_slots=ws.kept_slots[rows], kept_counts=ws.kept_counts[rows],
                     lo=ws.head_lo[heads], tot=ws.head_tot[heads], mx=ws.head_max[heads],
                     marks=ws.union_marks[rows], scratch=ws.topp_scratch[2 * r0 * H * G * width:],
-                    parts=ws.score_parts[rows], select_sem=ws.select_sem[r0 * H: r1 * H],
-                    union_sem=ws.union_sem[r0 * H: r1 * H],
+                    parts=ws.score_parts[rows],
                     mid_o=ws.mid_o[mid: mid + n_mid], mid_lse=ws.mid_lse[mid: mid + n_mid])
         mid += n_mid
         kw = dict(budget=ws.capacity, page_size=page_size, sm_scale=sm_scale,
@@ -304,15 +299,13 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
                         req_to_token, req_pool_indices, seq_lens, p, *, budget, page_size,
                         sm_scale, min_budget, max_budget, max_pages, splits, out, page_scores,
                         cand_pages, cand_counts, scores, kept_slots, kept_counts, lo, tot, mx,
-                        marks, scratch, parts, select_sem, union_sem, mid_o, mid_lse,
-                        step_heads):
+                        marks, scratch, parts, mid_o, mid_lse, step_heads):
     """select -> prune -> attend of a group of rows, in the caller's workspace slices: a Python
     float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row.
     ``step_heads``: q heads of the whole step (the top-p launch shape)."""
     pages, cnt = _quest.quest_select_pages_triton(
         q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, budget, page_size,
-        max_pages=max_pages, scores=page_scores, cand_pages=cand_pages, cand_counts=cand_counts,
-        sem=select_sem)
+        max_pages=max_pages, scores=page_scores, cand_pages=cand_pages, cand_counts=cand_counts)
     if _static_keep_all(p):
         kept, kcnt = _topp.expand_candidates_triton(pages, cnt, page_size, kept_slots)
     else:
@@ -320,7 +313,7 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
             q, kq, kscale, kzero, pages, cnt, p, sm_scale, min_budget, max_budget,
             scores=scores, kept_slots=kept_slots, kept_counts=kept_counts, lo=lo, tot=tot,
             page_size=page_size, scratch=scratch, mx=mx, marks=marks, step_heads=step_heads,
-            parts=parts, usem=union_sem)
+            parts=parts)
     _attend.sparse_decode_attention_triton(q, k_buffer, v_buffer, kept, kcnt, sm_scale, out=out,
                                            splits=splits, mid_o=mid_o, mid_lse=mid_lse)
 
