@@ -16,6 +16,7 @@ Usage: python benchmarks/bench_attention.py --out benchmarks/results/bench_atten
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -79,7 +80,11 @@ def graph_ms(fn, reps=200):
     return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
 
 
-_L2_FLUSH: list = []
+@functools.cache
+def _l2_flush_buffer() -> torch.Tensor:
+    """fp32 ones of twice the L2's size (at least 1 MiB), made once per process."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return torch.ones(max(2 * l2, 1 << 20) // 4, dtype=torch.float32, device="cuda")
 
 
 def graph_ms_l2_cold(fn, reps=200):
@@ -89,10 +94,7 @@ def graph_ms_l2_cold(fn, reps=200):
     Quest bounds of batch 8 x 32k are 34 MB) is read from there; in a model every layer reads
     its own, so a layer's attention starts cold. The flush reads rather than writes, so that no
     dirty lines are written back while fn runs."""
-    if not _L2_FLUSH:
-        l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-        _L2_FLUSH.append(torch.ones(max(2 * l2, 1 << 20) // 4, dtype=torch.float32, device="cuda"))
-    buf = _L2_FLUSH[0]
+    buf = _l2_flush_buffer()
     flush = lambda: buf.sum()
     both = graph_ms(lambda: (flush(), fn()), reps)
     return both - graph_ms(flush, reps)

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import PAGE, make_inputs  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
+from sglang_twilight.kernels._launch import next_pow2  # noqa: E402
 from sglang_twilight.kernels import quest as _quest  # noqa: E402
 from sglang_twilight.kernels import topp as _topp  # noqa: E402
 
@@ -47,7 +48,7 @@ def main():
     ws = ops.DecodeWorkspace.allocate(bs, H, G, D, args.budget, PAGE, ctx, dev)
     rows = bs * H
     log(f"estimate shape {_topp._estimate_config(rows)}, top-p shape "
-        f"{_topp._topp_launch(1 << (ws.capacity - 1).bit_length(), rows * G)}")
+        f"{_topp._topp_launch(next_pow2(ws.capacity), rows * G)}")
     cand, cnt = _quest.quest_select_pages_triton(
         inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"],
         ws.capacity, PAGE, max_pages=ws.max_pages, scores=ws.page_scores[:bs],

@@ -15,11 +15,11 @@ case "${1:?prepare|run}" in
   prepare)
     shift
     for t in "$@"; do
-      if [ -d "$t" ]; then name=$(basename "$t"); rm -rf ".abtrees/$name"; mkdir -p ".abtrees/$name"
-        (cd "$t" && tar -cf - $PATHS) | tar -x -C ".abtrees/$name"
-      else name=$t; rm -rf ".abtrees/$name"; mkdir -p ".abtrees/$name"
-        # shellcheck disable=SC2086
-        git archive "$t" $PATHS | tar -x -C ".abtrees/$name"
+      name=$t; [ -d "$t" ] && name=$(basename "$t")
+      rm -rf ".abtrees/$name"; mkdir -p ".abtrees/$name"
+      # shellcheck disable=SC2086
+      if [ -d "$t" ]; then (cd "$t" && tar -cf - $PATHS) | tar -x -C ".abtrees/$name"
+      else git archive "$t" $PATHS | tar -x -C ".abtrees/$name"
       fi
       find ".abtrees/$name" -name __pycache__ -prune -exec rm -rf {} +
       echo "prepared .abtrees/$name"
