@@ -115,9 +115,38 @@ def child(args):
         parts=parts[a:b], parts_span=_topp.estimate_span(rows))
     sync()
     lo = ws.head_lo[:m]
-    log(f"requests {a}:{b}: top-p, overflow and union done: mean kept {kcnt.float().mean().item():.1f}, "
-        f"heads flagged to the overflow kernel {int((lo < 0).sum())}")
+    log(f"requests {a}:{b}: top-p, overflow and union done: mean kept "
+        f"{kcnt.float().mean().item():.1f}, heads flagged to the overflow kernel {int((lo < 0).sum())}")
     faulthandler.cancel_dump_traceback_later()
+    if args.check:  # the kept sets against the torch reference on the same scores
+        slots = (cand[a:b].long()[..., None] * PAGE + torch.arange(PAGE, device=dev)).flatten(2)
+        live = torch.arange(scores.shape[-1], device=dev) < cnt[a:b].long()[..., None, None]
+        rk, rn = _topp.prune_from_scores_ref(torch.where(live, scores[a:b], float("-inf")), slots,
+                                             cnt[a:b], pr[a:b], 1, 0)
+        n_rows, d_rows, d_max = _set_differences(kept, kcnt, rk, rn)
+        log(f"check: {d_rows} of {n_rows} (request, KV head) rows differ from the reference, "
+            f"at most {d_max} entries")
+
+
+def _set_differences(k1, n1, k2, n2):
+    """Kept slot lists [R, H, C] with counts [R, H], twice -> (rows, rows whose sets differ, the
+    largest symmetric difference of a row)."""
+    C = k1.shape[-1]
+    idx = torch.arange(C, device=k1.device)
+    big = torch.iinfo(torch.int64).max
+
+    def sorted_rows(k, n):
+        k = torch.where(idx < n.long()[..., None], k.long(), big)
+        return k.flatten(0, 1).sort(-1).values
+
+    a, b = sorted_rows(k1, n1), sorted_rows(k2, n2)
+
+    def missing(x, y):  # entries of x (not padding) absent from y, per row
+        pos = torch.searchsorted(y, x).clamp_max(C - 1)
+        return ((y.gather(-1, pos) != x) & (x != big)).sum(-1)
+
+    d = missing(a, b) + missing(b, a)
+    return d.numel(), int((d > 0).sum()), int(d.max())
 
 
 def run_child(args, extra, log):
@@ -211,6 +240,8 @@ def main():
     ap.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--requests", default="", help=argparse.SUPPRESS)
     ap.add_argument("--dump", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--check", action="store_true",
+                    help="(child) compare the kept sets with the torch reference")
     args = ap.parse_args()
     if args.child:
         child(args)

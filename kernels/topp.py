@@ -792,6 +792,15 @@ def _topp_launch(c_pad: int, step_heads: int = 0) -> dict:
     cfg["SMALL"] = min(cfg["SMALL"], cfg["MID"])
     if c_pad <= 256:
         cfg["num_warps"] = min(cfg["num_warps"], 4)
+    # No multiply-add contraction in this kernel: its branches and its search loop (barriers
+    # inside) hang on scalars every thread must hold bit for bit, and a sum of products reduced
+    # across lanes is not that when contracted. The head's total tot = sum(pt * exp(pm - m)) was
+    # compiled with its first butterfly step as fma(own product, partner's rounded product):
+    # partner lanes then disagree in the last bit, so do p * tot, the search's probes and its
+    # stop test, and the warps split at the next barrier. That hung the 8k x 64 benchmark case
+    # (request 37 of its inputs alone hangs; benchmarks/probe_prune_alone.py finds it). Without
+    # contraction every butterfly step is a + b on both lanes: commutative, the same bits.
+    cfg["enable_fp_fusion"] = False
     return cfg
 
 
