@@ -1,20 +1,23 @@
-"""Where a prune stage that does not return stops, and on which heads.
+"""Where a prune stage that does not return stops, and on which heads; or a sweep showing that
+none stops.
 
 A driver (the default) runs children, each a fresh process with a time limit:
-1. the benchmark's inputs at one batch x context, the candidates chosen, then the prune of every
-   request in one call (as ``bench_attention.py`` times it alone), once per ``--variants`` entry
-   (``default``; ``after_step``: the grouped decode step runs first on the same workspace, as in
-   the benchmark; ``est_narrow``: the estimate's narrow launch shape; ``topp_narrow``: the top-p
-   kernel's narrow shape; ``raise0``: no optimistic 4x floor). Each kernel launch blocks
-   (CUDA_LAUNCH_BLOCKING=1, set before torch loads) and a child that does not finish dumps its
-   Python stack, so the stack names the kernel;
-2. if the default variant hangs after the estimate, the top-p, overflow and union kernels run
+1. the benchmark's inputs (``--seeds``, each ``--contexts`` entry) at one batch, the candidates
+   chosen, then the prune of every request in one call (as ``bench_attention.py`` times it
+   alone), once per ``--variants`` entry (``default``; ``after_step``: the grouped decode step
+   runs first on the same workspace, as in the benchmark; ``est_narrow``: the estimate's narrow
+   launch shape; ``topp_narrow``: the top-p kernel's narrow shape; ``raise0``: no optimistic 4x
+   floor); with ``--check`` each child also compares its kept sets with the torch reference.
+   Each kernel launch blocks (CUDA_LAUNCH_BLOCKING=1, set before torch loads) and a child that
+   does not finish dumps its Python stack, so the stack names the kernel;
+2. for the first case that hangs after the estimate, the top-p, overflow and union kernels run
    again on halves of the requests (the estimate of all of them first, so the scores and
    partials are the same bits), halving the one that hangs down to one request, whose scores,
    partials, counts and p are saved (``--dump``) for a replay in the CPU interpreter.
 
 Usage (GPU): python benchmarks/probe_prune_alone.py --batch 64 --context 8192 --out-dir $OUT
-(the 8k x 64 case of bench_attention.py never returned at 450313e; docs/KERNELS.md).
+found the 8k x 64 hang (request 37 of the benchmark's inputs; docs/KERNELS.md);
+``--contexts 8192,16384,32768 --seeds 1,2,3 --variants default --check`` sweeps for others.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def child(args):
     dev = args.device
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
-    inp = make_inputs(bs, ctx, H, G, D, torch.bfloat16, dev)
+    inp = make_inputs(bs, ctx, H, G, D, torch.bfloat16, dev, seed=args.seed)
     ws = ops.DecodeWorkspace.allocate(bs, H, G, D, args.budget, PAGE, ctx, dev)
     rows = bs * H
     n = bs * H * G
@@ -182,7 +185,8 @@ def run_child(args, extra, log):
 
 def driver(args):
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"probe_prune_{args.context // 1024}k{args.batch}.txt")
+    path = os.path.join(args.out_dir, f"probe_prune_b{args.batch}.txt")
+    check = ["--check"] if args.check else []
     f = open(path, "w")
 
     def log(msg):
@@ -191,18 +195,25 @@ def driver(args):
         f.flush()
 
     card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    log(f"{card}, batch {args.batch} x context {args.context}, "
+    contexts = [int(c) for c in (args.contexts or str(args.context)).split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    log(f"{card}, batch {args.batch} x contexts {contexts}, seeds {seeds}, "
         f"commit {os.environ.get('TWILIGHT_COMMIT', '?')}")
     results = {}
     t_end = time.time() + args.time_budget
-    for v in args.variants.split(","):
-        if time.time() > t_end:
-            log(f"time budget spent: variant {v} not run")
-            continue
-        results[v] = run_child(args, ["--variant", v], log)
-    hung = [v for v, (done, after_est) in results.items() if not done and after_est]
+    for ctx in contexts:
+        for seed in seeds:
+            for v in args.variants.split(","):
+                key = (ctx, seed, v)
+                if time.time() > t_end:
+                    log(f"time budget spent: {key} not run")
+                    continue
+                case = ["--context", str(ctx), "--seed", str(seed)]
+                results[key] = run_child(args, case + ["--variant", v] + check, log)
+    hung = [k for k, (done, after_est) in results.items() if not done and after_est]
     if hung:  # bisect on requests: the estimate of all, then a slice pruned
-        var = ["--variant", hung[0]]
+        ctx, seed, v = hung[0]
+        var = ["--context", str(ctx), "--seed", str(seed), "--variant", v]
         lo, hi = 0, args.batch
         while hi - lo > 1 and time.time() < t_end:
             mid = (lo + hi) // 2
@@ -217,9 +228,10 @@ def driver(args):
             lo = mid
         log(f"bisection ({hung[0]}) left requests {lo}:{hi}")
         if hi - lo == 1 and time.time() < t_end:
-            dump = os.path.join(args.out_dir, f"hang_case_{args.context // 1024}k{args.batch}.pt")
+            dump = os.path.join(args.out_dir, f"hang_case_{ctx // 1024}k{args.batch}.pt")
             run_child(args, var + ["--requests", f"{lo}:{hi}", "--dump", dump], log)
-    log(f"summary: " + ", ".join(f"{k} {'ok' if d else 'HANG'}" for k, (d, _) in results.items()))
+    log("summary: " + ", ".join(f"{c} seed {sd} {v} {'ok' if d else 'HANG'}"
+                                for (c, sd, v), (d, _) in results.items()))
     f.close()
 
 
@@ -233,6 +245,9 @@ def main():
                     help="seconds a child's prune may take (after its compiles)")
     ap.add_argument("--time-budget", type=int, default=480,
                     help="seconds after which the driver starts no more children")
+    ap.add_argument("--contexts", default="", help="several contexts in turn (default: --context)")
+    ap.add_argument("--seeds", default="0", help="the benchmark inputs' seeds, in turn")
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out-dir", default=".")
     ap.add_argument("--device", default="cuda", help="cpu: the Triton interpreter (TRITON_INTERPRET=1)")
@@ -241,7 +256,7 @@ def main():
     ap.add_argument("--requests", default="", help=argparse.SUPPRESS)
     ap.add_argument("--dump", default="", help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true",
-                    help="(child) compare the kept sets with the torch reference")
+                    help="compare each child's kept sets with the torch reference")
     args = ap.parse_args()
     if args.child:
         child(args)
