@@ -119,7 +119,8 @@ def child(args):
     sync()
     lo = ws.head_lo[:m]
     log(f"requests {a}:{b}: top-p, overflow and union done: mean kept "
-        f"{kcnt.float().mean().item():.1f}, heads flagged to the overflow kernel {int((lo < 0).sum())}")
+        f"{kcnt.float().mean().item():.1f}, heads flagged to the overflow kernel "
+        f"{int((lo < 0).sum())}")
     faulthandler.cancel_dump_traceback_later()
     if args.check:  # the kept sets against the torch reference on the same scores
         slots = (cand[a:b].long()[..., None] * PAGE + torch.arange(PAGE, device=dev)).flatten(2)
@@ -154,8 +155,8 @@ def _set_differences(k1, n1, k2, n2):
 
 def run_child(args, extra, log):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batch", str(args.batch),
-           "--context", str(args.context), "--device", args.device, "--budget", str(args.budget), "--top-p",
-           str(args.top_p), "--timeout", str(args.timeout)] + extra
+           "--context", str(args.context), "--device", args.device, "--budget",
+           str(args.budget), "--top-p", str(args.top_p), "--timeout", str(args.timeout)] + extra
     log("$ " + " ".join(cmd[2:]))
     # output to a file, polled: a child whose stack was dumped but that does not exit (a kernel
     # still running on the device) is killed 15 s later
@@ -250,7 +251,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out-dir", default=".")
-    ap.add_argument("--device", default="cuda", help="cpu: the Triton interpreter (TRITON_INTERPRET=1)")
+    ap.add_argument("--device", default="cuda",
+                    help="cpu: the Triton interpreter (TRITON_INTERPRET=1)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--requests", default="", help=argparse.SUPPRESS)

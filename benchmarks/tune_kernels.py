@@ -52,8 +52,8 @@ ATTEND = [dict(splits=sp, BLOCK_N=b, num_warps=w, num_stages=2)
 SELECT = [1, 2, 4, 8]
 GROUPS = [1, 2, 3, 4]
 # (topp=96: five programs an SM of the wide top-p shape's 4 warps, where its cap of 128 fits four)
-MAXNREG = [dict(topp=96), dict(topp=80), dict(topp=72), dict(topp=64), dict(union=64), dict(union=80),
-           dict(overflow=64), dict(topp=80, union=64, overflow=64),
+MAXNREG = [dict(topp=96), dict(topp=80), dict(topp=72), dict(topp=64), dict(union=64),
+           dict(union=80), dict(overflow=64), dict(topp=80, union=64, overflow=64),
            dict(topp=64, union=64, overflow=64)]
 
 
