@@ -4,7 +4,9 @@ to one request's rows that every request shares (the tensor expanded over the ba
 so that the written lines stay in the L2 (1 MB at Llama-8B shapes). The second's scores are
 overwritten by each other and useless; only its time counts: the difference is what the
 round trip's write half costs, the part a prune that kept its scores on chip would not pay
-(docs/KERNELS.md, "For the next round").
+(docs/KERNELS.md, "For the next round"). Every request's programs write the same lines, so from
+some batch on they contend for them and the shared rows get slower than the real ones: the
+difference measures the write half only where it stays small (on the H100 up to batch 16).
 
 Usage (GPU): python benchmarks/probe_scores_roundtrip.py --batches 8,16,32,64 --out F.json
 """
