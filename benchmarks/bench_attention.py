@@ -254,7 +254,10 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         bound_bytes = 2 * D * inp["kmax"].element_size() + inp["kbs"].element_size()  # + scale
         sel_bytes = bs * H * n_pages * bound_bytes + bs * n_pages * 4
         cand_total = float(cnt.sum())
-        prune_bytes = cand_total * (D // 2 + 2 + 2 + 4)
+        # int4 codes, fp16 scale and zero per candidate token, an int32 id per candidate page
+        # (the prune reads page lists, not a slot per token)
+        cand_pages = float(((cnt + PAGE - 1) // PAGE).sum())
+        prune_bytes = cand_total * (D // 2 + 2 + 2) + cand_pages * 4
         stages["select.bytes"] = sel_bytes
         stages["prune.bytes"] = prune_bytes
         bound_ms = (sel_bytes + prune_bytes) / HBM_BYTES_PER_S * 1e3
