@@ -724,6 +724,21 @@ def _scale_zero_paired(kscale: torch.Tensor, kzero: torch.Tensor) -> bool:
 UNION_WARPS: dict[int, int] = {8192: 16}
 
 
+# from UNION_CAP_HEADS q heads in the whole decode step (every row group) on, the union/compaction
+# kernel is capped at UNION_CAP_NREG registers a thread (unless MAXNREG["union"] sets a cap): prune
+# alone at 32k 234.4 vs 238.2 us at batch 64, 126.7 vs 128.1 at 32, but 44.6 vs 44.0 at 8 and no
+# change at 16; the grouped step 0.3973 vs 0.4034 ms at 64 (tune_maxnreg_0dce9c9_h100.json, which
+# agrees with tune_maxnreg_wide_9fc16ec_h100.json and tune_maxnreg_h100.json)
+UNION_CAP_HEADS = 1024
+UNION_CAP_NREG = 64
+
+
+def _union_regs(step_heads: int) -> dict:
+    if MAXNREG.get("union") is None and step_heads >= UNION_CAP_HEADS:
+        return dict(maxnreg=UNION_CAP_NREG)
+    return _maxnreg("union")
+
+
 def _row_warps(c_pad: int) -> int:
     return UNION_WARPS.get(c_pad, 4 if c_pad <= 2048 else 8)
 
@@ -862,7 +877,7 @@ def prune_from_scores_triton(scores, cand_slots, cand_counts, p, min_budget, max
         cand_slots.stride(1), kept_slots.stride(0), kept_slots.stride(1), H=H, G=G, C_PAD=C_PAD,
         P=max(page_size, 1), FROM_PAGES=page_size > 0, KEEP_ALL=False,
         V=_union_shape(C_PAD, page_size, page_size > 0), num_warps=_row_warps(C_PAD),
-        **_maxnreg("union"),
+        **_union_regs(step_heads or R * H * G),
     )
     return kept_slots, kept_counts
 
