@@ -35,7 +35,7 @@ os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, make_inputs  # noqa: E402
+from bench_attention import PAGE, kept_set_differences, make_inputs  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
 from sglang_twilight.kernels._launch import next_pow2  # noqa: E402
@@ -100,22 +100,23 @@ def child(args):
                         step_heads=n, batch=bs, context=ctx, requests=(a, b)), args.dump)
         log(f"requests {a}:{b} saved to {args.dump}")
     m = (b - a) * H * G
+
+    def prune(lo_r, hi_r, p):  # top-p, overflow and union on requests [lo_r, hi_r)
+        k = (hi_r - lo_r) * H * G
+        return _topp.prune_from_scores_triton(
+            scores[lo_r:hi_r], cand[lo_r:hi_r], cnt[lo_r:hi_r], p, 1, 0,
+            kept_slots=ws.kept_slots[lo_r:hi_r], kept_counts=ws.kept_counts[lo_r:hi_r],
+            lo=ws.head_lo[:k], tot=ws.head_tot[:k], page_size=PAGE, scratch=ws.topp_scratch,
+            mx=ws.head_max[:k], marks=ws.union_marks[lo_r:hi_r], step_heads=n,
+            parts=parts[lo_r:hi_r], parts_span=_topp.estimate_span(rows))
+
     # the prune's kernels compiled first, on one request with p = 1 (the top-p kernel only
     # stores, the union keeps every candidate): the time limit below is the prune's own
-    _topp.prune_from_scores_triton(
-        scores[a:a + 1], cand[a:a + 1], cnt[a:a + 1], torch.ones_like(pr[a:a + 1]), 1, 0,
-        kept_slots=ws.kept_slots[a:a + 1], kept_counts=ws.kept_counts[a:a + 1],
-        lo=ws.head_lo[:H * G], tot=ws.head_tot[:H * G], page_size=PAGE, scratch=ws.topp_scratch,
-        mx=ws.head_max[:H * G], marks=ws.union_marks[a:a + 1], step_heads=n,
-        parts=parts[a:a + 1], parts_span=_topp.estimate_span(rows))
+    prune(a, a + 1, torch.ones_like(pr[a:a + 1]))
     sync()
     faulthandler.dump_traceback_later(args.timeout, exit=True)
     log(f"requests {a}:{b}: prune launched")
-    kept, kcnt = _topp.prune_from_scores_triton(
-        scores[a:b], cand[a:b], cnt[a:b], pr[a:b], 1, 0, kept_slots=ws.kept_slots[a:b],
-        kept_counts=ws.kept_counts[a:b], lo=ws.head_lo[:m], tot=ws.head_tot[:m], page_size=PAGE,
-        scratch=ws.topp_scratch, mx=ws.head_max[:m], marks=ws.union_marks[a:b], step_heads=n,
-        parts=parts[a:b], parts_span=_topp.estimate_span(rows))
+    kept, kcnt = prune(a, b, pr[a:b])
     sync()
     lo = ws.head_lo[:m]
     log(f"requests {a}:{b}: top-p, overflow and union done: mean kept "
@@ -127,30 +128,9 @@ def child(args):
         live = torch.arange(scores.shape[-1], device=dev) < cnt[a:b].long()[..., None, None]
         rk, rn = _topp.prune_from_scores_ref(torch.where(live, scores[a:b], float("-inf")), slots,
                                              cnt[a:b], pr[a:b], 1, 0)
-        n_rows, d_rows, d_max = _set_differences(kept, kcnt, rk, rn)
+        n_rows, d_rows, d_max = kept_set_differences(kept, kcnt, rk, rn)
         log(f"check: {d_rows} of {n_rows} (request, KV head) rows differ from the reference, "
             f"at most {d_max} entries")
-
-
-def _set_differences(k1, n1, k2, n2):
-    """Kept slot lists [R, H, C] with counts [R, H], twice -> (rows, rows whose sets differ, the
-    largest symmetric difference of a row)."""
-    C = k1.shape[-1]
-    idx = torch.arange(C, device=k1.device)
-    big = torch.iinfo(torch.int64).max
-
-    def sorted_rows(k, n):
-        k = torch.where(idx < n.long()[..., None], k.long(), big)
-        return k.flatten(0, 1).sort(-1).values
-
-    a, b = sorted_rows(k1, n1), sorted_rows(k2, n2)
-
-    def missing(x, y):  # entries of x (not padding) absent from y, per row
-        pos = torch.searchsorted(y, x).clamp_max(C - 1)
-        return ((y.gather(-1, pos) != x) & (x != big)).sum(-1)
-
-    d = missing(a, b) + missing(b, a)
-    return d.numel(), int((d > 0).sum()), int(d.max())
 
 
 def run_child(args, extra, log):

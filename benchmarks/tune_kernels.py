@@ -16,7 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, graph_ms, make_inputs, write_rows  # noqa: E402
+from bench_attention import (PAGE, graph_ms, kept_set_differences, make_inputs,  # noqa: E402
+                             write_rows)
 
 from sglang_twilight import ops  # noqa: E402
 from sglang_twilight.kernels import attend as A  # noqa: E402
@@ -55,17 +56,6 @@ GROUPS = [1, 2, 3, 4]
 MAXNREG = [dict(topp=96), dict(topp=80), dict(topp=72), dict(topp=64), dict(union=64),
            dict(union=80), dict(overflow=64), dict(topp=80, union=64, overflow=64),
            dict(topp=64, union=64, overflow=64)]
-
-
-def same_sets(k1, n1, k2, n2):
-    """Rows whose kept sets differ (near-ties of fp32 summation order may flip one entry)."""
-    bad = 0
-    for r in range(n1.shape[0]):
-        for h in range(n1.shape[1]):
-            a = set(k1[r, h, : int(n1[r, h])].tolist())
-            b = set(k2[r, h, : int(n2[r, h])].tolist())
-            bad += a != b
-    return bad
 
 
 def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
@@ -199,7 +189,8 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         default row groups); check its kept sets against the default's."""
         ms = graph_ms(prune)
         k1, n1 = prune()
-        log(kind, cfg, ms, minus_estimate_ms=ms - est_ms, rows_differing=same_sets(k0, n0, k1, n1),
+        differing = kept_set_differences(k0, n0, k1, n1)[1]
+        log(kind, cfg, ms, minus_estimate_ms=ms - est_ms, rows_differing=differing,
             step_ms=graph_ms(step))
 
     default = dict(T.TOPP_CONFIG), T.TOPP_WIDE_HEADS
