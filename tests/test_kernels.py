@@ -103,18 +103,25 @@ def test_select_matches_reference(device):
                 assert len(swapped) == 2 and float(s.max() - s.min()) <= tol, (r, h, s)
 
 
+def _near_ties_only(rows, differing, worst):
+    """The kept sets' tolerance against the reference: at most one row in 50 (at least one)
+    differs, by at most two entries (near-ties in the estimate, fp32 summation order)."""
+    return differing <= max(1, rows // 50) and worst <= 2
+
+
 def _assert_same_kept(k1, n1, k2, n2, probs):
     """Identical kept sets, except near-ties in the estimate (fp32 summation order)."""
     R, H = n1.shape
-    differing = 0
+    differing, worst, at = 0, 0, None
     for r in range(R):
         for h in range(H):
             a = set(k1[r, h, : int(n1[r, h])].tolist())
             b = set(k2[r, h, : int(n2[r, h])].tolist())
             if a != b:
                 differing += 1
-                assert len(a ^ b) <= 2, (r, h, len(a), len(b))
-    assert differing <= max(1, R * H // 50), differing
+                if len(a ^ b) > worst:
+                    worst, at = len(a ^ b), (r, h, len(a), len(b))
+    assert _near_ties_only(R * H, differing, worst), (differing, worst, at)
 
 
 def test_prune_matches_reference(device):
@@ -612,4 +619,4 @@ def test_prune_benchmark_8k64_returns():
     check = [ln for ln in out.splitlines() if "check:" in ln][-1]
     rows, differing, worst = (int(x) for x in
                               re.search(r"(\d+) of (\d+) .* at most (\d+)", check).group(2, 1, 3))
-    assert differing <= max(1, rows // 50) and worst <= 2, check
+    assert _near_ties_only(rows, differing, worst), check
