@@ -331,27 +331,6 @@ def write_cpu_study(path, setup: dict, results: dict) -> dict:
     return out
 
 
-def kept_set_differences(k1, n1, k2, n2):
-    """Kept slot lists [R, H, C] with counts [R, H], twice -> (rows, rows whose sets differ, the
-    largest symmetric difference of a row); near-ties of fp32 summation order may flip an entry."""
-    C = k1.shape[-1]
-    idx = torch.arange(C, device=k1.device)
-    big = torch.iinfo(torch.int64).max
-
-    def sorted_rows(k, n):
-        k = torch.where(idx < n.long()[..., None], k.long(), big)
-        return k.flatten(0, 1).sort(-1).values
-
-    a, b = sorted_rows(k1, n1), sorted_rows(k2, n2)
-
-    def missing(x, y):  # entries of x (not padding) absent from y, per row
-        pos = torch.searchsorted(y, x).clamp_max(C - 1)
-        return ((y.gather(-1, pos) != x) & (x != big)).sum(-1)
-
-    d = missing(a, b) + missing(b, a)
-    return d.numel(), int((d > 0).sum()), int(d.max())
-
-
 def write_rows(path, rows):
     """A sweep's or probe's rows as JSON with the card, versions, commit and command."""
     with open(path, "w") as f:

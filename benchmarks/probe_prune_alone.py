@@ -35,7 +35,7 @@ os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, kept_set_differences, make_inputs  # noqa: E402
+from bench_attention import PAGE, make_inputs  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
 from sglang_twilight.kernels._launch import next_pow2  # noqa: E402
@@ -128,7 +128,7 @@ def child(args):
         live = torch.arange(scores.shape[-1], device=dev) < cnt[a:b].long()[..., None, None]
         rk, rn = _topp.prune_from_scores_ref(torch.where(live, scores[a:b], float("-inf")), slots,
                                              cnt[a:b], pr[a:b], 1, 0)
-        n_rows, d_rows, d_max = kept_set_differences(kept, kcnt, rk, rn)
+        n_rows, d_rows, d_max = _topp.kept_set_differences(kept, kcnt, rk, rn)
         log(f"check: {d_rows} of {n_rows} (request, KV head) rows differ from the reference, "
             f"at most {d_max} entries")
 

@@ -16,8 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import (PAGE, graph_ms, kept_set_differences, make_inputs,  # noqa: E402
-                             write_rows)
+from bench_attention import PAGE, graph_ms, make_inputs, write_rows  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
 from sglang_twilight.kernels import attend as A  # noqa: E402
@@ -189,7 +188,7 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         default row groups); check its kept sets against the default's."""
         ms = graph_ms(prune)
         k1, n1 = prune()
-        differing = kept_set_differences(k0, n0, k1, n1)[1]
+        differing = T.kept_set_differences(k0, n0, k1, n1)[1]
         log(kind, cfg, ms, minus_estimate_ms=ms - est_ms, rows_differing=differing,
             step_ms=graph_ms(step))
 

@@ -145,6 +145,27 @@ def prune_from_scores_ref(scores, cand_slots, cand_counts, p, min_budget, max_bu
     return out[..., :C].to(torch.int32).contiguous(), kept_counts.to(torch.int32)
 
 
+def kept_set_differences(k1, n1, k2, n2):
+    """Kept slot lists [R, H, C] with counts [R, H], twice -> (rows, rows whose sets differ, the
+    largest symmetric difference of a row); near-ties of fp32 summation order may flip an entry."""
+    C = k1.shape[-1]
+    idx = torch.arange(C, device=k1.device)
+    big = torch.iinfo(torch.int64).max
+
+    def sorted_rows(k, n):
+        k = torch.where(idx < n.long()[..., None], k.long(), big)
+        return k.flatten(0, 1).sort(-1).values
+
+    a, b = sorted_rows(k1, n1), sorted_rows(k2, n2)
+
+    def missing(x, y):  # entries of x (not padding) absent from y, per row
+        pos = torch.searchsorted(y, x).clamp_max(C - 1)
+        return ((y.gather(-1, pos) != x) & (x != big)).sum(-1)
+
+    d = missing(a, b) + missing(b, a)
+    return d.numel(), int((d > 0).sum()), int(d.max())
+
+
 def twilight_prune_ref(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget,
                        max_budget):
     scores = int4_scores_ref(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale)
