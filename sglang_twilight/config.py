@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional
 ENV_VAR = "SGLANG_TWILIGHT_CONFIG"
 
 SELECTORS = ("quest", "none")
+DISPATCH_MODES = ("auto", "sparse", "dense")
 PAGE_SIZES = (8, 16, 32, 64)
 MAX_BUDGET_TOKENS = 1 << 20  # 1048576
 
@@ -35,6 +36,7 @@ FLAGS = {
     "min_sparse_len": "--twilight-min-seq-len",
     "min_budget": "--twilight-min-budget",
     "max_budget": "--twilight-max-budget",
+    "dispatch": "--twilight-dispatch",
 }
 
 # the per-request field name (HTTP / sampling params), for error messages
@@ -154,6 +156,13 @@ def parse_max_budget(raw: Any) -> int:
     return v
 
 
+def parse_dispatch(raw: Any) -> str:
+    allowed = " | ".join(DISPATCH_MODES)
+    if not isinstance(raw, str) or raw not in DISPATCH_MODES:
+        raise TwilightConfigError(FLAGS["dispatch"], raw, allowed)
+    return raw
+
+
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "top_p": parse_top_p,
     "selector": parse_selector,
@@ -163,26 +172,45 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "min_sparse_len": parse_min_sparse_len,
     "min_budget": parse_min_budget,
     "max_budget": parse_max_budget,
+    "dispatch": parse_dispatch,
 }
 
 
 def validate_request_top_p(x: Any) -> float:
     """Check a per-request p (field ``top_p_attn``); return it as float.
 
-    Raises ``ValueError("top_p_attn: invalid value 1.5 (allowed: 0 < p <= 1)")`` for
-    anything that is not a number in (0, 1] (bools, None, strings that are not numbers,
-    nan, inf). Callers turn that into an HTTP 400.
+    Allowed: a real number (int or float, not bool) with 0 < p <= 1. Anything else raises
+    ``ValueError("top_p_attn: invalid value 1.5 (allowed: a number, 0 < p <= 1)")``: bools,
+    None, strings (also numeric ones such as ``"0.9"``: a JSON request sends a number), lists,
+    dicts, nan, +-inf, and integers too large for a float (JSON ``10**400``). Callers turn
+    that into an HTTP 400.
+
+    A p below 2**-126 (the smallest normal fp32, ~1.18e-38; e.g. 1e-300) is returned as
+    2**-126: the per-request table on the device is fp32, where such a p would become a
+    subnormal or 0, outside (0, 1]. The kept set does not change: the heaviest candidate's
+    estimated weight is at least 1 / B0 >= 2**-20, so every p at or below it keeps the same
+    smallest set (the heaviest token alone, before the min-budget clamp).
     """
-    bad = ValueError(f"{REQUEST_TOP_P_FIELD}: invalid value {_show(x)} (allowed: {TOP_P_RANGE})")
-    if x is None or isinstance(x, bool):
+    fp32_min_normal = 2.0**-126
+    try:
+        shown = repr(x)
+    except ValueError:  # an int beyond Python's int-to-str digit limit
+        shown = f"<integer of {x.bit_length()} bits>"
+    shown = shown.replace("\n", "\\n")
+    if len(shown) > 48:
+        shown = f"{shown[:24]}...({len(shown)} characters)"
+    bad = ValueError(
+        f"{REQUEST_TOP_P_FIELD}: invalid value {shown} (allowed: a number, {TOP_P_RANGE})"
+    )
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise bad
     try:
         p = float(x)
-    except (TypeError, ValueError):
+    except (OverflowError, TypeError, ValueError):  # 10**400 overflows a float
         raise bad from None
-    if not (0.0 < p <= 1.0) or math.isnan(p):
+    if not (0.0 < p <= 1.0):  # also nan
         raise bad
-    return p
+    return max(p, fp32_min_normal)
 
 
 # --------------------------------------------------------------------------- config
@@ -200,6 +228,7 @@ class TwilightConfig:
     min_sparse_len: int = 1024  # --twilight-min-seq-len: shorter contexts decode dense
     min_budget: int = 64  # --twilight-min-budget: kept tokens per row, at least
     max_budget: int = 0  # --twilight-max-budget: kept tokens per row, at most (0 = no cap)
+    dispatch: str = "auto"  # --twilight-dispatch: per decode step, sparse or dense (dispatch.py)
 
     @property
     def capacity(self) -> int:
@@ -397,10 +426,22 @@ def add_twilight_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         help="Keep at most N tokens per request and KV head after top-p; 0 = no cap, "
         "else N >= --twilight-min-budget. (default: %(default)s)",
     )
+    g.add_argument(
+        FLAGS["dispatch"],
+        type=_ArgType("dispatch"),
+        default=d.dispatch,
+        metavar="{" + ",".join(DISPATCH_MODES) + "}",
+        help="Which decode path each step takes: 'auto' picks Twilight or FlashInfer's dense "
+        "decode per step from a cost model of (batch, context, budget) measured on this GPU, "
+        "so that Twilight never costs time where dense is faster; 'sparse' always runs "
+        "Twilight (over --twilight-min-seq-len); 'dense' always runs FlashInfer's dense decode "
+        "(the sidecar is still written). (default: %(default)s)",
+    )
     return g
 
 
 __all__ = [
+    "DISPATCH_MODES",
     "ENV_VAR",
     "FLAGS",
     "PAGE_SIZES",
