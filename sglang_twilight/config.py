@@ -120,8 +120,11 @@ def parse_budget(raw: Any) -> int:
 
 
 def _budget_allowed(page_size: Optional[int]) -> str:
+    # B0 > one page: the capacity (B0 rounded up to pages) must hold both pages the selection
+    # always keeps, the sink page and the current one; one page would hold the sink alone and
+    # the newest tokens would never be attended
     lo = "page size" if page_size is None else f"{page_size} (page size)"
-    return f"integer, {lo} <= n <= {MAX_BUDGET_TOKENS}"
+    return f"integer, {lo} < n <= {MAX_BUDGET_TOKENS}"
 
 
 def _non_negative(field: str) -> Callable[[Any], int]:
@@ -241,7 +244,7 @@ class TwilightConfig:
         range; return self so calls can chain."""
         for name, parse in PARSERS.items():
             parse(getattr(self, name))
-        if not (self.page_size <= self.budget <= MAX_BUDGET_TOKENS):
+        if not (self.page_size < self.budget <= MAX_BUDGET_TOKENS):
             raise TwilightConfigError(
                 FLAGS["budget"], self.budget, _budget_allowed(self.page_size)
             )
@@ -384,7 +387,8 @@ def add_twilight_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         default=d.budget,
         metavar="B0",
         help="Candidate tokens per request and KV head (B0), rounded up to a multiple of "
-        f"the page size; page size <= B0 <= {MAX_BUDGET_TOKENS}. (default: %(default)s)",
+        f"the page size; page size < B0 <= {MAX_BUDGET_TOKENS} (the candidates always hold the "
+        "first page and the current one). (default: %(default)s)",
     )
     g.add_argument(
         FLAGS["page_size"],

@@ -52,7 +52,7 @@ def test_defaults():
 
 
 @pytest.mark.parametrize(
-    "budget,page,capacity", [(16, 16, 16), (17, 16, 32), (100, 16, 112), (100, 64, 128), (8, 8, 8)]
+    "budget,page,capacity", [(17, 16, 32), (32, 16, 32), (100, 16, 112), (100, 64, 128), (9, 8, 16)]
 )
 def test_capacity_rounds_up_to_page(budget, page, capacity):
     cfg = TwilightConfig(budget=budget, page_size=page, min_sparse_len=0, min_budget=1).validate()
@@ -73,6 +73,9 @@ BAD_CONFIGS = [
     (dict(selector="topk"), "--twilight-selector", "topk"),
     (dict(budget=-1), "--twilight-budget", "-1"),
     (dict(budget=8, page_size=16, min_sparse_len=0, min_budget=1), "--twilight-budget", "8"),
+    # one page: the sink page alone, the newest tokens never attended
+    (dict(budget=16, page_size=16, min_sparse_len=0, min_budget=1), "--twilight-budget", "16"),
+    (dict(budget=64, page_size=64, min_sparse_len=0, min_budget=1), "--twilight-budget", "64"),
     (dict(budget=(1 << 20) + 1), "--twilight-budget", "1048577"),
     (dict(page_size=12), "--twilight-page-size", "12"),
     (dict(dense_layers=-1), "--twilight-dense-layers", "-1"),
@@ -96,6 +99,19 @@ def test_validate_errors_are_one_line(fields, flag, value):
     assert m["value"] == value
     assert "\n" not in msg
     assert isinstance(ei.value, ValueError)
+
+
+def test_budget_holds_two_pages():
+    """The selection always keeps the sink page and the current page: a budget of one page
+    (capacity one page) is refused, one token more (capacity two pages) is the smallest
+    accepted; the error states the range."""
+    for page in C.PAGE_SIZES:
+        kw = dict(page_size=page, min_sparse_len=0, min_budget=1)
+        with pytest.raises(TwilightConfigError) as ei:
+            TwilightConfig(budget=page, **kw).validate()
+        assert ei.value.allowed == f"integer, {page} (page size) < n <= {1 << 20}"
+        cfg = TwilightConfig(budget=page + 1, **kw).validate()
+        assert cfg.capacity == 2 * page
 
 
 def test_max_budget_equal_to_min_is_fine():
@@ -266,6 +282,8 @@ CLI_ERRORS = [
     (["--top-p-attn=-0.5"], "--top-p-attn", "-0.5"),
     (["--twilight-budget", "-1"], "--twilight-budget", "-1"),
     (["--twilight-budget", "12.5"], "--twilight-budget", "12.5"),
+    (["--twilight-budget", "16", "--twilight-min-seq-len", "0", "--twilight-min-budget", "1"],
+     "--twilight-budget", "16"),
     (["--twilight-min-budget", "100", "--twilight-max-budget", "10"], "--twilight-max-budget", "10"),
     (["--twilight-min-seq-len", "5000", "--twilight-budget", "4096"], "--twilight-min-seq-len", "5000"),
     (["--twilight-page-size", "12"], "--twilight-page-size", "12"),
