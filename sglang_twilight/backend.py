@@ -40,6 +40,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_twilight import ops
 from sglang_twilight.config import FLAGS, TwilightConfig, get_config
+from sglang_twilight.dispatch import DispatchPolicy
 from sglang_twilight.metrics import KeptStats, PrefillRowCounter
 from sglang_twilight.request_params import RequestTopP
 from sglang_twilight.sidecar import TwilightSidecarPool, attach_sidecar
@@ -208,6 +209,14 @@ def workspace_rows(max_bs: int, num_kv_heads: int, group: int, head_dim: int, bu
     return lo
 
 
+def _card_name(device: Any) -> str:
+    """The GPU's name as torch reports it (the dispatch profiles' key), or "cpu"."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return dev.type
+
+
 # --------------------------------------------------------------------------- the sparse decoder
 
 
@@ -225,12 +234,14 @@ class TwilightDecoder:
             workspace built lazily for eager decode is sized for it (capped, see
             :func:`workspace_rows`).
         backend: ``ops`` backend for the decode kernels ("triton" in serving).
+        num_layers: the model's layers (for the dispatch cost model; default: the KV pool's).
     """
 
     def __init__(self, cfg: TwilightConfig, kv_pool: Any, req_to_token: torch.Tensor, *,
                  num_q_heads: int, num_kv_heads: int, head_dim: int, max_rows: int,
                  device: Any = None, backend: str = "triton",
-                 workspace_limit_bytes: Optional[int] = None, tp_rank: int = 0):
+                 workspace_limit_bytes: Optional[int] = None, tp_rank: int = 0,
+                 num_layers: Optional[int] = None):
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
                              f"{num_kv_heads}")
@@ -267,6 +278,36 @@ class TwilightDecoder:
         self.prefill_rows = PrefillRowCounter(tp_rank=tp_rank)
         self.last_kept: Optional[torch.Tensor] = None
         self._captured = False  # a graph capture ran since the last real decode step
+        self.policy = DispatchPolicy.for_backend(
+            cfg.dispatch, _card_name(self.device), self.geometry(num_layers), cfg.min_sparse_len)
+        # the way of the decode step being prepared or run: True = Twilight in the sparse layers
+        self.step_sparse = cfg.dispatch != "dense"
+        # per-step device tensors, made by the step's first sparse layer (see decode())
+        self._plan: Optional[tuple] = None
+
+    def geometry(self, num_layers: Optional[int] = None) -> dict:
+        """What the dispatch cost model is keyed by (dispatch.StepCostModel's fields)."""
+        return dict(num_kv_heads=self.num_kv_heads, group=self.group, head_dim=self.head_dim,
+                    num_layers=int(num_layers or self.kv_pool.layer_num),
+                    num_sparse_layers=len(self.sparse_layer_ids), capacity=self.budget,
+                    max_budget=self.cfg.max_budget, page_size=self.page_size)
+
+    # -- per decode step (host)
+
+    def begin_step(self, forward_batch: Any) -> bool:
+        """Host side, before a decode step (eager, or a graph replay): pick its way from the
+        context lengths (``seq_lens_cpu``, else their sum) and count it. Returns step_sparse."""
+        seq_cpu = getattr(forward_batch, "seq_lens_cpu", None)
+        rows = int(getattr(forward_batch, "batch_size", 0) or 0)
+        tokens = getattr(forward_batch, "seq_lens_sum", None)
+        self.step_sparse = bool(self.policy.sparse_step(seq_cpu, rows=rows, tokens=tokens))
+        self.on_step()
+        self.kept_stats.count_step(self.step_sparse)
+        return self.step_sparse
+
+    def set_capture_way(self, sparse: bool) -> None:
+        """The way a CUDA graph about to be captured records (srt_patches.graph_variants)."""
+        self.step_sparse = bool(sparse)
 
     # -- workspace
 
@@ -324,22 +365,36 @@ class TwilightDecoder:
             self.prefill_rows.add(loc.numel())  # a host-side shape: no sync
         return self.sidecar.write(layer_id, loc)
 
+    def _step_plan(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> tuple:
+        """The per-step device tensors every sparse layer of a step shares: p of each row (rows
+        shorter than ``--twilight-min-seq-len`` get 1, i.e. keep every token) and the count of
+        real rows (padding rows of a graph batch use req-pool row 0, which no request gets)."""
+        p_rows = self.top_p.rows(req_pool_indices)
+        if self.cfg.min_sparse_len > 0:
+            p_rows = p_rows.masked_fill(seq_lens < self.cfg.min_sparse_len, 1.0)
+        valid = (req_pool_indices != 0).sum()
+        return p_rows, valid
+
     def decode(self, q: torch.Tensor, layer_id: int, sm_scale: float,
                req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         """Sparse decode of one layer: ``q [bs, Hq, D]`` -> ``o [bs, Hq, D]``. Device ops only,
-        shapes fixed by ``bs`` and the config (graph-capturable)."""
+        shapes fixed by ``bs`` and the config (graph-capturable). The step's first sparse layer
+        makes the per-step tensors (:meth:`_step_plan`) that the later ones reuse; its last one
+        adds the step's kept counts to the statistics."""
         bs = q.shape[0]
+        if layer_id == self.sparse_layer_ids[0] or self._plan is None:
+            self._plan = self._step_plan(req_pool_indices, seq_lens)
+        p_rows, valid = self._plan
         side = self.sidecar.layer(layer_id)
         k_buffer = self.kv_pool.get_key_buffer(layer_id)
         v_buffer = self.kv_pool.get_value_buffer(layer_id)
-        p_rows = self.top_p.rows(req_pool_indices)
         ws = self.ensure_workspace()
         out = q.new_empty(bs, self.num_q_heads, self.head_dim)
         step = ws.max_rows
         kept = None
         kw = dict(budget=self.budget, page_size=self.page_size, sm_scale=sm_scale,
                   min_budget=self.cfg.min_budget, max_budget=self.cfg.max_budget,
-                  min_sparse_len=self.cfg.min_sparse_len, selector=self.cfg.selector,
+                  min_sparse_len=0, selector=self.cfg.selector,
                   backend=self.backend, workspace=ws)
         if bs <= step:
             _, kept = ops.twilight_decode(
@@ -353,9 +408,9 @@ class TwilightDecoder:
                     q[s:e], k_buffer, v_buffer, *side.as_tuple(), self.req_to_token,
                     req_pool_indices[s:e], seq_lens[s:e], p_rows[s:e], out=out[s:e], **kw)
                 kept[s:e].copy_(kc)
-        # padding rows of a graph batch use req-pool row 0, which no request ever gets
-        valid = (req_pool_indices != 0).sum()
-        self.kept_stats.record(layer_id, kept, bs, num_valid_rows=valid)
+        self.kept_stats.stage(layer_id, kept, bs)
+        if layer_id == self.sparse_layer_ids[-1]:
+            self.kept_stats.commit(bs, valid, seq_lens)
         self.last_kept = kept  # for tests / debugging (device tensor, no sync)
         return out
 
@@ -397,7 +452,7 @@ class TwilightAttnBackend(FlashInferAttnBackend):
         self.twilight = TwilightDecoder(
             cfg, model_runner.token_to_kv_pool, model_runner.req_to_token_pool.req_to_token,
             num_q_heads=num_q, num_kv_heads=num_kv, head_dim=mc.head_dim, max_rows=eager_rows,
-            backend="triton", tp_rank=int(par.tp_rank))
+            backend="triton", tp_rank=int(par.tp_rank), num_layers=mc.num_hidden_layers)
         self.twilight.warm_up()
         self._checked_layers: set = set()
         logger.info(
@@ -407,6 +462,7 @@ class TwilightAttnBackend(FlashInferAttnBackend):
             len(self.twilight.sparse_layer_ids), cfg.min_sparse_len, cfg.min_budget,
             cfg.max_budget or "none", self.twilight.sidecar.nbytes() / (1 << 20),
             self.twilight.max_context)
+        logger.info("sglang-twilight: %s", self.twilight.policy.describe())
 
     # -- host-side hooks
 
@@ -418,14 +474,15 @@ class TwilightAttnBackend(FlashInferAttnBackend):
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         if forward_batch.forward_mode.is_decode():
-            self.twilight.on_step()
+            self.twilight.begin_step(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
-        if in_capture:
+        if in_capture:  # the way is the one the graph being captured records
             self.twilight.note_capture()
         elif forward_batch.forward_mode.is_decode():
-            self.twilight.on_step()
+            # before the replay: the graph runner then replays the graph of this way
+            self.twilight.begin_step(forward_batch)
 
     # -- forward
 
@@ -457,6 +514,13 @@ class TwilightAttnBackend(FlashInferAttnBackend):
             return super().forward_decode(q, k, v, layer, forward_batch,
                                           save_kv_cache=save_kv_cache, **kwargs)
         self._check(layer)
+        if not self.twilight.step_sparse:
+            # this step decodes densely (--twilight-dispatch): FlashInfer's decode, which
+            # writes K/V itself; the sidecar of the new slot is still written for later steps
+            o = super().forward_decode(q, k, v, layer, forward_batch,
+                                       save_kv_cache=save_kv_cache, **kwargs)
+            self.twilight.write(layer.layer_id, forward_batch.out_cache_loc)
+            return o
         cache_loc = forward_batch.out_cache_loc
         if k is not None:
             assert v is not None

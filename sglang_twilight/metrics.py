@@ -1,21 +1,37 @@
-"""Kept-token budget per layer: recorded on the device inside decode, reported every few steps.
+"""Kept-token budget per layer and KV head: recorded on the device inside decode, reported on the
+host every few steps.
 
-Inside ``forward_decode`` (eager or a captured CUDA graph) the backend calls
-``stats.record(layer_id, kept_counts, bs)`` once per sparse layer. That is pure tensor work
-of fixed shape — no ``.item()``, no host sync: the kept counts per (request, KV head) are
-bucketed into a fixed histogram per layer (exact for counts < 128, then geometric bins
-2.2-2.7 % wide up to 2**21) plus an exact running sum, all in one int64 device tensor ``acc [layers, 1 + bins]``.
+Inside a sparse decode step (eager or a captured CUDA graph) the backend calls
+``stats.stage(layer_id, kept_counts, bs)`` once per sparse layer (one copy of the layer's kept
+counts per (request, KV head) into a per-step buffer) and ``stats.commit(bs, valid_rows,
+seq_lens)`` once, after the last sparse layer: one batch of tensor ops over all layers, not one
+per layer. That is pure tensor work of fixed shape — no ``.item()``, no host sync. It adds to one
+int64 device tensor, cumulative since the last reset:
+
+* per layer: the exact sum of kept counts, a fixed histogram of them (exact for counts < 128,
+  then geometric bins 2.2-2.7 % wide up to 2**21), and the sum per KV head;
+* once: the (request, step) rows counted and the sum of their context lengths.
+
+``record(layer_id, kept_counts, bs)`` does stage + commit for one layer (tests, one-layer users).
 
 Outside the graph, once per real decode step, the backend calls ``stats.on_step()``. Every
-``interval`` steps it starts a non-blocking copy of ``acc`` to pinned host memory and records
-an event; a later ``on_step`` whose event has completed (``event.query()``, never a wait)
-reads it. The stats over the last ``window`` steps are the difference of two such snapshots:
-per layer the mean (exact), p50 and p99 (nearest rank; exact below 128 tokens, within one
-< 3 % bin above) of the kept tokens per (request, KV head). They are logged at DEBUG on the
-``sglang_twilight`` logger and, when SGLang's metrics are on (``--enable-metrics``), set as
-the Prometheus gauge ``sglang_twilight_kept_tokens{tp_rank, layer, stat}`` (``stat`` in
-mean / p50 / p99; ``multiprocess_mode="mostrecent"`` like SGLang's own gauges), which SGLang's
-``/metrics`` endpoint serves through its multiprocess collector with no server change.
+``interval`` steps (``$SGLANG_TWILIGHT_METRICS_INTERVAL``, default 16) it starts a non-blocking
+copy of the counters to pinned host memory and records an event; a later ``on_step`` whose event
+has completed (``event.query()``, never a wait) reads it. Published from each snapshot:
+
+* over the last ``window`` steps (the difference of two snapshots), per layer: the mean (exact),
+  p50 and p99 (nearest rank; exact below 128 tokens, within one < 3 % bin above) of the kept
+  tokens per (request, KV head): the gauge ``sglang_twilight_kept_tokens{tp_rank, layer, stat}``
+  (``stat`` in mean / p50 / p99) and a DEBUG line on the ``sglang_twilight`` logger;
+* cumulative since start (gauges holding running totals, so a client takes differences over any
+  interval): ``sglang_twilight_kept_tokens_sum{tp_rank, layer, kv_head}``,
+  ``sglang_twilight_kept_rows{tp_rank}`` (rows counted per layer),
+  ``sglang_twilight_context_tokens_sum{tp_rank}`` and
+  ``sglang_twilight_decode_steps{tp_rank, path}`` (path = sparse | dense, the per-step choice of
+  ``--twilight-dispatch``). :func:`read_kept` parses them from ``/metrics`` text.
+
+Gauges use ``multiprocess_mode="mostrecent"`` like SGLang's own, so SGLang's ``/metrics`` endpoint
+(``--enable-metrics``) serves them through its multiprocess collector with no server change.
 """
 
 from __future__ import annotations
@@ -39,6 +55,21 @@ STATS = ("mean", "p50", "p99")
 EXACT_BELOW = 128  # one bin per count below this
 BINS_PER_OCTAVE = 32  # above it: geometric bins, 2**(1/32) - 1 = 2.2 % (<= 2.7 % after rounding)
 MAX_COUNT = 1 << 21  # > MAX_BUDGET_TOKENS; larger counts go to the last bin
+INTERVAL_ENV = "SGLANG_TWILIGHT_METRICS_INTERVAL"
+DEFAULT_INTERVAL = 16
+
+SUM_GAUGE_NAME = "sglang_twilight_kept_tokens_sum"
+SUM_GAUGE_DOC = ("Twilight kept tokens summed over requests and sparse decode steps since start, per "
+                 "layer and KV head")
+ROWS_COUNT_GAUGE_NAME = "sglang_twilight_kept_rows"
+ROWS_COUNT_GAUGE_DOC = ("(request, sparse decode step) rows counted since start, the same in every "
+                        "sparse layer; mean kept per (request, KV head) = kept_tokens_sum / "
+                        "(kept_rows * KV heads)")
+CONTEXT_GAUGE_NAME = "sglang_twilight_context_tokens_sum"
+CONTEXT_GAUGE_DOC = "context length summed over the rows counted in sglang_twilight_kept_rows"
+STEPS_GAUGE_NAME = "sglang_twilight_decode_steps"
+STEPS_GAUGE_DOC = ("decode steps since start by path (sparse: Twilight, dense: FlashInfer), as "
+                   "--twilight-dispatch chose them")
 
 
 def bin_edges(exact_below: int = EXACT_BELOW, per_octave: int = BINS_PER_OCTAVE,
@@ -106,8 +137,10 @@ class KeptStats:
     """
 
     def __init__(self, layer_ids: Sequence[int], max_rows: int, num_kv_heads: int, device: Any,
-                 window: int = 64, *, interval: int = 16, metrics: Optional[bool] = None,
-                 registry: Any = None, tp_rank: int = 0):
+                 window: int = 64, *, interval: Optional[int] = None,
+                 metrics: Optional[bool] = None, registry: Any = None, tp_rank: int = 0):
+        if interval is None:
+            interval = int(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL))
         self.layer_ids = [int(x) for x in layer_ids]
         if len(set(self.layer_ids)) != len(self.layer_ids):
             raise ValueError(f"duplicate layer ids {self.layer_ids}")
@@ -124,15 +157,24 @@ class KeptStats:
         edges = bin_edges()
         self.edges = edges
         self.num_bins = len(edges)
-        L, n = len(self.layer_ids), self.max_rows * self.num_kv_heads
+        L, H, B = len(self.layer_ids), self.num_kv_heads, len(edges)
         self._edges = torch.tensor(edges, dtype=torch.int64, device=self.device)
-        # acc[l, 0] = sum of kept counts, acc[l, 1:] = histogram; cumulative since reset
-        self.acc = torch.zeros(L, 1 + self.num_bins, dtype=torch.int64, device=self.device)
-        self._ones = torch.ones(n, dtype=torch.int64, device=self.device)
+        # Every counter in one tensor (one copy to the host), cumulative since reset:
+        # counters[l] = [sum of kept, histogram (B), sum per KV head (H)] of sparse layer l;
+        # counters[L, 0] = rows counted (per layer), counters[L, 1] = their context tokens.
+        self.counters = torch.zeros(L + 1, 1 + B + H, dtype=torch.int64, device=self.device)
+        self.acc = self.counters[:L, :1 + B]  # [sum, histogram] per layer
+        self.head_sums = self.counters[:L, 1 + B:]
+        self._totals = self.counters[L, :2]
+        # a step's kept counts, staged per layer: [layers, rows, KV heads]
+        self.staged = torch.zeros(L, self.max_rows, H, dtype=torch.int32, device=self.device)
         self._row_ids = torch.arange(self.max_rows, dtype=torch.int64, device=self.device)
+        self._bin_base = (torch.arange(L, dtype=torch.int64, device=self.device)
+                          * self.counters.shape[1] + 1).view(L, 1)
+        self.steps = {"sparse": 0, "dense": 0}  # host-side, real decode steps
 
         self._on_cuda = self.device.type == "cuda"
-        self._host = torch.zeros(self.acc.shape, dtype=torch.int64,
+        self._host = torch.zeros(self.counters.shape, dtype=torch.int64,
                                  pin_memory=self._on_cuda)
         self._pending: Optional[tuple[int, Any]] = None  # (step, event) of the copy in flight
         self._step = 0
@@ -146,36 +188,60 @@ class KeptStats:
         self._gauge = _gauge(registry) if self._metrics else None
 
     # ------------------------------------------------------------------ device side
-    def record(self, layer_id: int, kept_counts: torch.Tensor, bs: int,
-               num_valid_rows: Optional[torch.Tensor] = None) -> None:
-        """Add one layer's kept counts of this step. Device ops only, fixed shapes.
-
-        ``kept_counts``: ``[rows >= bs, H_kv]`` (or flat ``[rows * H_kv]``), any int/float
-        dtype; the first ``bs`` rows count. ``num_valid_rows``: optional device scalar — rows
-        at or past it (padding of a graph batch) are not counted."""
-        li = self._slot[layer_id]
+    def stage(self, layer_id: int, kept_counts: torch.Tensor, bs: int) -> None:
+        """Keep one sparse layer's kept counts of this step for :meth:`commit` (one copy).
+        ``kept_counts``: ``[rows >= bs, H_kv]`` (or flat ``[rows * H_kv]``), any int dtype."""
         if bs > self.max_rows:
             raise ValueError(f"bs {bs} > max_rows {self.max_rows}")
         H = self.num_kv_heads
-        n = bs * H
-        kc = kept_counts.reshape(-1)[:n] if kept_counts.dim() == 1 else kept_counts[:bs].reshape(-1)
-        kc = kc.to(torch.int64)
-        bins = torch.bucketize(kc.clamp(min=0), self._edges, right=True) - 1
+        kc = kept_counts.reshape(-1)[:bs * H].view(bs, H) if kept_counts.dim() == 1 \
+            else kept_counts[:bs]
+        self.staged[self._slot[layer_id], :bs].copy_(kc)
+
+    def commit(self, bs: int, num_valid_rows: Optional[torch.Tensor] = None,
+               seq_lens: Optional[torch.Tensor] = None, layers: Optional[slice] = None) -> None:
+        """Add the staged counts of this step (``layers``: a slice of the sparse layers, default
+        all) to the counters. Device ops only, fixed shapes. ``num_valid_rows``: optional
+        device scalar — rows at or past it (padding of a graph batch) are not counted.
+        ``seq_lens``: the rows' context lengths (``[>= bs]``), summed into the context
+        counter."""
+        layers = layers or slice(0, len(self.layer_ids))
+        H = self.num_kv_heads
+        kc = self.staged[layers, :bs].to(torch.int64).clamp_(min=0)  # [l, bs, H]
         if num_valid_rows is None:
-            w = self._ones[:n]
+            w = torch.ones(bs, dtype=torch.int64, device=self.device)
         else:
-            valid = self._row_ids[:bs] < num_valid_rows.reshape(-1)[:1].to(torch.int64)
-            w = valid.to(torch.int64).unsqueeze(1).expand(bs, H).reshape(-1)
-        row = self.acc[li]
-        row[1:].index_add_(0, bins, w)
-        row[:1].add_((kc * w).sum().reshape(1))
+            w = (self._row_ids[:bs] < num_valid_rows.reshape(-1)[:1].to(torch.int64)).to(torch.int64)
+        kw = kc * w.view(1, bs, 1)
+        bins = torch.bucketize(kc, self._edges, right=True) - 1 + self._bin_base[layers].view(-1, 1, 1)
+        self.counters.view(-1).index_add_(0, bins.reshape(-1),
+                                          w.view(1, bs, 1).expand_as(bins).reshape(-1))
+        head = kw.sum(1)  # [l, H]
+        self.acc[layers, 0].add_(head.sum(1))
+        self.head_sums[layers].add_(head)
+        if layers.start in (0, None):  # rows and context once per step
+            self._totals[0].add_(w.sum())
+            if seq_lens is not None:
+                self._totals[1].add_((seq_lens[:bs].to(torch.int64) * w).sum())
+
+    def record(self, layer_id: int, kept_counts: torch.Tensor, bs: int,
+               num_valid_rows: Optional[torch.Tensor] = None) -> None:
+        """:meth:`stage` and :meth:`commit` of one layer (its rows counted as a step of its own
+        only for the first sparse layer)."""
+        self.stage(layer_id, kept_counts, bs)
+        li = self._slot[layer_id]
+        self.commit(bs, num_valid_rows, layers=slice(li, li + 1))
+
+    def count_step(self, sparse: bool) -> None:
+        """Host side: one real decode step went ``sparse`` (Twilight) or dense."""
+        self.steps["sparse" if sparse else "dense"] += 1
 
     def reset(self) -> None:
-        """Zero the device accumulators (e.g. after graph capture) and the host window."""
-        self.acc.zero_()
+        """Zero the device counters (e.g. after graph capture) and the host window."""
+        self.counters.zero_()
         self._pending = None
         self._snaps.clear()
-        self._snaps.append((self._step, torch.zeros(self.acc.shape, dtype=torch.int64)))
+        self._snaps.append((self._step, torch.zeros(self.counters.shape, dtype=torch.int64)))
 
     # ------------------------------------------------------------------ host side
     def on_step(self) -> Optional[dict[int, dict[str, float]]]:
@@ -195,12 +261,12 @@ class KeptStats:
                 report = self._consume(step, self._host.clone())
         if self._pending is None and self._step % self.interval == 0:
             if self._on_cuda:
-                self._host.copy_(self.acc, non_blocking=True)
+                self._host.copy_(self.counters, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
                 self._pending = (self._step, event)
             else:
-                self._host.copy_(self.acc)
+                self._host.copy_(self.counters)
                 report = self._consume(self._step, self._host.clone())
         return report
 
@@ -211,11 +277,14 @@ class KeptStats:
         while len(snaps) > 2 and snaps[1][0] <= step - self.window:
             snaps.popleft()
         base_step, base = snaps[0]
-        diff = snap - base
-        rows = stats_from_histogram(diff[:, 1:], diff[:, 0], self.edges)
+        L, B = len(self.layer_ids), self.num_bins
+        diff = (snap - base)[:L]
+        rows = stats_from_histogram(diff[:, 1:1 + B], diff[:, 0], self.edges)
         report = {lid: s for lid, s in zip(self.layer_ids, rows) if s is not None}
         self.last = report
         self.last_steps = step - base_step
+        self.totals = {"head_sums": snap[:L, 1 + B:].clone(), "rows": int(snap[L, 0]),
+                       "context_tokens": int(snap[L, 1])}
         self._publish(report, self.last_steps)
         return report
 
@@ -231,6 +300,23 @@ class KeptStats:
             for lid, s in report.items():
                 for stat in STATS:
                     self._gauge.labels(tp_rank=self.tp_rank, layer=str(lid), stat=stat).set(s[stat])
+            self._publish_totals()
+
+    def _publish_totals(self) -> None:
+        reg, r = self._registry, self.tp_rank
+        totals = getattr(self, "totals", None)
+        if totals is not None:
+            g = _gauge(reg, SUM_GAUGE_NAME, SUM_GAUGE_DOC, ("tp_rank", "layer", "kv_head"))
+            for li, lid in enumerate(self.layer_ids):
+                for h, v in enumerate(totals["head_sums"][li].tolist()):
+                    g.labels(tp_rank=r, layer=str(lid), kv_head=str(h)).set(v)
+            _gauge(reg, ROWS_COUNT_GAUGE_NAME, ROWS_COUNT_GAUGE_DOC, ("tp_rank",)).labels(
+                tp_rank=r).set(totals["rows"])
+            _gauge(reg, CONTEXT_GAUGE_NAME, CONTEXT_GAUGE_DOC, ("tp_rank",)).labels(
+                tp_rank=r).set(totals["context_tokens"])
+        g = _gauge(reg, STEPS_GAUGE_NAME, STEPS_GAUGE_DOC, ("tp_rank", "path"))
+        for path, n in self.steps.items():
+            g.labels(tp_rank=r, path=path).set(n)
 
 
 class PrefillRowCounter:
@@ -249,6 +335,61 @@ class PrefillRowCounter:
         self.total += int(n)
         if self._gauge is not None:
             self._gauge.labels(tp_rank=self.tp_rank).set(self.total)
+
+
+def read_kept(text: str) -> dict:
+    """The cumulative Twilight counters in a ``/metrics`` text (Prometheus exposition format):
+    ``{"kept_sum": {(layer, kv_head): tokens}, "rows": n, "context_tokens": n,
+    "steps": {"sparse": n, "dense": n}, "num_kv_heads": H}``. With tensor parallelism every rank
+    counts the same rows over its own KV heads: heads are numbered rank by rank, rows, context
+    and steps come from the lowest rank. :func:`mean_kept` turns two reads into a mean."""
+    import re
+
+    line_re = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}\s+(\S+)")
+    per_rank: dict[int, dict] = {}
+    for line in text.splitlines():
+        m = line_re.match(line)
+        if not m:
+            continue
+        name, value = m.group(1), float(m.group(3))
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        r = per_rank.setdefault(int(labels.get("tp_rank", 0)),
+                                {"kept_sum": {}, "rows": 0, "context_tokens": 0, "steps": {}})
+        if name == SUM_GAUGE_NAME:
+            r["kept_sum"][(int(labels["layer"]), int(labels["kv_head"]))] = value
+        elif name == ROWS_COUNT_GAUGE_NAME:
+            r["rows"] = int(value)
+        elif name == CONTEXT_GAUGE_NAME:
+            r["context_tokens"] = int(value)
+        elif name == STEPS_GAUGE_NAME:
+            r["steps"][labels.get("path", "?")] = int(value)
+    out = {"kept_sum": {}, "rows": 0, "context_tokens": 0, "steps": {"sparse": 0, "dense": 0},
+           "num_kv_heads": 0}
+    offset = 0
+    for rank in sorted(per_rank):
+        r = per_rank[rank]
+        heads = sorted({h for _, h in r["kept_sum"]})
+        for (layer, h), v in r["kept_sum"].items():
+            out["kept_sum"][(layer, offset + heads.index(h))] = v
+        offset += len(heads)
+    out["num_kv_heads"] = offset
+    if per_rank:
+        low = per_rank[min(per_rank)]
+        out["rows"], out["context_tokens"] = low["rows"], low["context_tokens"]
+        out["steps"].update(low["steps"])
+    return out
+
+
+def mean_kept(before: dict, after: dict) -> Optional[float]:
+    """Mean kept tokens per (request, KV head) between two :func:`read_kept` results, over all
+    sparse layers; None when no row was counted in between."""
+    rows = after["rows"] - before["rows"]
+    H = after["num_kv_heads"]
+    layers = {layer for layer, _ in after["kept_sum"]}
+    if rows <= 0 or not H or not layers:
+        return None
+    total = sum(after["kept_sum"].values()) - sum(before["kept_sum"].values())
+    return total / (rows * H * len(layers))
 
 
 def stats_from_histogram(hist: torch.Tensor, totals: torch.Tensor,
@@ -285,4 +426,6 @@ def stats_from_histogram(hist: torch.Tensor, totals: torch.Tensor,
     return out
 
 
-__all__ = ["GAUGE_NAME", "KeptStats", "PrefillRowCounter", "ROWS_GAUGE_NAME", "bin_edges", "metrics_enabled", "stats_from_histogram"]
+__all__ = ["CONTEXT_GAUGE_NAME", "GAUGE_NAME", "KeptStats", "PrefillRowCounter",
+           "ROWS_COUNT_GAUGE_NAME", "ROWS_GAUGE_NAME", "STEPS_GAUGE_NAME", "SUM_GAUGE_NAME",
+           "bin_edges", "mean_kept", "metrics_enabled", "read_kept", "stats_from_histogram"]

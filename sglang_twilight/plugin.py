@@ -107,9 +107,10 @@ def register() -> None:
             _SERVER_ARGS_POST_INIT, _server_args_post_init_hook, HookType.AROUND
         )
         _hook_registered = True
-    from sglang_twilight.srt_patches import pool_sizing
+    from sglang_twilight.srt_patches import graph_variants, pool_sizing
 
     pool_sizing.register()  # the sidecar counted in the KV pool budget (idempotent)
+    graph_variants.register()  # dense and sparse decode graphs for --twilight-dispatch auto
 
     # per-request p (custom_params["top_p_attn"]): HTTP 400 on a bad value, device table
     # written at admission (idempotent)

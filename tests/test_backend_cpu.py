@@ -388,7 +388,7 @@ def _run_step(env, cfg_kw, twilight_cfg, lens, per_req_p=None, pad_rows=0, seed=
         o = b.forward_decode(q, k, v, lay, fb)
         assert o.shape == (bs, HQ * D) and o.dtype == DTYPE
         outs[lay.layer_id], qs[lay.layer_id] = o.view(bs, HQ, D), q.view(bs, HQ, D)
-        if b.twilight.is_sparse(lay.layer_id):
+        if b.twilight.is_sparse(lay.layer_id) and b.twilight.last_kept is not None:
             kept[lay.layer_id] = b.twilight.last_kept.clone()
     return types.SimpleNamespace(cfg=cfg, b=b, drv=drv, fb=fb, outs=outs, qs=qs, kept=kept,
                                  wrapper=wrapper)
@@ -449,6 +449,60 @@ def test_decode_p1_full_budget_equals_dense(sglang_env, twilight_cfg, stub_paren
         dense = run.drv.dense(run.qs[lid], lid, run.fb)
         torch.testing.assert_close(run.outs[lid].float(), dense, atol=2e-2, rtol=2e-2)
         assert run.kept[lid].tolist() == [[n + 1] * HKV for n in lens]
+
+
+def test_dense_way_decodes_every_layer_densely_and_keeps_the_sidecar(sglang_env, twilight_cfg,
+                                                                     stub_parent):
+    """--twilight-dispatch dense: the sparse layers go through FlashInfer's decode (the stub
+    counts the calls) and equal dense attention, and the sidecar of the new slots is written as
+    in a sparse step (a later sparse step must find it)."""
+    lens = [40, 130, 257]
+    run = _run_step(sglang_env, dict(top_p=0.5, budget=64, min_sparse_len=32, min_budget=8,
+                                     dense_layers=1, dispatch="dense"), twilight_cfg, lens, seed=7)
+    assert not run.b.twilight.step_sparse
+    assert run.wrapper.calls == LAYERS  # every layer, the sparse ones too
+    assert run.kept == {}  # no Twilight decode ran
+    for lid in range(LAYERS):
+        torch.testing.assert_close(run.outs[lid].float(),
+                                   run.drv.dense(run.qs[lid], lid, run.fb), atol=1e-2, rtol=1e-2)
+    for lid in (1, 2):
+        _, side = _reference(run, lid)
+        for a, e in zip(run.b.twilight.sidecar.layer(lid).as_tuple(), side):
+            assert torch.equal(a, e)
+
+
+def test_auto_way_follows_the_cost_model_per_step(sglang_env, twilight_cfg, stub_parent,
+                                                  monkeypatch):
+    """--twilight-dispatch auto: before each decode step the backend asks the cost model with
+    the step's context lengths (seq_lens_cpu) and the step runs that way; the way is counted."""
+    from sglang_twilight.dispatch import DispatchPolicy, StepCostModel
+
+    monkeypatch.setattr(fib.FlashInferAttnBackend, "init_forward_metadata", lambda s, fb: None)
+    twilight_cfg(top_p=0.5, budget=64, min_sparse_len=32, min_budget=8, dense_layers=1)
+    mr = _runner(sglang_env)
+    from sglang_twilight.backend import TwilightAttnBackend
+
+    b = TwilightAttnBackend(mr)
+    tw = b.twilight
+    # dense costs 1 ms per 100 context tokens, sparse a flat 2 ms: sparse from 200 tokens on
+    model = StepCostModel(card="cpu", dense=(0.0, 0.0, 0.01, 0.0, 0.0),
+                          sparse=(2.0, 0.0, 0.0, 0.0, 0.0), margin=0.0, **tw.geometry())
+    tw.policy = DispatchPolicy("auto", model, tw.budget, P, 32)
+    drv = Driver(b, mr, seed=4)
+    drv.prefill(60, row=1)
+    fb = drv.decode_batch()
+    fb.seq_lens_cpu, fb.batch_size = fb.seq_lens.clone(), 1
+    b.init_forward_metadata(fb)
+    assert tw.step_sparse is False and tw.kept_stats.steps == {"sparse": 0, "dense": 1}
+    drv.prefill(250, row=2)
+    fb = drv.decode_batch()
+    fb.seq_lens_cpu, fb.batch_size = fb.seq_lens.clone(), 2
+    b.init_forward_metadata(fb)
+    assert tw.step_sparse is True and tw.kept_stats.steps == {"sparse": 1, "dense": 1}
+    wrapper = _set_dense_decode(b, drv, fb)
+    for lay in drv.layers:
+        b.forward_decode(drv.rand(2, HQ * D), drv.rand(2, HKV, D), drv.rand(2, HKV, D), lay, fb)
+    assert wrapper.calls == 1  # only the dense layer 0
 
 
 def test_graph_padding_rows(sglang_env, twilight_cfg, stub_parent):
@@ -516,7 +570,9 @@ def test_extend_writes_only_new_slots(sglang_env, twilight_cfg, stub_parent):
 
 def test_step_hooks_and_stats(sglang_env, twilight_cfg, stub_parent, monkeypatch):
     """on_step runs once per decode step on the host (eager: init_forward_metadata; graphs: the
-    replay's init_forward_metadata_out_graph, not at capture); record once per sparse layer."""
+    replay's init_forward_metadata_out_graph, not at capture), and the step's way is counted;
+    a layer's kept counts are staged once per sparse layer and committed once per step, after
+    the last sparse layer, with the real rows."""
     twilight_cfg(budget=64, min_sparse_len=32, min_budget=8, dense_layers=1)
     monkeypatch.setattr(fib.FlashInferAttnBackend, "init_forward_metadata", lambda s, fb: None)
     monkeypatch.setattr(fib.FlashInferAttnBackend, "init_forward_metadata_out_graph",
@@ -527,7 +583,7 @@ def test_step_hooks_and_stats(sglang_env, twilight_cfg, stub_parent, monkeypatch
     b = TwilightAttnBackend(mr)
 
     class Rec:
-        steps, resets, records = 0, 0, []
+        steps, resets, records, ways = 0, 0, [], []
 
         def on_step(self):
             Rec.steps += 1
@@ -535,8 +591,14 @@ def test_step_hooks_and_stats(sglang_env, twilight_cfg, stub_parent, monkeypatch
         def reset(self):
             Rec.resets += 1
 
-        def record(self, layer_id, kept, bs, num_valid_rows=None):
-            Rec.records.append((layer_id, tuple(kept.shape), bs, int(num_valid_rows)))
+        def count_step(self, sparse):
+            Rec.ways.append(sparse)
+
+        def stage(self, layer_id, kept, bs):
+            Rec.records.append((layer_id, tuple(kept.shape), bs))
+
+        def commit(self, bs, num_valid_rows=None, seq_lens=None):
+            Rec.records.append(("commit", bs, int(num_valid_rows), tuple(seq_lens.tolist())))
 
     b.twilight.kept_stats = Rec()
     dec = types.SimpleNamespace(forward_mode=ForwardMode.DECODE)
@@ -546,7 +608,7 @@ def test_step_hooks_and_stats(sglang_env, twilight_cfg, stub_parent, monkeypatch
     b.init_forward_metadata_out_graph(dec, in_capture=True)
     b.init_forward_metadata_out_graph(dec)
     b.init_forward_metadata_out_graph(ext)
-    assert Rec.steps == 2
+    assert Rec.steps == 2 and Rec.ways == [True, True]
     assert Rec.resets == 1  # the stats recorded while capturing are dropped once
     drv = Driver(b, mr, seed=2)
     drv.prefill(50, row=1)
@@ -555,7 +617,8 @@ def test_step_hooks_and_stats(sglang_env, twilight_cfg, stub_parent, monkeypatch
     _set_dense_decode(b, drv, fb)
     for lay in drv.layers:
         b.forward_decode(drv.rand(3, HQ * D), drv.rand(3, HKV, D), drv.rand(3, HKV, D), lay, fb)
-    assert Rec.records == [(1, (3, HKV), 3, 2), (2, (3, HKV), 3, 2)]
+    lens = tuple(fb.seq_lens.tolist())
+    assert Rec.records == [(1, (3, HKV), 3), (2, (3, HKV), 3), ("commit", 3, 2, lens)]
 
 
 def test_warm_up_runs_every_store_specialization(sglang_env, twilight_cfg, monkeypatch):
