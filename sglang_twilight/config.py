@@ -182,7 +182,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
 def validate_request_top_p(x: Any) -> float:
     """Check a per-request p (field ``top_p_attn``); return it as float.
 
-    Allowed: a real number (int or float, not bool) with 0 < p <= 1. Anything else raises
+    Allowed: a real number (int, float, not bool) with 0 < p <= 1. Anything else raises
     ``ValueError("top_p_attn: invalid value 1.5 (allowed: a number, 0 < p <= 1)")``: bools,
     None, strings (also numeric ones such as ``"0.9"``: a JSON request sends a number), lists,
     dicts, nan, +-inf, and integers too large for a float (JSON ``10**400``). Callers turn
@@ -194,6 +194,8 @@ def validate_request_top_p(x: Any) -> float:
     estimated weight is at least 1 / B0 >= 2**-20, so every p at or below it keeps the same
     smallest set (the heaviest token alone, before the min-budget clamp).
     """
+    import numbers
+
     fp32_min_normal = 2.0**-126
     try:
         shown = repr(x)
@@ -205,7 +207,7 @@ def validate_request_top_p(x: Any) -> float:
     bad = ValueError(
         f"{REQUEST_TOP_P_FIELD}: invalid value {shown} (allowed: a number, {TOP_P_RANGE})"
     )
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise bad
     try:
         p = float(x)

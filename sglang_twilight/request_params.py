@@ -7,7 +7,9 @@ this (hooks in :mod:`sglang_twilight.srt_patches.request_top_p`, registered by
 
 1. HTTP / tokenizer process: ``SamplingParams.verify`` also checks ``top_p_attn`` with
    :func:`sglang_twilight.config.validate_request_top_p`; a bad value is a ``ValueError``,
-   which SGLang answers with HTTP 400 (the server keeps serving).
+   which SGLang answers with HTTP 400 (the server keeps serving). A streaming ``/generate``
+   would already have answered 200 by then, so the streaming endpoints check first
+   (:func:`check_sampling_params`, before SGLang builds the streaming response) and answer 400.
 2. Scheduler process: when a batch that admits requests (extend / prefill / mixed) becomes a
    ``ForwardBatch``, every request's p (or the server default ``--top-p-attn``) is written
    into the live :class:`RequestTopP` table at the request's ``req_pool_idx`` — one tiny
@@ -128,6 +130,45 @@ class RequestTopP:
         return f"RequestTopP(num_req_slots={self.num_req_slots}, default_p={self.default_p}, device={self.device})"
 
 
+# ---------------------------------------------------------------------- HTTP side
+
+
+def check_sampling_params(sampling_params: Any) -> None:
+    """Validate ``custom_params["top_p_attn"]`` in a request's ``sampling_params`` as it comes
+    over HTTP (``GenerateReqInput.sampling_params``): one dict, a list of them (a batch), or
+    None. Raises the ``ValueError`` of :func:`validate_request_top_p` for the first bad value;
+    anything else (no ``custom_params``, no ``top_p_attn``, a non-dict) is left to SGLang."""
+    items = sampling_params if isinstance(sampling_params, list) else [sampling_params]
+    for sp in items:
+        custom = sp.get("custom_params") if isinstance(sp, dict) else None
+        if isinstance(custom, dict) and REQUEST_TOP_P_FIELD in custom:
+            validate_request_top_p(custom[REQUEST_TOP_P_FIELD])
+
+
+def top_p_error_in_body(body: bytes) -> Optional[str]:
+    """The message of a bad ``top_p_attn`` in a request body that SGLang's JSON parser
+    (orjson) refused, or None. orjson refuses ``NaN``, ``Infinity``, numbers beyond a double
+    (``1e400``) and integers beyond 64 bits (``10**400``) anywhere in the body, with a message
+    that names only a byte offset; Python's ``json`` reads all of them, so that a bad
+    ``top_p_attn`` can be named. Looks where the endpoints carry it:
+    ``sampling_params.custom_params`` (``/generate``, one dict or a list) and the top-level
+    ``custom_params`` (OpenAI endpoints)."""
+    import json
+
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON even to Python (or > 4300-digit ints)
+        return None
+    if not isinstance(doc, dict):
+        return None
+    try:
+        check_sampling_params(doc.get("sampling_params"))
+        check_sampling_params({"custom_params": doc.get("custom_params")})
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 # ---------------------------------------------------------------------- registry
 
 
@@ -159,6 +200,8 @@ __all__ = [
     "RequestTopP",
     "active_tables",
     "admit_requests",
+    "check_sampling_params",
+    "top_p_error_in_body",
     "register_active",
     "unregister_active",
 ]
