@@ -9,14 +9,14 @@ other for all its sparse layers. Under CUDA graphs both ways are captured for ev
 (``srt_patches/graph_variants.py``) and the replay picks one, so the choice costs no sync.
 
 The model (:class:`StepCostModel`) predicts the whole decode step's time, in ms, of each way
-as a linear function of five features of the step (:func:`step_features`):
+as a linear function of four features of the step (:func:`step_features`):
 
 ==========  ====================================================================
-``one``     1 (per-step constant: launches, the layers' latency chains)
+``one``     1 (per-step constant: weights, launches, the layers' latency chains)
 ``rows``    requests in the step (the graph's padded batch)
-``tokens``  sum of context lengths (dense: KV bytes read)
+``tokens``  sum of context lengths (dense: K and V read; sparse: the Quest page bounds,
+            one page per ``page_size`` tokens, read by the select)
 ``cands``   sum of min(context, B0 capacity) (sparse: int4 keys read by the estimate)
-``pages``   sum of context pages (sparse: Quest page bounds read by the select)
 ==========  ====================================================================
 
 Its coefficients are fitted by ``benchmarks/bench_decode_step.py --fit`` from step times measured
@@ -39,42 +39,35 @@ from typing import Any, Iterable, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-FEATURES = ("one", "rows", "tokens", "cands", "pages")
+FEATURES = ("one", "rows", "tokens", "cands")
 PROFILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_profiles.json")
 #: a JSON file of profiles to use instead of the shipped ones (same format)
 PROFILES_ENV = "SGLANG_TWILIGHT_DISPATCH_PROFILES"
 DEFAULT_MARGIN = 0.03
 
 
-def step_features(seq_lens: Sequence[int] | Any, capacity: int, page_size: int,
+def step_features(seq_lens: Sequence[int] | Any, capacity: int, page_size: int = 0,
                   rows: Optional[int] = None, tokens: Optional[int] = None) -> list[float]:
-    """The five features of a decode step (see the module docstring).
+    """The features of a decode step (:data:`FEATURES`, see the module docstring).
 
     ``seq_lens``: the context length of every row of the step (a CPU tensor, a list, or None);
     without them, ``rows`` and ``tokens`` (their sum) stand in, each row then taken to hold
-    ``tokens / rows`` tokens."""
+    ``tokens / rows`` tokens. ``page_size`` is unused (pages are tokens / page size)."""
     if seq_lens is not None:
         try:
             import torch
 
             if isinstance(seq_lens, torch.Tensor):
                 t = seq_lens.to("cpu", torch.int64)
-                n = int(t.numel())
-                tok = int(t.sum())
-                cands = int(t.clamp(max=capacity).sum())
-                pages = int(((t + page_size - 1) // page_size).sum())
-                return [1.0, float(n), float(tok), float(cands), float(pages)]
+                return [1.0, float(t.numel()), float(t.sum()), float(t.clamp(max=capacity).sum())]
         except ImportError:  # pragma: no cover
             pass
         lens = [int(x) for x in seq_lens]
-        return [1.0, float(len(lens)), float(sum(lens)), float(sum(min(x, capacity) for x in lens)),
-                float(sum(-(-x // page_size) for x in lens))]
+        return [1.0, float(len(lens)), float(sum(lens)), float(sum(min(x, capacity) for x in lens))]
     if rows is None or tokens is None:
         raise ValueError("step_features needs seq_lens, or rows and tokens")
     rows = max(1, int(rows))
-    mean = tokens / rows
-    return [1.0, float(rows), float(tokens), float(rows * min(mean, capacity)),
-            float(rows * math.ceil(mean / page_size))]
+    return [1.0, float(rows), float(tokens), float(rows * min(tokens / rows, capacity))]
 
 
 @dataclass(frozen=True)
@@ -163,7 +156,7 @@ def fit_step_models(points: Iterable[dict], **geometry: Any) -> StepCostModel:
 
 def _nonneg_lstsq(X, y):
     """Weighted least squares (relative error: each row divided by its y) with coefficients
-    >= 0, by active-set elimination of negative ones (Lawson-Hanson on a 5-column problem)."""
+    >= 0, by active-set elimination of negative ones (a few columns: a handful of refits)."""
     import numpy as np
 
     w = 1.0 / y

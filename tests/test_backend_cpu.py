@@ -485,8 +485,8 @@ def test_auto_way_follows_the_cost_model_per_step(sglang_env, twilight_cfg, stub
     b = TwilightAttnBackend(mr)
     tw = b.twilight
     # dense costs 1 ms per 100 context tokens, sparse a flat 2 ms: sparse from 200 tokens on
-    model = StepCostModel(card="cpu", dense=(0.0, 0.0, 0.01, 0.0, 0.0),
-                          sparse=(2.0, 0.0, 0.0, 0.0, 0.0), margin=0.0, **tw.geometry())
+    model = StepCostModel(card="cpu", dense=(0.0, 0.0, 0.01, 0.0),
+                          sparse=(2.0, 0.0, 0.0, 0.0), margin=0.0, **tw.geometry())
     tw.policy = DispatchPolicy("auto", model, tw.budget, P, 32)
     drv = Driver(b, mr, seed=4)
     drv.prefill(60, row=1)
@@ -638,3 +638,90 @@ def test_warm_up_runs_every_store_specialization(sglang_env, twilight_cfg, monke
     b = TwilightAttnBackend(_runner(sglang_env))
     assert seen == [1, 16, 17]
     assert b.twilight.sidecar.rows_written() == {1: 0, 2: 0}
+
+
+# --------------------------------------------------------------------------- mixed chunks, memory
+
+
+def test_mixed_chunk_decode_rows_dense_and_sidecar_written(sglang_env, twilight_cfg, stub_parent):
+    """--enable-mixed-chunk: SGLang merges running decode requests into a prefill batch
+    (ScheduleBatch.mix_with_running: ForwardMode.MIXED, the decode rows' new slots appended to
+    out_cache_loc), and AttentionBackend.forward sends MIXED to forward_extend. The decode rows
+    there get FlashInfer's dense prefill attention (documented: no Twilight decode runs), and the
+    sidecar of their new slots is written with the prefill's, so the next pure decode step equals
+    the reference on a sidecar rebuilt from scratch."""
+    assert ForwardMode.MIXED.is_extend() and not ForwardMode.MIXED.is_decode()
+    cfg = twilight_cfg(top_p=0.85, budget=64, min_sparse_len=32, min_budget=8, dense_layers=1)
+    mr = _runner(sglang_env)
+    from sglang_twilight.backend import TwilightAttnBackend
+
+    b = TwilightAttnBackend(mr)
+    drv = Driver(b, mr, seed=21)
+    drv.prefill(150, row=1)
+    drv.prefill(95, row=2)
+    # the mixed batch: a new request's first 40 tokens, then one decode token per running request
+    new = drv.alloc.alloc(3 * P)[:40]
+    drv.rtt[3, :40] = new.to(torch.int32)
+    dec = drv.decode_batch()  # the running rows' new slots (alloc_decode's rule)
+    fb = types.SimpleNamespace(forward_mode=ForwardMode.MIXED,
+                               out_cache_loc=torch.cat([new.to(torch.int64), dec.out_cache_loc]))
+    n_tok = fb.out_cache_loc.numel()
+
+    def no_sparse_decode(*a, **k):
+        raise AssertionError("a Twilight decode ran in a mixed batch")
+
+    b.twilight.decode = no_sparse_decode  # on the instance: the class's comes back with del
+    side = b.twilight.sidecar
+    before = side.rows_written()
+    for lay in drv.layers:
+        o = b.forward(drv.rand(n_tok, HQ * D), drv.rand(n_tok, HKV, D), drv.rand(n_tok, HKV, D),
+                      lay, fb)
+        assert torch.equal(o, torch.zeros(n_tok, HQ * D, dtype=DTYPE))  # the parent's output
+    assert side.rows_written() == {lid: before[lid] + n_tok for lid in (1, 2)}
+    drv.rows.append(3)
+    drv.lens.append(40)
+    del b.twilight.decode  # the sparse decode back for the next, pure decode step
+    fb2 = drv.decode_batch()
+    _set_dense_decode(b, drv, fb2)
+    outs, qs, kept = {}, {}, {}
+    for lay in drv.layers:
+        q = drv.rand(3, HQ * D)
+        outs[lay.layer_id] = b.forward(q, drv.rand(3, HKV, D), drv.rand(3, HKV, D), lay,
+                                       fb2).view(3, HQ, D)
+        qs[lay.layer_id] = q.view(3, HQ, D)
+        if b.twilight.is_sparse(lay.layer_id):
+            kept[lay.layer_id] = b.twilight.last_kept.clone()
+    run = types.SimpleNamespace(cfg=cfg, b=b, drv=drv, fb=fb2, qs=qs)
+    for lid in (1, 2):
+        (o_ref, kept_ref), fresh = _reference(run, lid)
+        for a, e in zip(side.layer(lid).as_tuple(), fresh):
+            assert torch.equal(a, e)  # the mixed step's decode slots included
+        same = (kept[lid] == kept_ref).all(dim=1)
+        assert int(same.sum()) >= 2, (kept[lid], kept_ref)  # near-ties may flip one row
+        for r in range(3):
+            if bool(same[r]):
+                torch.testing.assert_close(outs[lid][r].float(), o_ref[r].float(), atol=2e-2,
+                                           rtol=2e-2)
+
+
+def test_eager_workspace_within_the_reserved_bytes(sglang_env, twilight_cfg, monkeypatch):
+    """The KV budget reserves (srt_patches.pool_sizing) exactly the workspace this backend builds
+    for eager decode, computed from SGLang's ServerArgs and ModelConfig alone: the same bytes for
+    the backend's own row count, and the backend's rows within the bound the reserve uses."""
+    from sglang.srt.mem_cache.allocation_sizing import get_req_to_token_extra_context_len
+
+    from sglang_twilight.srt_patches import pool_sizing as ps
+    from tests.test_pool_sizing import _kvc
+
+    sa = sglang_env.server_args
+    cfg = twilight_cfg(budget=64, min_sparse_len=32, min_budget=8, dense_layers=1)
+    width = sglang_env.model_config.context_len + get_req_to_token_extra_context_len(sa)
+    rtp = ReqToTokenPool(size=REQ_SLOTS, max_context_len=width, device="cpu",
+                         enable_memory_saver=False)
+    b = _backend(sglang_env, req_to_token_pool=rtp)
+    tw = b.twilight
+    nbytes = tw.ensure_workspace().nbytes()
+    assert tw.max_rows <= ps.eager_rows_bound(sa)
+    monkeypatch.setattr(ps, "eager_rows_bound", lambda server_args: tw.max_rows)
+    kvc = _kvc(sa, sglang_env.model_config, 0, LAYERS)
+    assert ps.workspace_reserve_bytes(kvc, cfg) == nbytes

@@ -1,0 +1,447 @@
+"""Decode-step time of a served model inside SGLang's CUDA graphs: dense SGLang against Twilight,
+both ways of ``--twilight-dispatch`` in one process, the fitted dispatch cost model, the byte
+model of a step, and a per-kernel profile of graph replays.
+
+SGLang's ``bench_one_batch`` machinery (``sglang.benchmark.one_batch``: its model loading,
+``extend`` and ``decode``) in one process per method, with the prefill done request by request so
+that 12 x 32k fits beside the KV pool. Per context the largest batch is prefilled once; the
+smaller batches are the same batch filtered down (largest first). Each (context, batch) cell
+times ``--steps`` decode steps after ``--warmup`` (median ms per step, CUDA graphs on):
+
+* ``dense``: ``python -m sglang.launch_server --attention-backend flashinfer --page-size 16``'s
+  decode, i.e. SGLang as shipped;
+* ``twilight``: the twilight backend with ``--twilight-dispatch auto`` (so both graphs of every
+  batch size exist), each cell timed with every step forced sparse (``sparse_ms``), forced dense
+  (``dense_way_ms``), and, when a cost model for this GPU and geometry was loaded at start, as
+  the model chooses (``auto_ms``, ``auto_way``).
+
+``--fit`` fits the dispatch cost model (sglang_twilight/dispatch.py) to the twilight process's
+two ways and stores it in ``sglang_twilight/dispatch_profiles.json`` (or ``--profiles-out``).
+``--profile AxB,...`` adds, for those cells, the CUDA kernels of a few graph replays of each way
+summed by kernel and by kind (Twilight's kernels, FlashInfer decode, GEMMs, the rest).
+
+Usage (Llama-3.1-8B shape, dummy weights, flat attention clamped to 512 kept tokens):
+    python benchmarks/bench_decode_step.py --model-path /tmp/llama8b-dummy --load-format dummy \\
+        --cells 30720:12,8,4,2,1 16384:12,8,4,2,1 2048:64,16,4,1 --twilight-max-budget 512 \\
+        --mem-fraction-static 0.92 --fit --profile 30720x12,2048x1 \\
+        --out benchmarks/results/decode_step_llama8b_h100.json
+Every flag it does not know goes to SGLang's ServerArgs of both processes (e.g.
+``--load-format``, ``--mem-fraction-static``); ``--twilight-*`` / ``--top-p-attn`` to twilight's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from benchmarks.common import progress, write_result  # noqa: E402
+
+KINDS = (  # kernel name fragment -> kind, first match wins
+    ("_store_sidecar", "twilight"), ("_page_scores", "twilight"), ("_select_kernel", "twilight"),
+    ("_estimate", "twilight"), ("_topp", "twilight"), ("_union", "twilight"),
+    ("_attend_", "twilight"), ("_expand", "twilight"),
+    ("BatchDecode", "flashinfer_decode"), ("flashinfer", "flashinfer_other"),
+    ("gemm", "gemm"), ("Gemm", "gemm"), ("nvjet", "gemm"), ("xmma", "gemm"), ("cutlass", "gemm"),
+)
+
+
+def kind_of(name: str) -> str:
+    for frag, kind in KINDS:
+        if frag in name:
+            return kind
+    return "other"
+
+
+def parse_cells(specs: list[str]) -> list[tuple[int, list[int]]]:
+    """``["30720:12,8,4", "2048:64,1"]`` -> ``[(30720, [12, 8, 4]), (2048, [64, 1])]`` (each
+    batch list largest first)."""
+    out = []
+    for spec in specs:
+        ctx, _, bss = spec.partition(":")
+        if not bss:
+            raise ValueError(f"cell {spec!r}: expected CONTEXT:BS,BS,...")
+        out.append((int(ctx), sorted({int(b) for b in bss.split(",")}, reverse=True)))
+    return out
+
+
+def parse_pairs(text: str) -> set[tuple[int, int]]:
+    """``"30720x12,2048x1"`` -> ``{(30720, 12), (2048, 1)}``."""
+    out = set()
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        c, _, b = item.partition("x")
+        out.add((int(c), int(b)))
+    return out
+
+
+# --------------------------------------------------------------------------- the byte model
+
+
+def step_bytes(method: str, seq_lens: list[int], *, weight_bytes: int, num_layers: int,
+               dense_layers: int, num_kv_heads: int, head_dim: int, kv_bytes: int = 2,
+               capacity: int = 8192, page_size: int = 16, kept: float = 0.0) -> dict:
+    """Bytes one decode step must read from HBM (weights once, then attention per layer).
+
+    dense: every layer reads K and V of every context token. twilight: the dense layers the
+    same; each sparse layer reads the Quest bounds of every page (two int8 codes per channel +
+    an fp32 scale, per KV head), the int4 keys of the candidates (D/2 bytes + fp16 scale and
+    zero, per KV head), and K and V of the ``kept`` tokens per (request, KV head)."""
+    H, D = num_kv_heads, head_dim
+    kv_tok = H * D * 2 * kv_bytes  # K + V of one token, one layer
+    dense_attn = sum(seq_lens) * kv_tok
+    if method == "dense":
+        attn = num_layers * dense_attn
+    else:
+        sparse = num_layers - dense_layers
+        pages = sum(-(-n // page_size) for n in seq_lens)
+        cands = sum(min(n, capacity) for n in seq_lens)
+        per_layer = (pages * H * (2 * D + 4) + cands * H * (D // 2 + 4)
+                     + len(seq_lens) * kept * kv_tok)
+        attn = dense_layers * dense_attn + sparse * per_layer
+    return {"weights": int(weight_bytes), "attention": int(attn),
+            "total": int(weight_bytes + attn)}
+
+
+# --------------------------------------------------------------------------- the child process
+
+
+def _child(args, sglang_argv: list[str]) -> None:
+    """Load the model for one method and time every cell; write the JSON to ``args.child_out``."""
+    import numpy as np
+    import torch
+
+    method = args.child
+    if method == "twilight":
+        from sglang_twilight.config import TwilightConfig
+
+        cfg = TwilightConfig.from_dict(json.loads(args.twilight_config))
+        cfg.to_env()
+        from sglang.srt.plugins import load_plugins
+
+        load_plugins()  # the twilight backend, its hooks (graph variants, pool sizing)
+
+    import sglang.benchmark.one_batch as ob
+    from sglang.srt.model_executor.cuda_graph_config import Phase
+    from sglang.srt.server_args import PortArgs, ServerArgs
+
+    cells = parse_cells(args.cells)
+    max_bs = max(max(b) for _, b in cells)
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    sargs = parser.parse_args(sglang_argv + [
+        "--attention-backend", "twilight" if method == "twilight" else "flashinfer",
+        "--page-size", str(args.page_size)])
+    server_args = ServerArgs.from_cli_args(sargs)
+    if server_args.cuda_graph_config is not None:
+        server_args.cuda_graph_config[Phase.DECODE].max_bs = max_bs
+    ob._set_envs_and_config(server_args)
+    ob.initialize_moe_config(server_args)
+    ob.initialize_fp8_gemm_config(server_args)
+    ob.initialize_fp4_gemm_config(server_args)
+    port_args = PortArgs.init_new(server_args)
+    t0 = time.perf_counter()
+    bench_runner, _ = ob.load_model(server_args, port_args, 0, 0)
+    runner = bench_runner.torch_runner
+    load_s = time.perf_counter() - t0
+    ob.BenchArgs.output_len = 1 << 20  # requests never finish on their own here
+    decoder = getattr(runner.attn_backend, "twilight", None)
+    policy = decoder.policy if decoder is not None else None
+    has_model = policy is not None and policy.model is not None
+    mc = runner.model_config
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    info = dict(method=method, load_s=load_s, pool_tokens=int(runner.max_total_num_tokens),
+                weight_bytes=int(weight_bytes), num_layers=int(mc.num_hidden_layers),
+                num_kv_heads=int(mc.get_num_kv_heads(1)), head_dim=int(mc.head_dim),
+                num_q_heads=int(mc.num_attention_heads),
+                kv_bytes=int(torch.empty(0, dtype=runner.kv_cache_dtype).element_size()))
+    if decoder is not None:
+        info.update(geometry=decoder.geometry(mc.num_hidden_layers), card=_card(),
+                    policy=policy.describe(), budget=decoder.budget,
+                    dense_layers=decoder.cfg.dense_layers,
+                    sidecar_bytes=decoder.sidecar.nbytes(),
+                    workspace_bytes=decoder.ensure_workspace().nbytes())
+
+    def sync():
+        torch.cuda.synchronize()
+
+    def time_steps(ids, batch, n):
+        lat = []
+        for _ in range(n):
+            sync()
+            tic = time.perf_counter()
+            ids, _ = ob.decode(ids, batch, runner)
+            sync()
+            lat.append((time.perf_counter() - tic) * 1e3)
+        return ids, lat
+
+    profile_cells = parse_pairs(args.profile)
+    ways = [("sparse", True), ("dense_way", False)] if decoder is not None else [("dense", None)]
+    if has_model:
+        ways.append(("auto", None))
+    rows, prefills = [], []
+    rng = np.random.default_rng(args.seed)
+    for ctx, bss in cells:
+        bench_runner.clear()
+        n_req = bss[0]
+        if n_req * (ctx + 2 * (args.steps + args.warmup) * len(ways) * len(bss) + 64) \
+                > runner.max_total_num_tokens:
+            rows.append(dict(context=ctx, batch=n_req, skipped="does not fit the KV pool "
+                             f"({runner.max_total_num_tokens} tokens)"))
+            print(f"[{method}] {ctx} x {n_req}: does not fit the pool", flush=True)
+            continue
+        ids_in = rng.integers(0, 10000, (n_req, ctx), dtype=np.int32)
+        reqs = ob.prepare_synthetic_inputs_for_latency_test(n_req, ctx, ids_in.tolist())
+        next_ids, batch = [], None
+        for i, req in enumerate(reqs):  # one request at a time: 12 x 32k fits beside the pool
+            sync()
+            tic = time.perf_counter()
+            nid, _, b = ob.extend([req], runner)
+            sync()
+            prefills.append(dict(context=ctx, index=len(prefills), seconds=time.perf_counter() - tic))
+            next_ids.append(nid)
+            if batch is None:
+                batch = b
+            else:
+                batch.merge_batch(b)
+        ids = torch.cat(next_ids)
+        print(f"[{method}] {ctx}: prefilled {n_req} requests in "
+              f"{sum(p['seconds'] for p in prefills if p['context'] == ctx):.1f} s", flush=True)
+        for bs in bss:
+            if bs < len(batch.reqs):
+                batch.filter_batch(keep_indices=list(range(bs)))
+                ids = ids[:bs]
+            row = dict(context=ctx, batch=bs)
+            for way, force in ways:
+                if policy is not None:
+                    policy.force = force
+                ids, _ = time_steps(ids, batch, args.warmup)
+                if way == "auto":
+                    row["auto_way"] = "sparse" if decoder.step_sparse else "dense"
+                ids, lat = time_steps(ids, batch, args.steps)
+                row[f"{way}_ms"] = statistics.median(lat)
+                row[f"{way}_ms_all"] = [round(x, 4) for x in lat]
+                if (ctx, bs) in profile_cells:
+                    ids, prof = _profile_steps(ids, batch, runner, ob, args.profile_steps)
+                    row[f"{way}_profile"] = prof
+            row["seq_lens"] = batch.seq_lens.tolist()
+            if policy is not None:
+                policy.force = None
+            rows.append(row)
+            print(f"[{method}] {ctx} x {bs}: " + ", ".join(
+                f"{w} {row[f'{w}_ms']:.3f} ms" for w, _ in ways), flush=True)
+    # mean kept tokens per (request, KV head) of the sparse steps: from the device counters
+    if decoder is not None:
+        c = decoder.kept_stats.counters.cpu()
+        L, B = len(decoder.sparse_layer_ids), decoder.kept_stats.num_bins
+        rows_counted = int(c[L, 0])
+        info["kept_mean"] = (float(c[:L, 0].sum()) / (rows_counted * L * decoder.num_kv_heads)
+                             if rows_counted else None)
+    with open(args.child_out, "w") as f:
+        json.dump(dict(info=info, rows=rows, prefills=prefills), f)
+
+
+def _card() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _profile_steps(ids, batch, runner, ob, steps):
+    """CUDA kernels of ``steps`` decode steps (graph replays), by name and by kind, per step."""
+    import torch
+
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        tic = time.perf_counter()
+        for _ in range(steps):
+            ids, _ = ob.decode(ids, batch, runner)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - tic) * 1e3 / steps
+    per, calls = defaultdict(float), defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = getattr(ev, "device_time_total", None)
+            per[ev.name] += (t if t is not None else ev.cuda_time_total) / 1e3  # ms
+            calls[ev.name] += 1
+    kinds = defaultdict(float)
+    for name, ms in per.items():
+        kinds[kind_of(name)] += ms / steps
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:25]
+    return ids, dict(steps=steps, wall_ms=wall, kernel_ms=sum(per.values()) / steps,
+                     kinds={k: round(v, 4) for k, v in sorted(kinds.items())},
+                     kernels=[dict(name=n[:120], ms=round(ms / steps, 4),
+                                   calls=calls[n] // steps, kind=kind_of(n)) for n, ms in top])
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def merge(dense: dict, tw: dict) -> list[dict]:
+    """One row per (context, batch) with both methods' times and ratios."""
+    by = {(r["context"], r["batch"]): dict(r) for r in tw["rows"]}
+    out = []
+    for r in dense["rows"]:
+        key = (r["context"], r["batch"])
+        t = by.get(key, {})
+        row = dict(context=key[0], batch=key[1])
+        if "skipped" in r or "skipped" in t:
+            row["skipped"] = r.get("skipped") or t.get("skipped")
+            out.append(row)
+            continue
+        row.update(dense_ms=r["dense_ms"], seq_lens=t.get("seq_lens", r.get("seq_lens")),
+                   twilight_sparse_ms=t["sparse_ms"], twilight_dense_way_ms=t["dense_way_ms"])
+        if "auto_ms" in t:
+            row.update(twilight_auto_ms=t["auto_ms"], auto_way=t["auto_way"])
+        for k in ("sparse_profile", "dense_way_profile", "auto_profile"):
+            if k in t:
+                row[f"twilight_{k}"] = t[k]
+        if "dense_profile" in r:
+            row["dense_profile"] = r["dense_profile"]
+        out.append(row)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    ap.add_argument("--cells", nargs="+", default=["30720:12,8,4,2,1", "16384:12,4,1",
+                                                   "2048:64,16,1"],
+                    help="CONTEXT:BS,BS,... per context (the largest batch is prefilled)")
+    ap.add_argument("--methods", default="dense,twilight")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--profile", default="", help="cells to profile: CONTEXTxBS,...")
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fit", action="store_true", help="fit and store the dispatch cost model")
+    ap.add_argument("--profiles-out", default=None,
+                    help="profiles JSON to update (default: sglang_twilight/dispatch_profiles.json)")
+    ap.add_argument("--margin", type=float, default=None, help="the cost model's margin")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--twilight-config", default=None, help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args()
+    if args.child:
+        sglang_argv = json.loads(os.environ["BENCH_DECODE_SGLANG_ARGV"])
+        return _child(args, sglang_argv)
+
+    from sglang_twilight.config import TwilightConfig, add_twilight_args
+
+    tparser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_twilight_args(tparser)
+    tns, sglang_argv = tparser.parse_known_args(rest)
+    cfg = TwilightConfig.from_args(tns)
+    cfg = TwilightConfig.from_dict(dict(cfg.to_dict(), dispatch="auto"))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in progress(args.methods.split(","), "methods"):
+            child_out = os.path.join(tmp, f"{method}.json")
+            cmd = [sys.executable, __file__, "--child", method, "--child-out", child_out,
+                   "--cells", *args.cells, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--profile", args.profile, "--profile-steps",
+                   str(args.profile_steps), "--page-size", str(args.page_size), "--seed",
+                   str(args.seed), "--out", args.out, "--twilight-config",
+                   json.dumps(cfg.to_dict())]
+            env = dict(os.environ, BENCH_DECODE_SGLANG_ARGV=json.dumps(sglang_argv))
+            t0 = time.time()
+            rc = subprocess.run(cmd, env=env).returncode
+            if rc != 0 or not os.path.exists(child_out):
+                print(f"{method}: the benchmark process failed (exit {rc})", file=sys.stderr)
+                results[method] = None
+                continue
+            with open(child_out) as f:
+                results[method] = json.load(f)
+            print(f"{method}: done in {time.time() - t0:.0f} s", flush=True)
+    payload = dict(benchmark="decode_step", cells=args.cells, twilight_config=cfg.to_dict(),
+                   sglang_args=sglang_argv,
+                   methods={m: (r or {}).get("info") for m, r in results.items()},
+                   prefills={m: (r or {}).get("prefills") for m, r in results.items()})
+    dense, tw = results.get("dense"), results.get("twilight")
+    if dense and tw:
+        rows = merge(dense, tw)
+        info = tw["info"]
+        geo = info["geometry"]
+        kept = info.get("kept_mean") or 0.0
+        for row in rows:
+            if "skipped" in row:
+                continue
+            lens = row["seq_lens"]
+            kw = dict(weight_bytes=info["weight_bytes"], num_layers=info["num_layers"],
+                      dense_layers=info["dense_layers"], num_kv_heads=geo["num_kv_heads"],
+                      head_dim=geo["head_dim"], kv_bytes=info["kv_bytes"],
+                      capacity=geo["capacity"], page_size=geo["page_size"], kept=kept)
+            bd, bt = step_bytes("dense", lens, **kw), step_bytes("twilight", lens, **kw)
+            row["bytes_dense"], row["bytes_twilight"] = bd, bt
+            row["byte_ceiling"] = bd["total"] / bt["total"]  # dense / twilight, best case
+            row["speedup_sparse"] = row["dense_ms"] / row["twilight_sparse_ms"]
+            if "twilight_auto_ms" in row:
+                row["speedup_auto"] = row["dense_ms"] / row["twilight_auto_ms"]
+        payload["rows"] = rows
+        if args.fit:
+            payload["fit"] = _fit(args, tw, rows)
+    write_result(args.out, payload)
+    print(f"wrote {args.out}")
+    _print_table(payload.get("rows", []))
+
+
+def _fit(args, tw: dict, rows: list[dict]) -> dict:
+    from sglang_twilight.dispatch import (DEFAULT_MARGIN, fit_step_models, save_profile,
+                                          step_features)
+
+    info = tw["info"]
+    geo = info["geometry"]
+    points = []
+    for row in rows:
+        if "skipped" in row:
+            continue
+        feats = step_features(row["seq_lens"], geo["capacity"], geo["page_size"])
+        points.append(dict(features=feats, dense_ms=row["twilight_dense_way_ms"],
+                           sparse_ms=row["twilight_sparse_ms"]))
+    model = fit_step_models(points, card=info["card"],
+                            margin=DEFAULT_MARGIN if args.margin is None else args.margin, **geo)
+    model = type(model).from_dict(dict(model.to_dict(), fit=dict(model.fit, command=" ".join(
+        ["python"] + sys.argv))))
+    path = args.profiles_out or os.path.join(Path(__file__).resolve().parents[1],
+                                             "sglang_twilight", "dispatch_profiles.json")
+    save_profile(model, path)
+    for row in rows:
+        if "skipped" in row:
+            continue
+        feats = step_features(row["seq_lens"], geo["capacity"], geo["page_size"])
+        d, s = model.predict(feats)
+        way = "sparse" if model.prefers_sparse(feats) else "dense"
+        row.update(model_dense_ms=d, model_sparse_ms=s, model_way=way,
+                   model_way_ms=row["twilight_sparse_ms" if way == "sparse"
+                                    else "twilight_dense_way_ms"])
+        row["model_way_vs_dense"] = row["model_way_ms"] / row["dense_ms"]
+    print(f"fitted dispatch model -> {path}: {model.fit}")
+    return dict(model.to_dict(), path=path)
+
+
+def _print_table(rows):
+    print("context batch | dense ms | tw sparse ms | tw dense-way ms | auto | ceiling")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['context']:>7} {r['batch']:>5} | skipped: {r['skipped']}")
+            continue
+        auto = "-"
+        if "twilight_auto_ms" in r:
+            auto = "%.3f (%s)" % (r["twilight_auto_ms"], r["auto_way"])
+        print(f"{r['context']:>7} {r['batch']:>5} | {r['dense_ms']:8.3f} | "
+              f"{r['twilight_sparse_ms']:12.3f} | {r['twilight_dense_way_ms']:15.3f} | "
+              f"{auto} | {r['byte_ceiling']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

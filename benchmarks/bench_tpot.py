@@ -1,0 +1,316 @@
+"""Time per output token of a served model: dense SGLang against the twilight server, both driven by
+SGLang's own client (``python -m sglang.bench_serving``).
+
+On one GPU it starts, one after the other and with the same flags and ``--mem-fraction-static``:
+
+* dense: ``python -m sglang.launch_server --attention-backend flashinfer --page-size 16``;
+* twilight: ``python -m sglang_twilight.launch_server`` (Twilight flags added: ``--top-p-attn``
+  and, for the dummy 8B shape, ``--twilight-max-budget 512`` — dummy attention is flat, so top-p
+  alone would keep almost every candidate).
+
+Both with CUDA graphs (``--cuda-graph-max-bs-decode`` = the largest concurrency) and
+``--enable-metrics``. For every (context, concurrency) cell it runs ``bench_serving`` with the
+``random-ids`` dataset, fixed input and output lengths (``--random-range-ratio 1``),
+``--max-concurrency`` = concurrency and ``--num-prompts`` = ``--waves`` x concurrency (at least
+``--min-prompts``), and keeps its median / p99 TPOT, median ITL, median TTFT and output tokens/s.
+A cell whose requests do not fit the KV pool at once (concurrency x (context + output) > pool
+tokens) is reported as such, not run. For twilight the mean kept tokens per (request, KV head)
+and the share of decode steps that went sparse come from the server's ``/metrics``
+(``sglang_twilight_kept_tokens_sum`` etc., read before and after each cell). One
+``generated-shared-prefix`` cell per model (``--shared-prefix``) checks that the advantage holds
+on radix-cache hits.
+
+Presets (``--model``): ``smollm2`` (real SmolLM2-135M-Instruct, the launcher's default model;
+contexts 2k / 4k / 7.5k x concurrency 1 / 16 / 64 / 128) and ``llama8b`` (the Llama-3.1-8B shape
+with dummy weights from ``--model-path``; contexts 2k / 8k / 16k / 30k x concurrency 1 / 4 / 12).
+
+    python benchmarks/bench_tpot.py --model smollm2 --out benchmarks/results/tpot_smollm2_h100.json
+    python benchmarks/bench_tpot.py --model llama8b --model-path /tmp/llama8b-dummy \\
+        --out benchmarks/results/tpot_llama8b_h100.json
+Writes the JSON and a PNG beside it (TPOT per cell, dense vs twilight, and their ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from benchmarks.common import progress, write_result  # noqa: E402
+
+PRESETS = {
+    "smollm2": dict(cells=["2048:1,16,64,128", "4096:1,16,64,128", "7680:1,16,64,128"],
+                    twilight=[], load_format="auto", mem=0.85,
+                    shared_prefix=dict(groups=8, per_group=16, system_len=6144, question_len=128,
+                                       concurrency=64)),
+    "llama8b": dict(cells=["2048:1,4,12", "8192:1,4,12", "16384:1,4,12", "30720:1,4,12"],
+                    twilight=["--twilight-max-budget", "512"], load_format="dummy", mem=0.9,
+                    shared_prefix=dict(groups=2, per_group=12, system_len=16384, question_len=128,
+                                       concurrency=12)),
+}
+RESULT_KEYS = {  # bench_serving's JSONL keys -> our row keys
+    "median_tpot_ms": "tpot_ms_median", "p99_tpot_ms": "tpot_ms_p99",
+    "median_itl_ms": "itl_ms_median", "median_ttft_ms": "ttft_ms_median",
+    "output_throughput": "output_tok_s", "completed": "completed",
+}
+
+
+def parse_cells(specs):
+    """``["2048:1,16", ...]`` -> ``[(2048, 1), (2048, 16), ...]``."""
+    out = []
+    for spec in specs:
+        ctx, _, cs = spec.partition(":")
+        out += [(int(ctx), int(c)) for c in cs.split(",") if c.strip()]
+    return out
+
+
+def fits(context: int, concurrency: int, output_len: int, pool_tokens: int) -> bool:
+    """Every request of a wave holds its whole context and output in the pool at once."""
+    return concurrency * (context + output_len) <= pool_tokens
+
+
+def _get(url: str, timeout: float = 10.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+class Server:
+    """One server process (its own process group, killed as a whole)."""
+
+    def __init__(self, argv, port, log_path, env=None):
+        self.argv, self.port, self.log_path, self.env = argv, port, log_path, env
+        self.base = f"http://127.0.0.1:{port}"
+        self.p = None
+
+    def __enter__(self):
+        self.log = open(self.log_path, "a")
+        self.p = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, env=self.env)
+        return self
+
+    def wait_ready(self, timeout: float) -> float:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"server exited with {self.p.returncode}; see {self.log_path}")
+            try:
+                _get(self.base + "/health", 5)
+                return time.time() - t0
+            except Exception:
+                time.sleep(2)
+        raise TimeoutError(f"server not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def __exit__(self, *exc):
+        if self.p and self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+                self.p.wait(30)
+            except Exception:
+                os.killpg(self.p.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def run_bench_serving(port, model_path, extra, out_file, timeout):
+    """One ``python -m sglang.bench_serving`` run; returns its JSON result line (dict)."""
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host",
+           "127.0.0.1", "--port", str(port), "--tokenizer", model_path, "--model", model_path,
+           "--output-file", out_file, "--disable-tqdm", "--seed", "1"] + extra
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0 or not os.path.exists(out_file):
+        raise RuntimeError(f"bench_serving failed ({r.returncode}): {r.stderr[-2000:]}")
+    with open(out_file) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    return json.loads(lines[-1]), cmd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    ap.add_argument("--model", choices=sorted(PRESETS), required=True)
+    ap.add_argument("--model-path", default=None,
+                    help="model folder (default for smollm2: the launcher's default model)")
+    ap.add_argument("--cells", nargs="+", default=None, help="CONTEXT:CONC,CONC,...")
+    ap.add_argument("--methods", default="dense,twilight")
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--waves", type=int, default=2, help="prompts per cell = waves x concurrency")
+    ap.add_argument("--min-prompts", type=int, default=4)
+    ap.add_argument("--top-p-attn", type=float, default=0.95)
+    ap.add_argument("--mem-fraction-static", type=float, default=None)
+    ap.add_argument("--shared-prefix", action="store_true", help="add the shared-prefix cell")
+    ap.add_argument("--port", type=int, default=30200)
+    ap.add_argument("--start-timeout", type=float, default=600)
+    ap.add_argument("--cell-timeout", type=float, default=600)
+    ap.add_argument("--log-dir", default=None, help="server logs (default: beside --out)")
+    ap.add_argument("--out", required=True)
+    args, extra_server = ap.parse_known_args()
+    preset = PRESETS[args.model]
+    model_path = args.model_path
+    if model_path is None:
+        if args.model != "smollm2":
+            ap.error("--model-path is required for --model llama8b")
+        from sglang_twilight.default_model import default_model_path
+
+        model_path = default_model_path(log=lambda m: print(m, flush=True))
+    cells = parse_cells(args.cells or preset["cells"])
+    max_conc = max([c for _, c in cells] + [preset["shared_prefix"]["concurrency"]])
+    mem = args.mem_fraction_static or preset["mem"]
+    common = ["--model-path", model_path, "--load-format", preset["load_format"],
+              "--mem-fraction-static", str(mem), "--port", str(args.port),
+              "--cuda-graph-max-bs-decode", str(max_conc), "--enable-metrics",
+              "--host", "127.0.0.1"] + extra_server
+    servers = {
+        "dense": [sys.executable, "-m", "sglang.launch_server", "--attention-backend",
+                  "flashinfer", "--page-size", "16"] + common,
+        "twilight": [sys.executable, "-m", "sglang_twilight.launch_server", "--top-p-attn",
+                     str(args.top_p_attn)] + preset["twilight"] + common,
+    }
+    # the kept-token counters reach /metrics every this many decode steps
+    os.environ.setdefault("SGLANG_TWILIGHT_METRICS_INTERVAL", "4")
+    log_dir = args.log_dir or os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(log_dir, exist_ok=True)
+    rows, meta = [], {}
+    from sglang_twilight.metrics import mean_kept, read_kept
+
+    for method in args.methods.split(","):
+        t0 = time.time()
+        log_path = os.path.join(log_dir, f"server_{args.model}_{method}.log")
+        with Server(servers[method], args.port, log_path) as srv:
+            ready_s = srv.wait_ready(args.start_timeout)
+            info = json.loads(_get(srv.base + "/server_info"))
+            pool = int(info.get("max_total_num_tokens") or 0)
+            meta[method] = dict(argv=servers[method], ready_s=ready_s, pool_tokens=pool)
+            print(f"[{method}] ready in {ready_s:.0f} s, pool {pool} tokens", flush=True)
+            jobs = [("random", c, n) for c, n in cells]
+            if args.shared_prefix:
+                jobs.append(("shared_prefix", preset["shared_prefix"]["system_len"],
+                             preset["shared_prefix"]["concurrency"]))
+            for kind, ctx, conc in progress(jobs, f"{args.model} {method}"):
+                row = dict(model=args.model, method=method, dataset=kind, context=ctx,
+                           output_len=args.output_len, concurrency=conc, pool_tokens=pool)
+                if kind == "random" and not fits(ctx, conc, args.output_len, pool):
+                    row["skipped"] = (f"{conc} x ({ctx} + {args.output_len}) tokens do not fit "
+                                      f"the {pool}-token KV pool")
+                    print(f"[{method}] {ctx} x {conc}: {row['skipped']}", flush=True)
+                    rows.append(row)
+                    continue
+                if kind == "random":
+                    n = max(args.min_prompts, args.waves * conc)
+                    extra = ["--dataset-name", "random-ids", "--random-input-len", str(ctx),
+                             "--random-output-len", str(args.output_len),
+                             "--random-range-ratio", "1", "--num-prompts", str(n),
+                             "--max-concurrency", str(conc)]
+                else:
+                    sp = preset["shared_prefix"]
+                    n = sp["groups"] * sp["per_group"]
+                    extra = ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups",
+                             str(sp["groups"]), "--gsp-prompts-per-group", str(sp["per_group"]),
+                             "--gsp-system-prompt-len", str(sp["system_len"]),
+                             "--gsp-question-len", str(sp["question_len"]), "--gsp-output-len",
+                             str(args.output_len), "--max-concurrency", str(conc)]
+                    row["shared_prefix"] = sp
+                row["num_prompts"] = n
+                before = read_kept(_get(srv.base + "/metrics")) if method == "twilight" else None
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        res, cmd = run_bench_serving(args.port, model_path, extra,
+                                                     os.path.join(tmp, "r.jsonl"),
+                                                     args.cell_timeout)
+                    except Exception as e:  # recorded, not dropped
+                        row["error"] = str(e)[-1000:]
+                        rows.append(row)
+                        print(f"[{method}] {kind} {ctx} x {conc}: error {row['error'][:200]}")
+                        continue
+                row.update({ours: res.get(theirs) for theirs, ours in RESULT_KEYS.items()})
+                row["bench_serving_command"] = " ".join(cmd[1:])
+                if before is not None:
+                    time.sleep(0.5)  # the counters' last snapshot lands on a later step
+                    after = read_kept(_get(srv.base + "/metrics"))
+                    row["kept_tokens_mean"] = mean_kept(before, after)
+                    steps = {w: after["steps"].get(w, 0) - before["steps"].get(w, 0)
+                             for w in ("sparse", "dense")}
+                    row["decode_steps"] = steps
+                    tot = sum(steps.values())
+                    row["sparse_step_share"] = steps["sparse"] / tot if tot else None
+                rows.append(row)
+                print(f"[{method}] {kind} {ctx} x {conc}: TPOT {row['tpot_ms_median']:.2f} ms "
+                      f"(p99 {row['tpot_ms_p99']:.2f}), ITL {row['itl_ms_median']:.2f}, TTFT "
+                      f"{row['ttft_ms_median']:.0f} ms, {row['output_tok_s']:.0f} tok/s"
+                      + (f", kept {row['kept_tokens_mean']}" if before is not None else ""),
+                      flush=True)
+        print(f"[{method}] done in {time.time() - t0:.0f} s", flush=True)
+    ratios = _ratios(rows)
+    payload = dict(benchmark="tpot", model=args.model, model_path=model_path, servers=meta,
+                   output_len=args.output_len, top_p_attn=args.top_p_attn, rows=rows,
+                   ratios=ratios)
+    written = write_result(args.out, payload)
+    _plot(written, os.path.splitext(args.out)[0] + ".png")
+    print(f"wrote {args.out}")
+
+
+def _ratios(rows):
+    """twilight / dense per cell measured by both."""
+    by = {}
+    for r in rows:
+        if "tpot_ms_median" in r:
+            by.setdefault((r["dataset"], r["context"], r["concurrency"]), {})[r["method"]] = r
+    out = []
+    for (ds, ctx, conc), m in sorted(by.items()):
+        if "dense" in m and "twilight" in m:
+            d, t = m["dense"], m["twilight"]
+            out.append(dict(dataset=ds, context=ctx, concurrency=conc,
+                            tpot_twilight_over_dense=t["tpot_ms_median"] / d["tpot_ms_median"],
+                            ttft_twilight_over_dense=t["ttft_ms_median"] / d["ttft_ms_median"],
+                            speedup=d["tpot_ms_median"] / t["tpot_ms_median"]))
+    return out
+
+
+def _plot(payload, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    rat = [r for r in payload["ratios"] if r["dataset"] == "random"]
+    if not rat:
+        return
+    ctxs = sorted({r["context"] for r in rat})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ctx in ctxs:
+        rs = [r for r in rat if r["context"] == ctx]
+        concs = [r["concurrency"] for r in rs]
+        axes[0].plot(concs, [r["speedup"] for r in rs], marker="o", label=f"{ctx} tokens")
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].axhline(1 / 1.03, color="red", lw=0.8, ls="--", label="never-slower bound (1/1.03)")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("concurrency")
+    axes[0].set_ylabel("dense TPOT / twilight TPOT")
+    axes[0].legend(fontsize=8)
+    rows = [r for r in payload["rows"] if r.get("dataset") == "random" and "tpot_ms_median" in r]
+    for method, style in (("dense", "--"), ("twilight", "-")):
+        for ctx in ctxs:
+            rs = [r for r in rows if r["method"] == method and r["context"] == ctx]
+            if rs:
+                axes[1].plot([r["concurrency"] for r in rs], [r["tpot_ms_median"] for r in rs],
+                             style, marker="o", label=f"{method} {ctx}")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("concurrency")
+    axes[1].set_ylabel("median TPOT (ms)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{payload['model']}: TPOT, dense SGLang vs twilight ({payload.get('card', '')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
