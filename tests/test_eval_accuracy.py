@@ -683,3 +683,41 @@ def test_whole_run_against_stand_in_servers(word, tmp_path):
     assert [p.name for p in pngs] == ["accuracy_smollm2_stand-in-1.png",
                                       "accuracy_smollm2_stand-in-1_dynamism.png"]
     assert all(p.stat().st_size > 10000 for p in pngs)
+
+
+def test_server_command_lines_parse():
+    """The servers' command lines: the Twilight flags validate into the intended config (the
+    launcher's own parser) and every other flag is one SGLang 0.5.17 knows, with these values."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_twilight.launch_server import parse_twilight_args
+
+    args = E.parse_args([])
+    args.model_path = "/models/smollm2"
+    cases = [(E.dense_argv(args, 31000), None),
+             (E.twilight_argv(args, 31001, selector="quest", budget=4096, top_p=0.95),
+              dict(selector="quest", budget=4096, top_p=0.95)),
+             (E.twilight_argv(args, 31002, selector="none", budget=8192, top_p=0.95),
+              dict(selector="none", budget=8192, top_p=0.95)),
+             (E.twilight_argv(args, 31003, selector="quest", budget=E.quest_budget(70), top_p=1.0),
+              dict(selector="quest", budget=64, top_p=1.0))]
+    for argv, want in cases:
+        rest = argv[3:]
+        if want is None:
+            assert argv[1:3] == ["-m", "sglang.launch_server"]
+        else:
+            assert argv[1:3] == ["-m", "sglang_twilight.launch_server"]
+            cfg, rest = parse_twilight_args(rest)
+            assert cfg.dispatch == "sparse" and cfg.min_sparse_len == 0 and cfg.page_size == 16
+            for k, v in want.items():
+                assert getattr(cfg, k) == v, (k, getattr(cfg, k), v)
+        parser = argparse.ArgumentParser()
+        ServerArgs.add_cli_args(parser)
+        ns = parser.parse_args(rest)
+        assert ns.model_path == "/models/smollm2" and ns.page_size == 16
+        assert ns.context_length == E.MODEL_CONTEXT and ns.max_total_tokens == args.pool_tokens
+        assert ns.enable_metrics == (want is not None)
+        if want is None:
+            assert ns.attention_backend == "flashinfer"
