@@ -56,6 +56,20 @@ DEFAULT_WORKSPACE_MB = 512
 _KV_DTYPES = (torch.bfloat16, torch.float16)
 _KV_DTYPE_STRS = ("auto", "bf16", "bfloat16", "fp16", "float16")
 
+#: head dims the Twilight kernels are built for. Powers of two: every kernel spans head_dim with
+#: one Triton block. At least 32: the int4 estimate's tensor-core dot runs over head_dim / 2,
+#: which must be >= 16. At most 256: the attend kernel pipelines 64-token K and V tiles over two
+#: stages, 128 KiB of shared memory at 256 and 256 KiB at 512, more than an A100 or H100 SM has.
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+
+#: SGLang's fault injection for its KV canary: each > 0 overwrites real K/V in place (no backend
+#: call, so the sidecar of those slots would go stale)
+_KV_PERTURB_ENVS = (
+    "SGLANG_KV_CANARY_PERTURB_REAL_KV_USED_PROB",
+    "SGLANG_KV_CANARY_PERTURB_REAL_KV_UNUSED_CACHE_PROB",
+    "SGLANG_KV_CANARY_PERTURB_REAL_KV_POST_FORWARD_PROB",
+)
+
 
 class TwilightUnsupportedError(ValueError):
     """A setup the twilight backend cannot serve correctly. ``str()`` is one line that names the
@@ -71,8 +85,11 @@ def _refuse(flag: str, msg: str) -> TwilightUnsupportedError:
 
 def check_server_args(server_args: Any, cfg: Optional[TwilightConfig] = None,
                       environ: Optional[dict] = None) -> None:
-    """Refuse server setups whose KV writes bypass the sidecar or whose layout it cannot follow.
+    """Refuse server setups whose KV writes bypass the sidecar or whose layout it cannot follow,
+    and those whose results Twilight cannot give as asked (deterministic inference).
 
+    Every SGLang 0.5.17 path that fills KV slots without the attention backend is refused here
+    (docs/SGLANG_SURFACE.md section 7 lists them all, with the paths that are safe and why).
     Raises :class:`TwilightUnsupportedError`. ``server_args`` is SGLang's ``ServerArgs``.
     """
     cfg = cfg or get_config()
@@ -117,6 +134,50 @@ def check_server_args(server_args: Any, cfg: Optional[TwilightConfig] = None,
     if str(env.get("SGLANG_USE_HND_KVCACHE", "")).lower() in ("1", "true", "yes"):
         raise _refuse("SGLANG_USE_HND_KVCACHE", "the sidecar needs the NHD (slot-major) KV "
                       "layout; unset it")
+    # host / storage tiers and pluggable caches that load KV into new slots
+    if getattr(server_args, "enable_flexkv", False):
+        raise _refuse("--enable-flexkv", "FlexKV loads KV from its host/SSD tiers into new "
+                      "slots without the sidecar")
+    rcb = getattr(server_args, "radix_cache_backend", None)
+    if rcb:
+        raise _refuse("--radix-cache-backend", f"{rcb}; a registered radix-cache backend may "
+                      "load KV into slots without the sidecar (leave the flag out for "
+                      "SGLang's default cache)")
+    hsb = getattr(server_args, "hicache_storage_backend", None)
+    if hsb:
+        raise _refuse("--hicache-storage-backend", f"{hsb}; storage tiers load KV into new "
+                      "slots without the sidecar")
+    if getattr(server_args, "enable_deterministic_inference", False):
+        raise _refuse("--enable-deterministic-inference", "the sparse layers' results depend "
+                      "on the batch they run in (row groups, attention splits)")
+    if int(getattr(server_args, "attn_cp_size", 1) or 1) > 1:
+        raise _refuse("--attn-cp-size", f"{server_args.attn_cp_size}; context-parallel "
+                      "prefill writes KV outside the FlashInfer prefill twilight runs")
+    if getattr(server_args, "enable_prefill_cp", False):
+        raise _refuse("--enable-prefill-cp", "context-parallel prefill writes KV outside the "
+                      "FlashInfer prefill twilight runs")
+    if getattr(server_args, "enable_unified_memory", False):
+        raise _refuse("--enable-unified-memory", "the unified memory pool is not the plain MHA "
+                      "KV pool the sidecar sits beside")
+    if getattr(server_args, "enable_page_major_kv_layout", False):
+        raise _refuse("--enable-page-major-kv-layout", "the sidecar needs the slot-major KV "
+                      "layout")
+    if getattr(server_args, "prefill_only_disable_kv_cache", False):
+        raise _refuse("--prefill-only-disable-kv-cache", "a server without a KV cache never "
+                      "decodes")
+    role = getattr(server_args, "decoupled_spec_role", "null")
+    if role not in (None, "null"):
+        raise _refuse("--decoupled-spec-role", f"{role}; speculative decoding moves KV "
+                      "between slots without the sidecar")
+    for var in _KV_PERTURB_ENVS:
+        raw = str(env.get(var, "") or "").strip()
+        try:
+            prob = float(raw) if raw else 0.0
+        except ValueError:
+            prob = 1.0  # SGLang would refuse it itself; do not guess
+        if prob > 0:
+            raise _refuse(var, f"{raw}; the KV canary's fault injection overwrites K/V in "
+                          "place without the sidecar; unset it")
 
 
 def check_model(model_runner: Any) -> None:
@@ -130,6 +191,11 @@ def check_model(model_runner: Any) -> None:
         raise _refuse("--model-path", f"{arch} uses MLA attention")
     if getattr(model_runner, "sliding_window_size", None) is not None:
         raise _refuse("--model-path", f"{arch} uses sliding-window attention")
+    hd = getattr(mc, "head_dim", None)
+    if hd is not None and int(hd) not in SUPPORTED_HEAD_DIMS:
+        raise _refuse("--model-path", f"{arch} has head_dim {hd} (allowed: "
+                      f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}; the Twilight kernels "
+                      "compile for those only)")
     text_cfg = getattr(mc, "hf_text_config", mc.hf_config)
     cap = getattr(text_cfg, "attn_logit_softcapping", None)
     if cap:
@@ -170,6 +236,10 @@ def check_layer(layer: Any) -> None:
         raise _refuse("--model-path", f"layer {lid} uses sliding-window attention ({sw})")
     if getattr(layer, "is_cross_attention", False):
         raise _refuse("--model-path", f"layer {lid} is a cross-attention layer")
+    if int(layer.head_dim) not in SUPPORTED_HEAD_DIMS:
+        raise _refuse("--model-path", f"layer {lid} has head_dim {layer.head_dim} (allowed: "
+                      f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}; the Twilight kernels "
+                      "compile for those only)")
     vd = getattr(layer, "v_head_dim", None)
     if vd is not None and int(vd) != int(layer.head_dim):
         raise _refuse("--model-path", f"layer {lid} has v_head_dim {vd} != head_dim "
@@ -180,12 +250,28 @@ def check_layer(layer: Any) -> None:
 
 
 def workspace_bytes(rows: int, num_kv_heads: int, group: int, head_dim: int, budget: int,
-                    max_context: int, page_size: int) -> int:
+                    max_context: int, page_size: int, num_sms: Optional[int] = None) -> int:
     """Bytes of an :class:`ops.DecodeWorkspace` of ``rows`` rows, measured on the ``meta`` device
     from the workspace's own ``allocate``/``nbytes`` (so it follows its layout). The attention
-    split scratch is sized for 8 SMs there; on a GPU it may be a few MiB larger."""
-    return ops.DecodeWorkspace.allocate(int(rows), num_kv_heads, group, head_dim, budget,
-                                        page_size, max_context, "meta").nbytes()
+    split scratch depends on the GPU's SM count: ``meta`` sizes it for 8 SMs; ``num_sms`` gives
+    the bytes on a GPU with that many (what the KV budget reserves)."""
+    ws = ops.DecodeWorkspace.allocate(int(rows), num_kv_heads, group, head_dim, budget,
+                                      page_size, max_context, "meta")
+    n = ws.nbytes()
+    if num_sms is not None and int(num_sms) != ws.num_sms:
+        # mid_o [mid_rows * G, D] and mid_lse [mid_rows * G], fp32
+        extra = split_rows(rows, num_kv_heads, int(num_sms)) - split_rows(rows, num_kv_heads,
+                                                                           ws.num_sms)
+        n += extra * group * (head_dim + 1) * 4
+    return n
+
+
+def split_rows(rows: int, num_kv_heads: int, num_sms: int) -> int:
+    """(request, KV head, split) partial rows the attend stage needs for any decode step of up
+    to ``rows`` requests on a GPU of ``num_sms`` SMs: what ``ops.DecodeWorkspace.allocate``
+    sizes ``mid_o`` / ``mid_lse`` by (the same plan functions)."""
+    return max(ops._mid_rows(ops._group_plan(r, num_kv_heads, num_sms, keep_all), num_kv_heads)
+               for r in range(1, int(rows) + 1) for keep_all in (False, True))
 
 
 def workspace_rows(max_bs: int, num_kv_heads: int, group: int, head_dim: int, budget: int,
@@ -546,6 +632,7 @@ __all__ = [
     "check_layer",
     "check_model",
     "check_server_args",
+    "split_rows",
     "workspace_bytes",
     "workspace_rows",
 ]

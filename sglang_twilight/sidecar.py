@@ -19,6 +19,7 @@ computes the sidecar's size is :meth:`TwilightSidecarPool.bytes_per_token`; the 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -66,7 +67,9 @@ class TwilightSidecarPool:
         page_size: SGLang's page size = Quest page.
         device: where the buffers live.
         kv_pool: the KV pool whose ``get_key_buffer(layer_id)`` :meth:`write` reads; may be set
-            later with :meth:`bind`.
+            later with :meth:`bind`. Given here, the buffers are allocated in its memory region
+            (:func:`kv_cache_region`: released and resumed with the KV cache under
+            ``--enable-memory-saver``).
     """
 
     def __init__(
@@ -99,18 +102,19 @@ class TwilightSidecarPool:
 
         S, H, D, NP = self.num_slots, self.head_num, self.head_dim, self.num_pages
         self._layers: Dict[int, SidecarLayer] = {}
-        for lid in layer_ids:
-            kscale, kzero = scale_zero_buffers(S, H, self.device)
-            kmax, kmin, kbscale = bounds_buffers(NP, H, D, self.device)
-            self._layers[lid] = SidecarLayer(
-                layer_id=lid,
-                kq=code_buffer(S, H, D, self.device),
-                kscale=kscale,
-                kzero=kzero,
-                kmax=kmax,
-                kmin=kmin,
-                kbscale=kbscale,
-            )
+        with kv_cache_region(kv_pool):
+            for lid in layer_ids:
+                kscale, kzero = scale_zero_buffers(S, H, self.device)
+                kmax, kmin, kbscale = bounds_buffers(NP, H, D, self.device)
+                self._layers[lid] = SidecarLayer(
+                    layer_id=lid,
+                    kq=code_buffer(S, H, D, self.device),
+                    kscale=kscale,
+                    kzero=kzero,
+                    kmax=kmax,
+                    kmin=kmin,
+                    kbscale=kbscale,
+                )
         # rows written per layer (host-side count of eager writes; see write())
         self._rows_written: Dict[int, int] = {lid: 0 for lid in layer_ids}
 
@@ -234,6 +238,23 @@ class TwilightSidecarPool:
 # ---------------------------------------------------------------------- SGLang glue
 
 
+def kv_cache_region(kv_pool: Any):
+    """The memory region SGLang allocates ``kv_pool``'s K/V buffers in: with
+    ``--enable-memory-saver``, the pool's ``memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE)``
+    (SGLang 0.5.17 ``MHATokenToKVPool._create_buffers_normal``), so that
+    ``/release_memory_occupation`` frees the sidecar with the KV cache and
+    ``/resume_memory_occupation`` maps it back at the same addresses (CUDA graphs keep pointing
+    at it). Contents are not kept, as for the KV cache: SGLang flushes the radix cache on
+    release, and every slot is written (K/V and sidecar) before it is read again. Without a
+    pool, or with the memory saver off, a no-op."""
+    adapter = getattr(kv_pool, "memory_saver_adapter", None)
+    if adapter is None or not getattr(adapter, "enabled", False):
+        return nullcontext()
+    from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
+
+    return adapter.region(GPU_MEMORY_TYPE_KV_CACHE)
+
+
 def kv_pool_geometry(kv_pool: Any) -> dict:
     """What the sidecar needs from an SGLang 0.5.17 ``MHATokenToKVPool`` (NHD layout).
 
@@ -304,6 +325,7 @@ __all__ = [
     "SidecarLayer",
     "TwilightSidecarPool",
     "attach_sidecar",
+    "kv_cache_region",
     "kv_pool_geometry",
     "sparse_layer_ids",
 ]

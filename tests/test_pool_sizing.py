@@ -1,4 +1,5 @@
-"""The sidecar is counted in SGLang's KV pool budget (srt_patches/pool_sizing.py), CPU.
+"""The sidecar and the decode workspace are counted in SGLang's KV pool budget
+(srt_patches/pool_sizing.py), CPU.
 
 SGLang 0.5.17 sizes the KV pool as ``available_bytes // cell_size``; ``cell_size`` comes from
 ``DefaultPoolConfigurator._compute_cell_size``. Here the real ``KVCacheConfigurator`` and
@@ -10,11 +11,14 @@ only.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -186,7 +190,9 @@ def test_hook_registered_through_sglang_plugins(llama8b):
         from sglang.srt.runtime_context import get_parallel
         from sglang_twilight.srt_patches.pool_sizing import TARGET
         from tests.test_pool_sizing import _kvc
-        out = {"registered": TARGET in HookRegistry._hooks, "patched": TARGET in HookRegistry._patched}
+        from sglang_twilight.srt_patches.pool_sizing import RESERVE_TARGET
+        out = {"registered": TARGET in HookRegistry._hooks, "patched": TARGET in HookRegistry._patched,
+               "reserve": RESERVE_TARGET in HookRegistry._hooks and RESERVE_TARGET in HookRegistry._patched}
         tw = ServerArgs(model_path=sys.argv[1], attention_backend="twilight", device="cpu")
         fi = ServerArgs(model_path=sys.argv[1], attention_backend="flashinfer", device="cpu",
                         page_size=16)
@@ -206,5 +212,143 @@ def test_hook_registered_through_sglang_plugins(llama8b):
                        text=True, env=env, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out == {"registered": True, "patched": True, "page_size": 16,
+    assert out == {"registered": True, "patched": True, "reserve": True, "page_size": 16,
                    "twilight": KV_CELL + SIDECAR, "flashinfer": KV_CELL}
+
+
+# --------------------------------------------------------------------------- decode workspace
+# A fixed amount, reserved out of the bytes SGLang profiles for the KV pool (AFTER hook on
+# KVCacheConfigurator._profile_available_bytes), so that the workspace the backend allocates after
+# the pool (graph set-up, or the first eager decode step) does not come out of the activation slack.
+
+
+_PARALLEL = dict(attn_tp_size=1, attn_tp_rank=0, tp_size=1, tp_rank=0, attn_cp_size=1,
+                 attn_cp_rank=0, attn_dp_size=1, dcp_size=1, pp_size=1, pp_rank=0)
+
+
+@contextlib.contextmanager
+def _scheduler(server_args):
+    """What a scheduler process has when SGLang sizes its pools: the published config and the
+    parallel sizes (get_cuda_graph_max_batch_size reads both)."""
+    from sglang.srt.runtime_context import get_context, get_parallel, publish
+
+    with get_context().preserve_config():
+        publish(server_args, role="scheduler")
+        with get_parallel().override(**_PARALLEL):
+            yield
+
+
+def _geo(tw_args, mc, cfg):
+    """The decode workspace geometry of a Llama-8B rank, written out by hand (TP 1)."""
+    from sglang.srt.mem_cache.allocation_sizing import get_req_to_token_extra_context_len
+
+    max_context = 131072 + get_req_to_token_extra_context_len(tw_args)
+    return (8, 4, 128, cfg.capacity, max_context, 16)
+
+
+def test_workspace_reserve_is_the_backend_workspace(setup, twilight_cfg, monkeypatch):
+    """The reserve = the workspace of workspace_rows(eager rows bound) rows, at this geometry,
+    once per attention backend; 0 for other backends, a draft worker, or no sparse layer; it
+    follows $SGLANG_TWILIGHT_WORKSPACE_MB."""
+    from sglang.srt.runtime_context import get_parallel
+
+    from sglang_twilight.backend import workspace_bytes, workspace_rows
+    from sglang_twilight.srt_patches import pool_sizing as ps
+
+    tw, fi, mc = setup
+    cfg = twilight_cfg()
+    geo = _geo(tw, mc, cfg)
+    with _scheduler(tw):
+        rows = workspace_rows(ps.eager_rows_bound(tw), *geo)
+        want = workspace_bytes(rows, *geo)
+        assert ps.workspace_reserve_bytes(_kvc(tw, mc), cfg) == want
+        assert 400 << 20 < want <= 512 << 20  # the default cap binds at 8B shapes x 128k context
+        # one workspace per backend: two-batch overlap builds three, PD-multiplexing 1 + groups
+        tbo = copy.copy(tw)
+        object.__setattr__(tbo, "enable_two_batch_overlap", True)
+    with _scheduler(tbo):
+        rows_tbo = workspace_rows(ps.eager_rows_bound(tbo), *geo)
+        assert ps.workspace_reserve_bytes(_kvc(tbo, mc), cfg) == 3 * workspace_bytes(rows_tbo, *geo)
+    with _scheduler(tw):
+        # the cap: 64 MiB of workspace
+        monkeypatch.setenv("SGLANG_TWILIGHT_WORKSPACE_MB", "64")
+        small = ps.workspace_reserve_bytes(_kvc(tw, mc), cfg)
+        assert small <= 64 << 20 and small == workspace_bytes(workspace_rows(
+            ps.eager_rows_bound(tw), *geo), *geo)
+        monkeypatch.delenv("SGLANG_TWILIGHT_WORKSPACE_MB")
+        # a GPU's SM count sizes the attention split scratch: more SMs, more bytes
+        assert ps.workspace_reserve_bytes(_kvc(tw, mc), cfg, num_sms=132) == workspace_bytes(
+            rows, *geo, num_sms=132) > want
+        assert ps.workspace_reserve_bytes(_kvc(fi, mc), cfg) == 0
+        draft = _kvc(tw, mc)
+        draft.is_draft_worker = True
+        assert ps.workspace_reserve_bytes(draft, cfg) == 0
+        assert ps.workspace_reserve_bytes(_kvc(tw, mc), twilight_cfg(dense_layers=32)) == 0
+
+
+def test_split_rows_follow_the_workspace_allocation():
+    """workspace_bytes(num_sms=...) prices the attention split scratch with split_rows, which
+    must be the count DecodeWorkspace.allocate sizes it by (8 SMs off the GPU)."""
+    from sglang_twilight import ops
+    from sglang_twilight.backend import split_rows, workspace_bytes
+
+    for rows, H, G, D in [(1, 8, 4, 128), (7, 3, 3, 64), (40, 8, 4, 128), (300, 2, 8, 128)]:
+        ws = ops.DecodeWorkspace.allocate(rows, H, G, D, 512, 16, 4096, "meta")
+        assert ws.mid_lse.numel() == split_rows(rows, H, ws.num_sms) * G
+        assert ws.mid_o.numel() == split_rows(rows, H, ws.num_sms) * G * D
+        assert workspace_bytes(rows, H, G, D, 512, 4096, 16, num_sms=ws.num_sms) == ws.nbytes()
+        big = split_rows(rows, H, 132)
+        assert workspace_bytes(rows, H, G, D, 512, 4096, 16, num_sms=132) == (
+            ws.nbytes() + (big - split_rows(rows, H, ws.num_sms)) * G * (D + 1) * 4)
+
+
+def test_eager_rows_bound_covers_sglang_request_pool(setup, twilight_cfg):
+    """eager_rows_bound >= the decode rows the FlashInfer parent (and the twilight backend's
+    eager workspace) is sized for: get_cuda_graph_max_batch_size(req pool size), where the pool
+    has SGLang's own resolve_max_num_reqs(token capacity) rows, for any capacity, with and
+    without --max-running-requests."""
+    from sglang.srt.utils.common import get_cuda_graph_max_batch_size
+
+    from sglang_twilight.srt_patches.pool_sizing import eager_rows_bound
+
+    tw, _, mc = setup
+    twilight_cfg()
+    for mrr in (None, 64, 10000):
+        sa = copy.copy(tw)
+        object.__setattr__(sa, "max_running_requests", mrr)
+        with _scheduler(sa):
+            kvc = _kvc(sa, mc)
+            kvc.ps = types.SimpleNamespace(attn_dp_size=1)
+            bound = eager_rows_bound(sa)
+            for tokens in (4096, 131072, 1 << 20, 1 << 24, 1 << 28):
+                reqs = kvc.resolve_max_num_reqs(tokens)
+                assert get_cuda_graph_max_batch_size(sa, reqs) <= bound, (mrr, tokens)
+
+
+def test_reserve_hook_leaves_room_for_the_workspace(setup, twilight_cfg):
+    """The AFTER hook takes the reserve off the profiled bytes; the pool sized from what is left
+    plus its sidecar plus the workspace fits the bytes SGLang profiled. Other backends: unchanged."""
+    from sglang.srt.runtime_context import get_parallel
+
+    from sglang_twilight.srt_patches.pool_sizing import (
+        after_compute_cell_size,
+        after_profile_available_bytes,
+        workspace_reserve_bytes,
+    )
+
+    tw, fi, mc = setup
+    twilight_cfg()
+    avail = 20 * (1 << 30)
+    with _scheduler(tw):
+        kvc = _kvc(tw, mc)
+        reserve = workspace_reserve_bytes(kvc)
+        assert reserve > 0
+        left = after_profile_available_bytes(avail, kvc, 0)
+        assert left == avail - reserve
+        assert after_profile_available_bytes(reserve // 2, kvc, 0) == 0  # never negative
+        assert after_profile_available_bytes(avail, _kvc(fi, mc), 0) == avail
+        conf, base = _cell(kvc)
+        conf._cell_size = after_compute_cell_size(base, conf, _kvc(tw, mc), 32)
+        tokens = conf.calculate_pool_sizes(left, 16).max_total_num_tokens
+    assert tokens * (KV_CELL + SIDECAR) + reserve <= avail
+    assert tokens == (avail - reserve) // (KV_CELL + SIDECAR) // 16 * 16
