@@ -386,10 +386,8 @@ def test_memory_saver_releases_and_restores_the_sidecar():
         torch_memory_saver.torch_memory_saver.hook_mode = "torch"
         from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-        from sglang_twilight import ops
         from sglang_twilight.config import TwilightConfig
-        from sglang_twilight.kernels.int4 import bounds_buffers, code_buffer, scale_zero_buffers
-        from sglang_twilight.sidecar import attach_sidecar
+        from sglang_twilight.sidecar import TwilightSidecarPool, attach_sidecar
         P = 16
         kv = MHATokenToKVPool(1 << 18, page_size=P, dtype=torch.bfloat16, head_num=8,
                               head_dim=128, layer_num=4, device="cuda", enable_memory_saver=True)
@@ -411,15 +409,16 @@ def test_memory_saver_releases_and_restores_the_sidecar():
         kb = kv.get_key_buffer(1)
         kb[loc] = torch.randn(loc.numel(), 8, 128, device="cuda").to(kb.dtype)
         side.write(1, loc)
-        ref = (code_buffer(kb.shape[0], 8, 128, "cuda"), *scale_zero_buffers(kb.shape[0], 8, "cuda"),
-               *bounds_buffers(side.num_pages, 8, 128, "cuda"))
-        ops.store_sidecar(kb, loc, *ref, P, backend="torch")
+        # the same rows written by the torch reference into a fresh sidecar outside any region
+        fresh = TwilightSidecarPool(side.num_slots, 8, 128, torch.bfloat16, [1], P, "cuda")
+        fresh.write(1, loc, k_buffer=kb, backend="torch")
+        ref = fresh.layer(1).as_tuple()
         got = side.layer(1).as_tuple()
         pages = torch.tensor([1, 2], device="cuda")
         ok = all(torch.equal(a[loc], b[loc]) for a, b in zip(got[:3], ref[:3])) and all(
             torch.equal(a[pages], b[pages]) for a, b in zip(got[3:], ref[3:]))
-        print(json.dumps(dict(kv=kv_bytes, side=side.nbytes(), released=f1 - f0,
-                              restored=f1 - f2, same_ptrs=same, rewritten_ok=ok)))
+        print(json.dumps(dict(kv=int(kv_bytes), side=int(side.nbytes()), released=int(f1 - f0),
+                              restored=int(f1 - f2), same_ptrs=bool(same), rewritten_ok=bool(ok))))
         """
     )
     r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True,
