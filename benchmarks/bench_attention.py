@@ -3,14 +3,10 @@
 Llama-3.1-8B shapes (32 q heads, 8 KV heads, head_dim 128, bf16) at batch x context, for:
 FlashInfer dense decode, Quest alone (selector quest, p = 1) at B0 = 1024 and 8192, and Twilight
 (Quest B0 = 8192 -> top-p 0.95) with its stage breakdown (store, select, prune, attend). Every
-method runs inside a CUDA graph (as SGLang's decode does); medians over many replays.
+method runs inside a CUDA graph (as SGLang's decode does); medians over many replays. The keys
+follow the law of ``benchmarks/workload.py`` (a power-law tail plus page locality).
 
-Keys: ``k_t = noise_t + c_t * qhat`` with ``c_t = a * u_page(t) + b * Exp(1)``: the exponential
-term gives the softmax a power-law tail, as in real decode attention (a few hundred to a few
-thousand tokens of 32k carry 95% of the mass, varying by head), and the per-page term gives the
-locality Quest relies on. Every q head of a group shares the direction ``qhat`` (plus noise).
-
-Usage: python benchmarks/bench_attention.py --out benchmarks/results/bench_attention.json
+Usage: python benchmarks/bench_attention.py --out benchmarks/results/bench_attention_h100.json
 """
 
 from __future__ import annotations
@@ -19,65 +15,22 @@ import argparse
 import functools
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import triton
 import triton.testing
 
-from sglang_twilight import ops
-from sglang_twilight.kernels import attend as _attend
-from sglang_twilight.kernels import int4 as _int4
-from sglang_twilight.kernels import quest as _quest
-from sglang_twilight.kernels import topp as _topp
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks.common import versions, write_result  # noqa: E402
+from benchmarks.workload import PAGE, graph_ms, make_inputs  # noqa: E402,F401
 
-PAGE = 16
+from sglang_twilight import ops  # noqa: E402
+from sglang_twilight.kernels import attend, estimate, launch, prune, select  # noqa: E402
+
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet peak
-
-
-def make_inputs(bs, ctx, H, G, D, dtype, device, tail=1.3, page_locality=1.0, seed=0):
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    pages_per = ctx // PAGE
-    total_pages = bs * pages_per + 1
-    S = total_pages * PAGE
-    perm = torch.randperm(total_pages - 1, generator=gen, device=device) + 1
-    phys = perm.view(bs, pages_per)
-    slots = (phys[:, :, None] * PAGE + torch.arange(PAGE, device=device)).reshape(bs, ctx)
-    req_to_token = slots.to(torch.int32).contiguous()
-    rpi = torch.arange(bs, dtype=torch.int32, device=device)
-    seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device=device)
-    qhat = torch.randn(bs, H, 1, D, generator=gen, device=device)
-    qhat = qhat / qhat.norm(dim=-1, keepdim=True)
-    q = (qhat * math.sqrt(D) + 0.5 * torch.randn(bs, H, G, D, generator=gen, device=device))
-    q = q.reshape(bs, H * G, D).to(dtype)
-    k = torch.empty(S, H, D, dtype=dtype, device=device)
-    v = torch.randn(S, H, D, generator=gen, device=device).to(dtype)
-    for b in range(bs):  # per request to bound the temporary memory
-        s = slots[b].long()
-        noise = torch.randn(ctx, H, D, generator=gen, device=device)
-        u = torch.randn(ctx // PAGE, H, generator=gen, device=device).repeat_interleave(PAGE, 0)
-        c = page_locality * u + tail * torch.empty(ctx, H, device=device).exponential_(generator=gen)
-        k[s] = (noise + c[..., None] * qhat[b, :, 0][None]).to(dtype)
-    kq = _int4.code_buffer(S, H, D, device)
-    ks, kz = _int4.scale_zero_buffers(S, H, device)
-    kmax, kmin, kbs = _int4.bounds_buffers(total_pages, H, D, device)
-    ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, kbs, PAGE,
-                      backend="triton" if device != "cpu" else "torch")
-    return dict(q=q, k=k, v=v, kq=kq, ks=ks, kz=kz, kmax=kmax, kmin=kmin, kbs=kbs,
-                r2t=req_to_token,
-                rpi=rpi, seq=seq_lens, slots=slots)
-
-
-def graph_ms(fn, reps=200):
-    """Median ms of fn replayed in a CUDA graph (launch costs as in SGLang's graph decode)."""
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
 
 
 @functools.cache
@@ -210,31 +163,31 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         loc = inp["slots"][:, -1].contiguous()
         stages = {}
         stages["store"] = graph_ms(lambda: ops.store_sidecar(inp["k"], loc, *sc, PAGE, backend="triton"))
-        sel = lambda: _quest.quest_select_pages_triton(
+        sel = lambda: select.quest_select_pages_triton(
             inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], C,
             PAGE, max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],
             cand_counts=ws.cand_counts[:bs])
         stages["select"], c_sel = timed(sel, args.l2)
-        stages["select.scores"] = graph_ms(lambda: _quest.quest_page_scores_triton(
+        stages["select.scores"] = graph_ms(lambda: select.quest_page_scores_triton(
             inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"],
             PAGE, ws.max_pages, out=ws.page_scores[:bs]))
         cand, cnt = ws.cand_pages[:bs], ws.cand_counts[:bs]
-        prune = lambda: _topp.twilight_prune_triton(
+        prune_stage = lambda: prune.twilight_prune_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, pr, sm, 1, args.max_budget,
             scores=ws.scores[:bs], kept_slots=ws.kept_slots[:bs], kept_counts=ws.kept_counts[:bs],
             lo=ws.head_lo[: bs * H * G], tot=ws.head_tot[: bs * H * G], page_size=PAGE,
             scratch=ws.topp_scratch, mx=ws.head_max[: bs * H * G], marks=ws.union_marks[:bs],
             parts=ws.score_parts[:bs])
-        stages["prune"], c_prune = timed(prune, args.l2)
+        stages["prune"], c_prune = timed(prune_stage, args.l2)
         # the estimate as the prune runs it (with the partials the top-p kernel reads)
-        stages["prune.estimate"] = graph_ms(lambda: _topp.int4_scores_triton(
+        stages["prune.estimate"] = graph_ms(lambda: estimate.int4_scores_triton(
             inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm, out=ws.scores[:bs],
-            page_size=PAGE, parts=ws.score_parts[:bs] if _topp.TOPP_FROM_PARTS else None))
+            page_size=PAGE, parts=ws.score_parts[:bs] if launch.get("topp_from_parts") else None))
         kept, kcnt = ws.kept_slots[:bs], ws.kept_counts[:bs]
-        attend = lambda: _attend.sparse_decode_attention_triton(
+        attend_stage = lambda: attend.sparse_decode_attention_triton(
             inp["q"], inp["k"], inp["v"], kept, kcnt, sm, out=out,
-            splits=_attend.attend_splits(bs * H, ws.num_sms), mid_o=ws.mid_o, mid_lse=ws.mid_lse)
-        stages["attend"] = graph_ms(attend)
+            splits=attend.attend_splits(bs * H, ws.num_sms), mid_o=ws.mid_o, mid_lse=ws.mid_lse)
+        stages["attend"] = graph_ms(attend_stage)
         ref_attend = ops.sparse_decode_attention(inp["q"], inp["k"], inp["v"], kept, kcnt, sm,
                                                  backend="triton").float()
         try:
@@ -305,52 +258,11 @@ def main():
     print("wrote", args.out)
 
 
-def source_commit() -> str:
-    """The commit measured: ``$TWILIGHT_COMMIT`` when set (the device copy of the tree may carry
-    stale or no git metadata; a run there once recorded an older HEAD), else ``git rev-parse``."""
-    env = os.environ.get("TWILIGHT_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def write_cpu_study(path, setup: dict, results: dict) -> dict:
-    """A study run on the CPU (``floor_study.py``, ``search_study.py``): its results with the
-    card, versions, commit, command and setup, printed and, with ``path``, written as JSON."""
-    out = dict(card="cpu", versions=dict(torch=torch.__version__, python=platform.python_version()),
-               commit=source_commit(), command="python " + " ".join(sys.argv), setup=setup,
-               **results)
-    print(json.dumps(out, indent=1))
-    if path:
-        with open(path, "w") as fh:
-            json.dump(out, fh, indent=1)
-    return out
-
-
-def write_rows(path, rows):
-    """A sweep's or probe's rows as JSON with the card, versions, commit and command."""
-    with open(path, "w") as f:
-        json.dump(dict(card=torch.cuda.get_device_name(),
-                       versions=dict(torch=torch.__version__, triton=triton.__version__),
-                       commit=source_commit(), command="python " + " ".join(sys.argv),
-                       rows=rows), f, indent=1)
-
-
 def write_results(args, rows, stage_rows, H, G, D):
-    import flashinfer
-
-    commit = source_commit()
-    res = dict(
-        card=torch.cuda.get_device_name(),
-        versions=dict(torch=torch.__version__, triton=triton.__version__,
-                      flashinfer=flashinfer.__version__, python=platform.python_version(),
-                      cuda=torch.version.cuda),
-        commit=commit,
-        command="python " + " ".join(sys.argv),
+    """The results file: the run (card, versions, commit, command), shapes, key law, timing
+    method, the methods' rows and Twilight's stage rows."""
+    write_result(args.out, dict(
+        versions=dict(versions(), cuda=torch.version.cuda),
         shapes=dict(num_q_heads=H * G, num_kv_heads=H, head_dim=D, dtype="bfloat16", page_size=PAGE),
         keys=("k_t = noise + c_t * qhat, c_t = %g * N(0,1) per page + %g * Exp(1) per token; "
               "q heads of a group share qhat" % (args.page_locality, args.tail)),
@@ -361,11 +273,7 @@ def write_results(args, rows, stage_rows, H, G, D):
                    if args.l2 == "both" else ""),
         rows=rows,
         stages=stage_rows,
-    )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-
+    ))
 
 if __name__ == "__main__":
     main()

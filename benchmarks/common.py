@@ -12,6 +12,7 @@ The API is small and kept stable:
 * ``commit()``: the commit measured: ``$TWILIGHT_COMMIT``, else ``git rev-parse --short HEAD``
   of this checkout, else ``"unknown"`` (set the variable when the tree was copied without its
   git metadata);
+* ``command()``: the command line that is running, as ``python <script> <args>``;
 * ``write_result(path, payload)``: the payload as pretty JSON, with ``card``, ``versions``,
   ``commit`` and ``command`` added where it has none;
 * ``progress(iterable, desc)``: a progress bar on a terminal, one line per item otherwise;
@@ -30,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
-__all__ = ["card_name", "versions", "commit", "write_result", "progress", "int_list"]
+__all__ = ["card_name", "versions", "commit", "command", "write_result", "progress", "int_list"]
 
 _REPO = Path(__file__).resolve().parent.parent
 

@@ -12,33 +12,30 @@ Usage: python benchmarks/profile_step.py --batches 8,64 --context 32768 --out pr
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, graph_ms, make_inputs, source_commit  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks.common import int_list, write_result  # noqa: E402
+from benchmarks.workload import PAGE, graph_ms, make_inputs, row_groups  # noqa: E402
 
 from sglang_twilight import ops  # noqa: E402
-from sglang_twilight.kernels import topp as _topp  # noqa: E402
+from sglang_twilight.kernels import topp  # noqa: E402
 
 
 def profile_case(bs, ctx, steps, top_p, budget, groups, H=8, G=4, D=128, dtype=torch.bfloat16):
     """``groups``: row groups while profiling (``ops.DECODE_GROUPS``; 1: the kernels run one
     after the other, so each one's device time is its own, not shared with another group's)."""
     inp = make_inputs(bs, ctx, H, G, D, dtype, "cuda")
-    default = dict(ops.DECODE_GROUPS)
     try:
         graph_default = _profile(inp, bs, ctx, 0, top_p, budget, H, G, D)["graph_ms"]
-        if groups:
-            ops.DECODE_GROUPS = dict(min_requests=1, groups=groups, keep_all_groups=groups)
-        r = _profile(inp, bs, ctx, steps, top_p, budget, H, G, D)
+        with row_groups(groups):
+            r = _profile(inp, bs, ctx, steps, top_p, budget, H, G, D)
     finally:
-        ops.DECODE_GROUPS = default
         inp.clear()
         torch.cuda.empty_cache()
     return dict(r, graph_ms_default_groups=graph_default, groups=groups or "default")
@@ -93,7 +90,7 @@ def _profile(inp, bs, ctx, steps, top_p, budget, H, G, D):
         ok = torch.where(valid & (probs < fk), probs, 0.0).sum(-1, keepdim=True) <= (1 - top_p) * 0.999
         raised = torch.where(ok, fk, raised)
     surv_raised = (valid & (probs >= raised)).sum(-1).flatten()
-    mid = _topp._topp_launch(1 << (C - 1).bit_length())["MID"]
+    mid = topp._topp_launch(1 << (C - 1).bit_length())["MID"]
     return dict(batch=bs, context=ctx, graph_ms=graph, kept_tokens=kept,
                 above_floor=dict(mean=float(surv.float().mean()), max=int(surv.max()),
                                  heads=surv.numel(), heads_over_block=int((surv > mid).sum()),
@@ -105,7 +102,7 @@ def _profile(inp, bs, ctx, steps, top_p, budget, H, G, D):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", default="8,64")
+    ap.add_argument("--batches", type=int_list, default="8,64")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -115,7 +112,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     res = []
-    for bs in map(int, args.batches.split(",")):
+    for bs in args.batches:
         r = profile_case(bs, args.context, args.steps, args.top_p, args.budget, args.groups)
         res.append(r)
         print(f"batch {bs} x {args.context}: graph {r['graph_ms']:.4f} ms ({r['groups']} groups; "
@@ -124,10 +121,7 @@ def main():
         for k in r["kernels"]:
             print(f"  {k['us']:9.2f} us  x{k['calls']}  {k['name'][:90]}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(), command="python " + " ".join(sys.argv),
-                           commit=source_commit(), cases=res), f,
-                      indent=1)
+        write_result(args.out, dict(cases=res))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,16 @@ The Quest bounds (per page, KV head and channel: max and min of K) are most of t
 select stage reads (``select.bytes`` in ``bench_attention.py``'s JSON), so the sidecar stores
 them in 8 bits. This script measures what that does to the selection:
 
-* ``bf16``: the exact bounds (the keys are bf16), what the sidecar stored up to e755c69;
+* ``bf16``: the exact bounds (the keys are bf16);
 * ``fp8-e4m3``: each bound rounded outward to float8 e4m3 (max up, min down), so the page score
   stays an upper bound of q.k (a value beyond e4m3's +-448 cannot be bounded: counted);
 * ``int8-page``: one fp32 scale per (page, KV head), s = max |bound| / 127, codes ceil(max / s)
-  and floor(min / s) (``int4.quantize_bounds_ref``, what the sidecar stores now).
+  and floor(min / s) (``store.quantize_bounds_ref``, what the sidecar stores).
 
-On the keys of ``bench_attention.py`` (same key law and shapes), per budget B0: the exact
-attention mass (softmax of q.k over every token, fp32) that the candidate pages hold, per
-(request, q head), and the overlap of each variant's page set with bf16's. Runs on CPU or GPU.
+On the keys of ``benchmarks/workload.py`` (the kernel benchmarks' key law and shapes), or a
+real model's (``--model``), per budget B0: the exact attention mass (softmax of q.k over every
+token, fp32) that the candidate pages hold, per (request, q head), and the overlap of each
+variant's page set with bf16's. Runs on CPU or GPU.
 
 Usage: python benchmarks/quest_bounds_precision.py --batch 2 --context 32768 --out q8.json
 """
@@ -22,16 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import PAGE, make_inputs, source_commit  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.*
+from benchmarks.common import write_result  # noqa: E402
+from benchmarks.workload import PAGE, make_inputs  # noqa: E402
 
-from sglang_twilight.kernels import int4 as _int4  # noqa: E402
-from sglang_twilight.kernels import quest as Q  # noqa: E402
+from sglang_twilight.kernels import select, store  # noqa: E402
 
 E4M3_MAX = 448.0
 
@@ -60,15 +61,15 @@ def fp8_outward(x: torch.Tensor, up: bool):
 
 def int8_page(kmax: torch.Tensor, kmin: torch.Tensor):
     """fp32 bounds [pages, H, D] -> the sidecar's int8 codes with one scale per (page, head)
-    (``int4.quantize_bounds_ref``), dequantized."""
-    hi, lo, scale = _int4.quantize_bounds_ref(kmax, kmin)
-    return _int4.dequantize_bounds_ref(hi, scale), _int4.dequantize_bounds_ref(lo, scale)
+    (``store.quantize_bounds_ref``), dequantized."""
+    hi, lo, scale = store.quantize_bounds_ref(kmax, kmin)
+    return store.dequantize_bounds_ref(hi, scale), store.dequantize_bounds_ref(lo, scale)
 
 
 def selected_pages(q, kmax, kmin, inp, budget):
     """bool [R, H, NP]: the pages Quest keeps (sink, last, best others up to budget / PAGE)."""
-    pt, n_pages = Q.page_table_ref(inp["r2t"], inp["rpi"], inp["seq"], PAGE)
-    scores = Q.quest_page_scores_ref(q, kmax, kmin, None, pt, n_pages)
+    pt, n_pages = select.page_table_ref(inp["r2t"], inp["rpi"], inp["seq"], PAGE)
+    scores = select.quest_page_scores_ref(q, kmax, kmin, None, pt, n_pages)
     NP = pt.shape[1]
     j = torch.arange(NP, device=q.device)[None, None, :]
     key = torch.where((j == 0) | (j == (n_pages.long() - 1)[:, None, None]), float("inf"), scores)
@@ -124,7 +125,7 @@ def main():
                     help="a Llama-architecture checkpoint: its keys instead of the synthetic "
                          "ones (CPU; one 'request' per layer, --context tokens of --text)")
     ap.add_argument("--text", default="README.md,docs/KERNELS.md,docs/SGLANG_SURFACE.md,"
-                                      "docs/OPS.md,kernels/topp.py,kernels/quest.py",
+                                      "docs/OPS.md,kernels/topp.py,kernels/select.py",
                     help="comma list of text files fed to --model")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -144,7 +145,7 @@ def main():
     page_mass = probs.view(R, H, G, ctx // PAGE, PAGE).sum(-1)  # [R, H, G, NP]
     # the exact bounds of every page (bf16 keys: what bf16 bounds would store)
     pages = torch.arange(inp["k"].shape[0] // PAGE, device=q.device)
-    kmax, kmin = _int4.page_bounds_ref(inp["k"], pages, torch.full_like(pages, PAGE - 1), PAGE)
+    kmax, kmin = store.page_bounds_ref(inp["k"], pages, torch.full_like(pages, PAGE - 1), PAGE)
     e4_max, over_max = fp8_outward(kmax, up=True)
     e4_min, over_min = fp8_outward(kmin, up=False)
     i8_max, i8_min = int8_page(kmax, kmin)
@@ -173,15 +174,12 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
     res = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                model=args.model, text=args.text if args.model else None,
-               versions=dict(torch=torch.__version__), commit=source_commit(),
-               command="python " + " ".join(sys.argv),
                keys=("post-RoPE keys of every layer of the model, one 'request' a layer"
                      if args.model else
-                     "the key law of bench_attention.py (make_inputs), Llama-3.1-8B shapes"),
+                     "the key law of benchmarks/workload.py (make_inputs), Llama-3.1-8B shapes"),
                bounds_beyond_e4m3=over_max + over_min, rows=rows)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_result(args.out, res)
 
 
 if __name__ == "__main__":

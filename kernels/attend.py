@@ -1,16 +1,27 @@
-"""Stage 8: exact decode attention over the kept slots of each (request, KV head).
+"""Attend: exact decode attention of every q head over its KV head's kept slots.
 
-The Triton kernel is a split-K flash-decoding kernel that reads its row lengths (kept counts) and
-indices from device memory and splits each row evenly over a fixed number of programs, so its
-launch shape depends only on (R, H) - it is safe to capture in a CUDA graph, unlike a FlashInfer
-plan() whose work partition is made on the host from host-side lengths.
+Stage 6 of a decode step. A split-K flash-decoding kernel reads each (request, KV head) row's
+kept count and kept slots from device memory and splits the row evenly over a fixed number of
+programs; a second kernel combines the splits' partials (output and log-sum-exp of G q heads per
+split). The launch shape depends only on (R, H), so the step is safe to capture in a CUDA graph,
+unlike a FlashInfer ``plan()``, which partitions the work on the host from host-side lengths
+(the kept counts are born on the GPU, per layer). On the same kept slots (H100, 32k, batch
+1-64) it took 6.9-60.5 us against 11.5-65.8 for SGLang's Triton decode kernel over flattened
+rows and 14.8-75.4 for FlashInfer's with page size 1 (eager, kernel only).
+
+Shapes: ``q`` ``[R, Hq, D]`` bf16/fp16; ``k_buffer``, ``v_buffer`` ``[S, H, D]`` (one layer of
+the KV pool); ``kept_slots`` int32 ``[R, H, C]`` and ``kept_counts`` int32 ``[R, H]`` (the
+union's output; every count >= 1: the newest token is always kept); out ``[R, Hq, D]`` in q's
+dtype, accumulated in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._launch import interpreting, next_pow2
+from . import launch
+from .launch import interpreting, next_pow2
+from .store import gather_heads
 
 try:
     import triton
@@ -18,10 +29,10 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-from .topp import gather_heads
-
 
 def sparse_decode_attention_ref(q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale):
+    """The definition: softmax(q . k * sm_scale) . v over each row's kept slots, in fp32; the
+    arguments as in the module docstring. -> ``[R, Hq, D]`` in q's dtype."""
     R, Hq, D = q.shape
     H = k_buffer.shape[1]
     G = Hq // H
@@ -112,28 +123,39 @@ if triton is not None:
 
 
 def attend_splits(num_rows: int, num_sms: int = 132, keep_all: bool = False) -> int:
-    """Splits per row: enough programs to fill the GPU ATTEND_CONFIG["waves"] times (gathers
-    need many loads in flight), at most 16 (a power of two). ``keep_all``: every candidate is
-    attended (Quest alone, known on the host), so rows are long and the fewest splits win: at
-    most ``waves_keep_all`` GPU fills, rounded down to a power of two."""
+    """Splits per row: enough programs to fill the GPU ``launch.get("attend")["waves"]`` times
+    (gathers need many loads in flight), at most 16 (a power of two). ``keep_all``: every
+    candidate is attended (Quest alone, known on the host), so rows are long and the fewest
+    splits win: at most ``waves_keep_all`` GPU fills, rounded down to a power of two."""
+    cfg = launch.get("attend")
     if keep_all:
-        fit = max(1, ATTEND_CONFIG["waves_keep_all"] * num_sms // max(num_rows, 1))
+        fit = max(1, cfg["waves_keep_all"] * num_sms // max(num_rows, 1))
         return min(16, 1 << (fit.bit_length() - 1))
-    want = max(1, -(-ATTEND_CONFIG["waves"] * num_sms // max(num_rows, 1)))
+    want = max(1, -(-cfg["waves"] * num_sms // max(num_rows, 1)))
     return min(16, next_pow2(want))
-
-
-# launch shape of the attend split kernel (tuned on the H100 by benchmarks/tune_kernels.py);
-# BLOCK_N 0: 64 for head_dim >= 128, else 128. waves 32 gives 16 splits up to 264 (request, KV
-# head) rows and 8 up to 528: at 32k, 16 splits were the fastest or within 0.4 us of it at
-# every batch 8-64 (batch 64: 60.3 vs 70.2 us with the 2 splits of waves 4). Quest alone keeps
-# every candidate: over its B0-long rows the fewest splits that fill the GPU 4 times were the
-# fastest at every batch (8, 4, 2, 1 at batch 8, 16, 32, 64; 728.7 vs 738.6 us with 2 at 64)
-ATTEND_CONFIG = dict(waves=32, waves_keep_all=4, BLOCK_N=0, num_warps=4, num_stages=2)
 
 
 def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale,
                                    out=None, splits=None, mid_o=None, mid_lse=None):
+    """``sparse_decode_attention_ref`` on the GPU: the split kernel, then the reduce kernel.
+
+    Parameters
+    ----------
+    q, k_buffer, v_buffer, kept_slots, kept_counts, sm_scale
+        As in the module docstring.
+    out : torch.Tensor, optional
+        ``[R, Hq, D]`` in q's dtype (allocated when None).
+    splits : int, optional
+        Programs per row (``attend_splits``; from the SM count when None).
+    mid_o, mid_lse : torch.Tensor, optional
+        Workspace for the splits' partials: fp32 ``[R * H * splits * G, D]`` and ``[R * H *
+        splits * G]`` (allocated when None).
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``.
+    """
     R, Hq, D = q.shape
     H = k_buffer.shape[1]
     G = Hq // H
@@ -147,7 +169,7 @@ def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_count
         mid_o = torch.empty(R * H * splits * G, D, dtype=torch.float32, device=q.device)
     if mid_lse is None:
         mid_lse = torch.empty(R * H * splits * G, dtype=torch.float32, device=q.device)
-    cfg = ATTEND_CONFIG
+    cfg = launch.get("attend")
     BLOCK_N = cfg["BLOCK_N"] or (64 if D >= 128 else 128)
     _attend_split_kernel[(R * H, splits)](
         q, k_buffer, v_buffer, kept_slots, kept_counts, mid_o, mid_lse, float(sm_scale),
@@ -157,7 +179,12 @@ def sparse_decode_attention_triton(q, k_buffer, v_buffer, kept_slots, kept_count
         DOT_F32=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _attend_reduce_kernel[(R * H, G)](
-        mid_o, mid_lse, out, out.stride(0), out.stride(1),
-        H=H, G=G, G_PAD=G_PAD, D=D, SPLITS=splits, num_warps=2 if D <= 64 else 4,
+        mid_o, mid_lse, out, out.stride(0), out.stride(1), H=H, G=G, G_PAD=G_PAD, D=D,
+        SPLITS=splits, num_warps=_reduce_warps(D),
     )
     return out
+
+
+def _reduce_warps(D: int) -> int:
+    cfg = launch.get("attend_reduce")
+    return cfg["small_head_num_warps"] if D <= 64 else cfg["num_warps"]

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from sglang_twilight.kernels import attend as _attend
-from sglang_twilight.kernels import int4 as _int4
-from sglang_twilight.kernels import quest as _quest
-from sglang_twilight.kernels import topp as _topp
+from sglang_twilight.kernels import prune as _topp  # estimate -> top-p -> union
+from sglang_twilight.kernels import select as _quest
+from sglang_twilight.kernels import store as _int4
 
 __all__ = [
     "quantize_int4",

@@ -4,6 +4,7 @@ Runs on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set by con
 no GPU) at small shapes, and on CUDA (marked ``gpu``) at serving shapes.
 """
 
+import contextlib
 import math
 import os
 import random
@@ -13,6 +14,13 @@ import pytest
 import torch
 
 from sglang_twilight import ops
+from sglang_twilight.kernels import estimate as E
+from sglang_twilight.kernels import launch
+from sglang_twilight.kernels import prune as PR
+from sglang_twilight.kernels import select as S
+from sglang_twilight.kernels import store as ST
+from sglang_twilight.kernels import topp as T
+from sglang_twilight.kernels import union as U
 from tests.pools import make_layout
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -35,6 +43,14 @@ def device(request):
     if not INTERP:
         pytest.skip("set TRITON_INTERPRET=1 to run the Triton kernels on the CPU")
     return "cpu"
+
+
+@pytest.fixture
+def shapes():
+    """``shapes(**entries)``: launch-table entries changed until the test ends
+    (``launch.override``)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **entries: stack.enter_context(launch.override(**entries))
 
 
 def _shapes(device):
@@ -66,8 +82,8 @@ def test_store_matches_reference(device):
         assert torch.equal(a.kscale, b.kscale) and torch.equal(a.kzero, b.kzero)
         assert torch.equal(a.kmax, b.kmax) and torch.equal(a.kmin, b.kmin)
         assert torch.equal(a.kbscale, b.kbscale)
-        ca = ops._int4.int4_codes(a.kq).int()
-        cb = ops._int4.int4_codes(b.kq).int()
+        ca = ST.int4_codes(a.kq).int()
+        cb = ST.int4_codes(b.kq).int()
         diff = (ca - cb).abs()
         # a code may differ by one only where (k - zero) / scale lands on .5 (FMA contraction)
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-4
@@ -91,10 +107,8 @@ def test_select_matches_reference(device):
                 lay.seq_lens, budget, 16)
         c1, n1 = ops.quest_select(*args, backend="torch")
         c2, n2 = ops.quest_select(*args, backend="triton", max_pages=max(seq) // 16 + 3)
-        pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices,
-                                                lay.seq_lens, 16)
-        scores = ops._quest.quest_page_scores_ref(lay.q, lay.kmax, lay.kmin, lay.kbscale, pt,
-                                                  n_pages)
+        pt, n_pages = S.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
+        scores = S.quest_page_scores_ref(lay.q, lay.kmax, lay.kmin, lay.kbscale, pt, n_pages)
         assert torch.equal(n1, n2)
         for r in range(len(seq)):
             for h in range(H):
@@ -117,7 +131,7 @@ def _near_ties_only(rows, differing, worst):
 
 def _assert_same_kept(k1, n1, k2, n2):
     """Identical kept sets, except near-ties in the estimate (fp32 summation order)."""
-    rows, differing, worst = ops._topp.kept_set_differences(k1, n1, k2, n2)
+    rows, differing, worst = U.kept_set_differences(k1, n1, k2, n2)
     assert _near_ties_only(rows, differing, worst), (rows, differing, worst)
 
 
@@ -184,32 +198,28 @@ def test_prune_matches_reference(device):
                     assert torch.equal(n2[1:], cnt[1:])
 
 
-def test_estimate_partials_match_reference(device, monkeypatch):
+def test_estimate_partials_match_reference(device, shapes):
     """The estimate's per-program partials (max, sum of exp per q head; the top-p kernel starts
     from them) equal the torch reference over the scores it wrote, for every program that has
     candidates, whichever launch shape it takes; several programs a row in some case (the
     last GPU case always; a random one may be too short), on the CPU too."""
-    from sglang_twilight.kernels import topp as T
-
     if device == "cpu":
-        monkeypatch.setattr(T, "ESTIMATE_CONFIG", dict(T.ESTIMATE_CONFIG, BLOCK_N=16, ITERS=2,
-                                                       STAGES=2))
-        monkeypatch.setattr(T, "ESTIMATE_CONFIG_WIDE", dict(T.ESTIMATE_CONFIG_WIDE, BLOCK_N=16,
-                                                            ITERS=1, STAGES=2))
+        shapes(estimate=dict(BLOCK_N=16, ITERS=2, STAGES=2),
+               estimate_wide=dict(BLOCK_N=16, ITERS=1, STAGES=2))
     several = False
     for seq, H, G, D, dtype, budget in _shapes(device):
         lay = make_layout(seq, H, G, D, dtype=dtype, device=device, peaked=6.0, backend="triton")
         sm = 1 / math.sqrt(D)
-        pages, cnt = ops._quest.quest_select_pages_triton(
+        pages, cnt = S.quest_select_pages_triton(
             lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token, lay.req_pool_indices,
             lay.seq_lens, budget, 16)
         R, C = len(seq), pages.shape[-1] * 16
-        width = T.score_parts_width(C)
+        width = E.score_parts_width(C)
         parts = torch.full((R, H, G, 2, width), float("nan"), device=device)
-        s = T.int4_scores_triton(lay.q, *lay.sidecar[:3], pages, cnt, sm, page_size=16,
+        s = E.int4_scores_triton(lay.q, *lay.sidecar[:3], pages, cnt, sm, page_size=16,
                                  parts=parts)
-        span = T.estimate_span(R * H)
-        ref = T.score_parts_ref(s, cnt, span, width)
+        span = E.estimate_span(R * H)
+        ref = E.score_parts_ref(s, cnt, span, width)
         used = torch.arange(width, device=device) < (-(-cnt.long() // span))[:, :, None, None]
         several |= int(used.sum()) > R * H
         used = used.expand(R, H, G, width)
@@ -218,7 +228,7 @@ def test_estimate_partials_match_reference(device, monkeypatch):
                                    atol=0)
         if -(-C // span) > 1:  # too few partials a head: refused, nothing written
             with pytest.raises(ValueError, match="score partials"):
-                T.int4_scores_triton(lay.q, *lay.sidecar[:3], pages, cnt, sm, page_size=16,
+                E.int4_scores_triton(lay.q, *lay.sidecar[:3], pages, cnt, sm, page_size=16,
                                      parts=torch.empty(R, H, G, 2, 1, device=device))
     assert several  # several programs a row somewhere
 
@@ -319,8 +329,8 @@ def _bulk_and_ledge(gen, C, n_bulk, n_ledge, times_floor):
 @pytest.mark.parametrize("raise_floor", [0, 2], ids=["floor", "raised-4x"])
 @pytest.mark.parametrize("from_parts", [False, True], ids=["row-pass", "partials"])
 @pytest.mark.parametrize("overflow_per_kv", [True, False], ids=["overflow-per-kv", "overflow-per-q"])
-def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per_kv, from_parts,
-                                               raise_floor):
+def test_topp_compaction_tiers_match_reference(device, monkeypatch, shapes, overflow_per_kv,
+                                               from_parts, raise_floor):
     """The top-p kernel searches the entries above the droppable floor compacted in a register
     block of SMALL or MID values; a head with more first raises its floor and compacts again,
     and one still over MID is flagged and searched by the overflow kernel, its whole row in
@@ -329,19 +339,16 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per
     different paths. The overflow kernel runs a program per KV head or per q head. The max and
     sum of each head come from a pass over its row or from the estimate's partials (here from
     their reference, blocks of C / 4)."""
-    from sglang_twilight.kernels import topp as T
-
-    monkeypatch.setattr(T, "OVERFLOW_PER_KV", overflow_per_kv)
+    shapes(overflow_per_kv=overflow_per_kv)
     C = 8192
     if device == "cpu":  # small rows, several chunks each
         C = 256
-        monkeypatch.setattr(T, "TOPP_CONFIG",
-                            dict(T.TOPP_CONFIG, CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
+        shapes(topp=dict(CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
         # room for 4 partials a row (score_parts_width follows the estimate's launch shape)
-        monkeypatch.setattr(T, "ESTIMATE_CONFIG", dict(T.ESTIMATE_CONFIG, BLOCK_N=16, ITERS=2))
+        shapes(estimate=dict(BLOCK_N=16, ITERS=2))
     # RAISE 2: compacted first above 4x the floor, checked in the same pass (safe here for every
     # row, so the heavy one no longer needs _topp_refloor: RAISE 0 keeps that path tested)
-    monkeypatch.setattr(T, "TOPP_CONFIG", dict(T.TOPP_CONFIG, RAISE=raise_floor))
+    shapes(topp=dict(RAISE=raise_floor))
     width = T.topp_scratch_width(C)
     assert width == C // 2
     seed = _seed()
@@ -384,12 +391,12 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per
             s = scores.view(1, H, G, C)
             cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
             cnt = torch.full((1, H), C, dtype=torch.int32, device=device)
-            k1, n1 = T.prune_from_scores_ref(s.clone(), cand, cnt, p, 1, 0)
+            k1, n1 = PR.prune_from_scores_ref(s.clone(), cand, cnt, p, 1, 0)
             kw = {}
             if from_parts:
-                kw = dict(parts=T.score_parts_ref(s, cnt, C // 4, T.score_parts_width(C)),
+                kw = dict(parts=E.score_parts_ref(s, cnt, C // 4, E.score_parts_width(C)),
                           parts_span=C // 4)
-            k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0, **kw)
+            k2, n2 = PR.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0, **kw)
             if p == 0.95:  # row i is head i: the flat one flagged, the heavy one not
                 assert 2 in flagged[-1] and 3 not in flagged[-1], (seed, flagged[-1])
             for h in range(H):
@@ -398,19 +405,16 @@ def test_topp_compaction_tiers_match_reference(device, monkeypatch, overflow_per
                     _assert_kept_up_to_ties(got, s[0, h], p, (seed, p, surv, H, h))
 
 
-def test_topp_raised_floor_falls_back(device, monkeypatch):
-    """The optimistic 4x floor (TOPP_CONFIG RAISE 2) when it is not safe: a 'ledge' of entries
-    between the floor and 4x it holds more mass than top-p may drop, so the kernel compacts
+def test_topp_raised_floor_falls_back(device, shapes):
+    """The optimistic 4x floor (launch entry ``topp``, RAISE 2) when it is not safe: a 'ledge' of
+    entries between the floor and 4x it holds more mass than top-p may drop, so the kernel compacts
     again above the floor itself; where it is safe (a medium and a peaked row) it keeps the
     4x floor. Every head keeps the reference's set, alone and in a group."""
-    from sglang_twilight.kernels import topp as T
-
     C = 8192
     if device == "cpu":
         C = 256
-        monkeypatch.setattr(T, "TOPP_CONFIG",
-                            dict(T.TOPP_CONFIG, CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
-    monkeypatch.setattr(T, "TOPP_CONFIG", dict(T.TOPP_CONFIG, RAISE=2))
+        shapes(topp=dict(CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
+    shapes(topp=dict(RAISE=2))
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
 
@@ -432,8 +436,8 @@ def test_topp_raised_floor_falls_back(device, monkeypatch):
             s = scores.view(1, H, G, C)
             cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
             cnt = torch.full((1, H), C, dtype=torch.int32, device=device)
-            k1, n1 = T.prune_from_scores_ref(s.clone(), cand, cnt, p, 1, 0)
-            k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
+            k1, n1 = PR.prune_from_scores_ref(s.clone(), cand, cnt, p, 1, 0)
+            k2, n2 = PR.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
             for h in range(H):
                 for k, n in ((k1, n1), (k2, n2)):  # the reference and the kernel
                     got = set(k[0, h, : int(n[0, h])].tolist())
@@ -443,8 +447,8 @@ def test_topp_raised_floor_falls_back(device, monkeypatch):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sglang_twilight.kernels.quest import _topk_mask  # noqa: E402
-from sglang_twilight.kernels.topp import _unpack_nibbles  # noqa: E402
+from sglang_twilight.kernels.estimate import _unpack_nibbles  # noqa: E402
+from sglang_twilight.kernels.topp import _topk_mask  # noqa: E402
 
 
 @triton.jit
@@ -489,18 +493,14 @@ def _hard_logits(gen, C):
     return torch.stack(rows).float()
 
 
-def test_search_hard_rows_match_reference(device, monkeypatch):
-    """The threshold search interpolates its probes (``quest._threshold_search``); on rows
+def test_search_hard_rows_match_reference(device, shapes):
+    """The threshold search interpolates its probes (``topp._threshold_search``); on rows
     hard for that, the top-p kernel (alone and in a GQA group) and ``_topk_mask`` keep the
-    reference's sets (``benchmarks/search_study.py`` counts the steps on such rows)."""
-    from sglang_twilight.kernels import quest as Q
-    from sglang_twilight.kernels import topp as T
-
+    reference's sets (``topp.threshold_search_ref`` counts the steps on such rows)."""
     C = 2048
     if device == "cpu":
         C = 256
-        monkeypatch.setattr(T, "TOPP_CONFIG",
-                            dict(T.TOPP_CONFIG, CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
+        shapes(topp=dict(CHUNK=64, SMALL=32, MID=128, STAGES=2, num_warps=4))
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     scores = _hard_logits(gen, C).to(device)
@@ -509,11 +509,11 @@ def test_search_hard_rows_match_reference(device, monkeypatch):
             s = scores.view(1, H, G, C)
             cand = torch.arange(C, dtype=torch.int32, device=device).expand(1, H, C).contiguous()
             cnt = torch.full((1, H), C, dtype=torch.int32, device=device)
-            k2, n2 = T.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
+            k2, n2 = PR.prune_from_scores_triton(s.clone(), cand, cnt, p, 1, 0)
             for h in range(H):
                 got = set(k2[0, h, : int(n2[0, h])].tolist())
                 _assert_kept_up_to_ties(got, s[0, h], p, (seed, p, H, h))
-    keys = Q.f32_key_ref(scores)
+    keys = T.f32_key_ref(scores)
     for row, key in enumerate(keys):
         for k in (1, C // 4, C - 1):
             out = torch.zeros(C, dtype=torch.int32, device=device)
@@ -529,8 +529,6 @@ def test_threshold_search_ref_ends_on_sorted_threshold():
     counts) ends on the largest key whose mass reaches the target, in key and value space, with
     forced keys at the top, within three times the bisection's worst case (the range halves at
     least once every three steps)."""
-    from sglang_twilight.kernels import quest as Q
-
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     w = torch.softmax(_hard_logits(gen, 512).double(), -1).float()
@@ -546,8 +544,8 @@ def test_threshold_search_ref_ends_on_sorted_threshold():
         tot = torch.where(present, val, 0).sum(1)
         for frac in (0.5, 0.95) if value_space else (0.5, 0.95, 1.0):
             target = frac * tot if value_space else (frac * tot).ceil().long()
-            t, steps = Q.threshold_search_ref(key, val, present, target, tot, value_space)
-            want = Q.threshold_sorted_ref(key, present, val, target)
+            t, steps = T.threshold_search_ref(key, val, present, target, tot, value_space)
+            want = T.threshold_sorted_ref(key, present, val, target)
             assert torch.equal(t, want), (seed, value_space, frac)
             assert int(steps.max()) <= 3 * 32 + 3, (seed, value_space, frac)
 
@@ -626,11 +624,12 @@ def test_prune_benchmark_8k64_returns():
     import subprocess
     import sys
 
-    probe = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "probe_prune_alone.py")
-    cmd = [sys.executable, probe, "--child", "--batch", "64", "--context", "8192", "--check",
-           "--timeout", "60"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-c",
+           "from tests.test_kernels import _prune_8k64_child; _prune_8k64_child(timeout=60)"]
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")  # a stack dump then names the kernel
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=root, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail("the 8k x 64 prune did not return (and its process did not exit)")
     out = r.stdout + r.stderr
@@ -639,3 +638,57 @@ def test_prune_benchmark_8k64_returns():
     rows, differing, worst = (int(x) for x in
                               re.search(r"(\d+) of (\d+) .* at most (\d+)", check).group(2, 1, 3))
     assert _near_ties_only(rows, differing, worst), check
+
+
+def _prune_8k64_child(timeout, batch=64, context=8192, budget=8192, top_p=0.95):
+    """``test_prune_benchmark_8k64_returns``' child process: the benchmark's inputs
+    (``benchmarks/workload.py``), the candidates chosen, the estimate, then top-p, overflow and
+    union of every request in one call, limited to ``timeout`` seconds after their kernels were
+    compiled (a stack dump and exit otherwise); then the kept sets against the torch reference
+    on the same scores, printed as ``check: <differing> of <rows> ... at most <entries>``."""
+    import faulthandler
+    import time
+
+    from benchmarks.workload import PAGE, make_inputs
+
+    faulthandler.dump_traceback_later(300, exit=True)  # inputs and compiles
+    t0 = time.time()
+    log = lambda msg: print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
+    H, G, D = 8, 4, 128
+    inp = make_inputs(batch, context, H, G, D, torch.bfloat16, "cuda")
+    sm = 1 / math.sqrt(D)
+    pr = torch.full((batch,), top_p, dtype=torch.float32, device="cuda")
+    cand, cnt = S.quest_select_pages_triton(
+        inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"],
+        budget, PAGE, max_pages=context // PAGE)
+    C = cand.shape[-1] * PAGE
+    parts = torch.empty(batch, H, G, 2, E.score_parts_width(C), dtype=torch.float32,
+                        device="cuda")
+    scores = E.int4_scores_triton(inp["q"], inp["kq"], inp["ks"], inp["kz"], cand, cnt, sm,
+                                  page_size=PAGE, parts=parts)
+    torch.cuda.synchronize()
+    log("estimate done")
+    span = E.estimate_span(batch * H)
+
+    def prune(a, b, p):  # top-p, overflow and union on requests [a, b)
+        return PR.prune_from_scores_triton(scores[a:b], cand[a:b], cnt[a:b], p, 1, 0,
+                                           page_size=PAGE, step_heads=batch * H * G,
+                                           parts=parts[a:b], parts_span=span)
+
+    # the prune's kernels compiled first, on one request with p = 1 (the top-p kernel only
+    # stores, the union keeps every candidate): the time limit below is the prune's own
+    prune(0, 1, torch.ones_like(pr[:1]))
+    torch.cuda.synchronize()
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    log("prune launched")
+    kept, kcnt = prune(0, batch, pr)
+    torch.cuda.synchronize()
+    log(f"top-p, overflow and union done: mean kept {kcnt.float().mean().item():.1f}")
+    faulthandler.cancel_dump_traceback_later()
+    slots = (cand.long()[..., None] * PAGE + torch.arange(PAGE, device="cuda")).flatten(2)
+    live = torch.arange(scores.shape[-1], device="cuda") < cnt.long()[..., None, None]
+    rk, rn = PR.prune_from_scores_ref(torch.where(live, scores, float("-inf")), slots, cnt, pr,
+                                      1, 0)
+    rows, differing, worst = U.kept_set_differences(kept, kcnt, rk, rn)
+    log(f"check: {differing} of {rows} (request, KV head) rows differ from the reference, "
+        f"at most {worst} entries")

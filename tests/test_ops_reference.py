@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from sglang_twilight import ops
+from sglang_twilight.kernels import attend as A
+from sglang_twilight.kernels import select as SEL
+from sglang_twilight.kernels import store as ST
 from tests.pools import make_layout
 
 
@@ -107,7 +110,7 @@ def test_topp_rejects_bad_p():
 @pytest.mark.parametrize("H,G,D", [(2, 1, 64), (2, 4, 128), (1, 8, 64)])
 def test_quest_score_is_upper_bound(H, G, D):
     lay = make_layout([37, 100, 16], H, G, D, dtype=torch.float32)
-    pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
+    pt, n_pages = SEL.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
     scores = ops.quest_page_scores(lay.q, lay.kmax, lay.kmin, lay.kbscale, pt, n_pages)
     for r in range(3):
         n = int(lay.seq_lens[r])
@@ -126,7 +129,7 @@ def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
     k_buffer = torch.randn(S, H, D, dtype=torch.bfloat16)
     kq = torch.zeros(S, H, D // 2, dtype=torch.uint8)
     ks, kz = torch.zeros(S, H, dtype=torch.float16), torch.zeros(S, H, dtype=torch.float16)
-    kmax, kmin, kbs = ops._int4.bounds_buffers(S // P, H, D, "cpu")
+    kmax, kmin, kbs = ST.bounds_buffers(S // P, H, D, "cpu")
     args = (kq, ks, kz, kmax, kmin, kbs, P)
     # extend: request A fills page 3 offsets 0..9, request B page 5 offsets 0..15 + page 2 0..3
     loc = torch.cat([torch.arange(48, 58), torch.arange(80, 96), torch.arange(32, 36)])
@@ -138,10 +141,10 @@ def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
     def check(page, last):
         """The page's bounds over its offsets 0..last: int8 codes and scale, rounded outward."""
         seg = k_buffer[page * P: page * P + last + 1].float()
-        hi, lo, sc = ops._int4.quantize_bounds_ref(seg.amax(0), seg.amin(0))
+        hi, lo, sc = ST.quantize_bounds_ref(seg.amax(0), seg.amin(0))
         assert torch.equal(kmax[page], hi) and torch.equal(kmin[page], lo), page
         assert torch.equal(kbs[page], sc), page
-        deq = ops._int4.dequantize_bounds_ref
+        deq = ST.dequantize_bounds_ref
         tol = 1e-6 * sc[:, None]  # one fp32 rounding of codes * scale
         assert bool((deq(kmax[page], kbs[page]) >= seg.amax(0) - tol).all()), page
         assert bool((deq(kmin[page], kbs[page]) <= seg.amin(0) + tol).all()), page
@@ -163,7 +166,7 @@ def test_bounds_in_another_dtype_are_refused():
     """The Quest bounds are int8 codes with an fp32 scale: bounds in the KV dtype (the layout of
     e755c69 and before) get a clear error, not a silent cast."""
     lay = make_layout([40, 70], 2, 4, 64)
-    pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
+    pt, n_pages = SEL.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
     kmax, kmin = lay.kmax.to(torch.bfloat16), lay.kmin.to(torch.bfloat16)
     with pytest.raises(TypeError, match="int8 codes with an fp32 scale"):
         ops.quest_page_scores(lay.q, kmax, kmin, lay.kbscale, pt, n_pages)
@@ -191,7 +194,7 @@ def test_quest_select_keeps_sink_last_and_best_pages():
     budget = 64  # 4 pages: sink + last + 2 best
     cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token,
                                  lay.req_pool_indices, lay.seq_lens, budget, 16)
-    pt, n_pages = ops._quest.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
+    pt, n_pages = SEL.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
     scores = ops.quest_page_scores(lay.q, lay.kmax, lay.kmin, lay.kbscale, pt, n_pages)
     for r in range(2):
         n = int(lay.seq_lens[r])
@@ -309,8 +312,6 @@ def test_attend_splits_fit_the_workspace(sms, groups, monkeypatch):
     of every batch up to its capacity, under both rules and with the step's requests in row
     groups (each group splits its own rows; a short buffer would be overrun on the GPU, where
     nothing checks it)."""
-    from sglang_twilight.kernels import attend as A
-
     monkeypatch.setattr(ops, "DECODE_GROUPS", groups)
     H, G, D = 8, 4, 128
     for rows in range(1, 600):
