@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Serving smoke + decode speed, Twilight vs dense FlashInfer, on one GPU (issue 4 point 6a).
 #
-# Device, repo root (one call; this script ends within SMOKE_BUDGET_S=500 s, setup before it ~40 s;
-# results under $OUT):
-#   source .gpubundle/devenv.sh .gpubundle && python3 -m pip install -q --no-deps --no-build-isolation -e . \
-#     && bash benchmarks/serve_smoke.sh
+# On a machine with an NVIDIA GPU, from the repository root, the tree installed (python3 -m pip
+# install -e .); the script ends within SMOKE_BUDGET_S=500 s, results and server logs under $OUT
+# (default /tmp/serve_smoke_out):
+#   bash benchmarks/serve_smoke.sh
+# The model is a Llama-3.1-8B config folder served with dummy weights: $GPUBUNDLE/llama8b-dummy
+# (GPUBUNDLE defaults to .gpubundle, an offline copy of the pinned environment whose devenv.sh is
+# sourced first when sglang is not importable).
 #
 # 1. Twilight server (python -m sglang_twilight.launch_server) on the Llama-3.1-8B-shaped dummy model
-#    (.gpubundle/llama8b-dummy copied to /tmp), --load-format dummy, --mem-fraction-static 0.85
+#    (copied to /tmp), --load-format dummy, --mem-fraction-static 0.85
 #    (SMOKE_MEM_FRACTION; 0.92 gives the twilight pool room for 12 x 32000-token requests),
 #    --context-length 33000, --max-running-requests 12, --chunked-prefill-size 8192, CUDA graphs on,
 #    --twilight-max-budget 512: dummy weights give nearly flat attention, so top-p alone would keep
@@ -108,7 +111,7 @@ def sh(cmd):
 
 
 def _commit():
-    """$TWILIGHT_COMMIT when set (the device copy's git metadata may be stale), else HEAD."""
+    """$TWILIGHT_COMMIT when set (a copied tree's git metadata may be stale), else HEAD."""
     if os.environ.get("TWILIGHT_COMMIT"):
         return os.environ["TWILIGHT_COMMIT"]
     c = sh("git rev-parse HEAD 2>/dev/null")
@@ -135,7 +138,7 @@ RESULT = {
     "git": {"commit": _commit(), "dirty": bool(sh("git status --porcelain -uno"))},
     "versions": versions(),
     "config": {
-        "model": "Llama-3.1-8B shape (.gpubundle/llama8b-dummy), --load-format dummy",
+        "model": "Llama-3.1-8B shape (llama8b-dummy config), --load-format dummy",
         "common_flags": COMMON[2:],
         "twilight_flags": TWILIGHT_ARGS,
         "concurrency": CONC, "max_new_tokens": NEW, "ignore_eos": True, "temperature": 0,
