@@ -1,15 +1,24 @@
-"""The twilight server end to end on a GPU (issue 4 points 1-4, 6a): ``python -m
-sglang_twilight.launch_server`` serving /generate, /v1/completions, /v1/chat/completions,
-shared-prefix requests and client aborts, and its greedy output against the dense FlashInfer
-backend at p = 1 with B0 >= context (where the sparse path must equal dense attention).
+"""The twilight server end to end on a GPU: ``python -m sglang_twilight.launch_server`` serving
+/generate, /v1/completions, /v1/chat/completions, shared-prefix requests and client aborts; a bad
+per-request ``top_p_attn`` on every endpoint, streaming or not, answered with 400 before any stream;
+its greedy output against the dense FlashInfer backend at p = 1 with B0 >= context (where the
+sparse path must equal dense attention); and at p < 1, where top-p prunes, against itself: CUDA
+graphs against eager decode (``--disable-cuda-graph``), radix-cache hits against
+``--disable-radix-cache``. Every twilight server runs ``--twilight-dispatch sparse`` (Twilight on
+every decode step, whatever the batch and context) and ``--decode-log-interval 1`` (each decode step
+logs whether it replayed a CUDA graph; the tests read that).
 
 Needs CUDA (marked ``gpu``) and ``TWILIGHT_TEST_MODEL``: a model folder, e.g. the Llama-3.1-8B-shaped
 ``/tmp/llama8b-dummy`` (copy of ``.gpubundle/llama8b-dummy``; served with ``--load-format dummy``,
 the default of ``TWILIGHT_TEST_LOAD_FORMAT``) or a real checkpoint with
-``TWILIGHT_TEST_LOAD_FORMAT=auto``. Knobs: ``TWILIGHT_TEST_PORT`` (30100),
-``TWILIGHT_TEST_MEM_FRACTION`` (0.8), ``TWILIGHT_TEST_START_TIMEOUT`` (600 s). The twilight server's KV
-pool is capped at ``POOL_TOKENS`` so that a few long prompts evict cached prefixes. Server logs go to
-``$OUT`` (or the pytest tmp dir).
+``TWILIGHT_TEST_LOAD_FORMAT=auto``. The comparisons of greedy tokens mean something only with
+real weights: run them on SmolLM2-135M-Instruct (``TWILIGHT_TEST_MODEL=<its HF folder>
+TWILIGHT_TEST_LOAD_FORMAT=auto``; ``python -m sglang_twilight.default_model`` converts it). Knobs:
+``TWILIGHT_TEST_PORT`` (30100), ``TWILIGHT_TEST_MEM_FRACTION`` (0.8),
+``TWILIGHT_TEST_START_TIMEOUT`` (600 s). The twilight server's KV pool is capped at
+``POOL_TOKENS`` so that a few long prompts evict cached prefixes. Server logs go to ``$OUT`` (or
+the pytest tmp dir). Five servers start one after the other (dense FlashInfer, dense Triton,
+twilight, twilight eager, twilight without radix cache; a sixth with ``--tp 2`` on two GPUs).
 
 Dense vs twilight with dummy weights: prefill is FlashInfer in both backends, so the first
 generated token must be identical; later tokens come from the sparse decode and, with nearly flat
@@ -24,6 +33,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -35,7 +45,7 @@ import urllib.request
 
 import pytest
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu  # every test that needs a server; the rule checks below run on CPU too
 log = logging.getLogger("test_serving_gpu")
 
 MODEL = os.environ.get("TWILIGHT_TEST_MODEL")
@@ -45,10 +55,9 @@ START_TIMEOUT = float(os.environ.get("TWILIGHT_TEST_START_TIMEOUT", "600"))
 CTX = 8192
 POOL_TOKENS = 40960  # twilight server: small enough that ~6 distinct 7k prompts evict the cache
 ROWS_GAUGE = "sglang_twilight_sidecar_prefill_rows"
-
-if not MODEL:
-    pytest.skip("set TWILIGHT_TEST_MODEL to a model folder (e.g. /tmp/llama8b-dummy)",
-                allow_module_level=True)
+P_SPARSE = 0.6  # the per-request p of the p < 1 comparisons
+# what the twilight servers' kept-token counters are published at: every step
+TWILIGHT_ENV = {"SGLANG_TWILIGHT_METRICS_INTERVAL": "1"}
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -70,16 +79,18 @@ def _free_port(preferred: int) -> int:
 class Server:
     """A server process in its own process group; stop() kills the whole group."""
 
-    def __init__(self, name, argv, log_dir, port):
+    def __init__(self, name, argv, log_dir, port, env=None):
         self.name, self.argv, self.port = name, argv, port
+        self.env = env
         self.base = f"http://127.0.0.1:{port}"
         self.log_path = os.path.join(log_dir, f"server_{name}.log")
         self.p = None
 
     def start(self, timeout=START_TIMEOUT):
         self.logf = open(self.log_path, "a")
+        env = None if self.env is None else dict(os.environ, **self.env)
         self.p = subprocess.Popen(self.argv, start_new_session=True, stdout=self.logf,
-                                  stderr=subprocess.STDOUT)
+                                  stderr=subprocess.STDOUT, env=env)
         t0 = time.time()
         while time.time() - t0 < timeout:
             rc = self.p.poll()
@@ -95,6 +106,14 @@ class Server:
             time.sleep(1)
         self.stop()
         raise RuntimeError(f"{self.name} server not healthy in {timeout:.0f}s: {self.tail()}")
+
+    def log_offset(self):
+        return os.path.getsize(self.log_path)
+
+    def log_since(self, offset):
+        with open(self.log_path, errors="replace") as f:
+            f.seek(offset)
+            return f.read()
 
     def tail(self, n=30):
         try:
@@ -171,11 +190,14 @@ def _common(port, tmpl):
 
 
 def _twilight_argv(port, tmpl, *extra):
-    # p = 1 and B0 >= context: every token kept, so decode must equal dense attention
+    # p = 1 and B0 >= context: every token kept, so decode must equal dense attention; a request
+    # with custom_params.top_p_attn < 1 prunes. Sparse on every decode step, whatever its batch
+    # and context; each decode step logged (with whether it replayed a CUDA graph).
     return [sys.executable, "-m", "sglang_twilight.launch_server"] + _common(port, tmpl) + [
         "--top-p-attn", "1.0", "--twilight-budget", str(CTX), "--twilight-min-seq-len", "0",
-        "--twilight-min-budget", "1", "--max-total-tokens", str(POOL_TOKENS),
-        "--enable-metrics"] + list(extra)
+        "--twilight-min-budget", "1", "--twilight-dispatch", "sparse",
+        "--max-total-tokens", str(POOL_TOKENS), "--enable-metrics",
+        "--decode-log-interval", "1"] + list(extra)
 
 
 def _dense_argv(port, tmpl):
@@ -198,6 +220,8 @@ def _run_prompts(srv):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    if not MODEL:
+        pytest.skip("set TWILIGHT_TEST_MODEL to a model folder (e.g. /tmp/llama8b-dummy)")
     out = os.environ.get("OUT") or str(tmp_path_factory.mktemp("serving"))
     os.makedirs(out, exist_ok=True)
     tmpl = os.path.join(out, "chat.jinja")
@@ -247,7 +271,7 @@ def dense_spread(setup, dense_out):
 def servers(setup, dense_out, dense_spread):
     """The twilight server (after the dense reference servers have stopped)."""
     out, tmpl, port = setup
-    tw = Server("twilight", _twilight_argv(port, tmpl), out, port).start()
+    tw = Server("twilight", _twilight_argv(port, tmpl), out, port, env=TWILIGHT_ENV).start()
     try:
         yield tw, dense_out, out, tmpl
     finally:
@@ -273,6 +297,7 @@ def _agree(a, b) -> int:
     return next((j for j in range(min(len(ia), len(ib))) if ia[j] != ib[j]), len(ia))
 
 
+@gpu
 def test_generate_and_openai_endpoints(servers):
     tw = servers[0]
     r = tw.generate(list(range(1000, 3000)), n=8, logprobs=False)
@@ -318,6 +343,97 @@ def _compare_greedy(got, ref, what, first_exact=True, tol=0.0, near_tie=NEAR_TIE
     return bad
 
 
+# ---------------------------------------------------------------- bad per-request p over HTTP
+
+# custom_params.top_p_attn as JSON text (Python's json writes NaN, Infinity and big integers
+# like this; SGLang's orjson parser refuses them)
+HTTP_BAD = ['"abc"', '"0.5"', '""', "true", "false", "NaN", "Infinity", "-Infinity", "0", "0.0",
+            "-0.5", "-1", "1.5", "2", "1e400", "1" + "0" * 400, "null", "[0.5]", "[]",
+            '{"p": 0.5}', "{}"]
+HTTP_GOOD = ["0.5", "1", "1e-300", "2e-45"]
+HTTP_ENDPOINTS = ["/generate", "/v1/completions", "/v1/chat/completions"]
+
+
+def _body(path, stream, raw):
+    cp = '{"top_p_attn": %s}' % raw
+    st = "true" if stream else "false"
+    if path == "/generate":
+        ids = ", ".join(str(1000 + 7 * i) for i in range(64))
+        return ('{"input_ids": [%s], "stream": %s, "sampling_params": {"max_new_tokens": 4, '
+                '"temperature": 0, "custom_params": %s}}' % (ids, st, cp))
+    if path == "/v1/completions":
+        return ('{"model": "default", "prompt": "The capital of France is", "max_tokens": 4, '
+                '"temperature": 0, "stream": %s, "custom_params": %s}' % (st, cp))
+    return ('{"model": "default", "messages": [{"role": "user", "content": "Hello!"}], '
+            '"max_tokens": 4, "temperature": 0, "stream": %s, "custom_params": %s}' % (st, cp))
+
+
+def _raw_post(port, path, text, timeout=120):
+    """POST a JSON text as is: (status, content type, whole body; a stream read to its end)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=text.encode(), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type") or "", r.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def _answer_problem(path, stream, status, ctype, text):
+    """Why a response to a valid request is not a proper answer with tokens (None: it is)."""
+    if status != 200:
+        return f"HTTP {status}: {text[:300]}"
+    if stream:
+        if "text/event-stream" not in ctype:
+            return f"stream answered as {ctype}"
+        events = [ln[5:].strip() for ln in text.splitlines() if ln.startswith("data:")]
+        if not events or events[-1] != "[DONE]" or len(events) < 2:
+            return f"stream without content or [DONE]: {text[:300]}"
+        for e in events[:-1]:
+            if "error" in json.loads(e):
+                return f"error event: {e[:300]}"
+        return None
+    r = json.loads(text)
+    n = len(r.get("output_ids") or []) if path == "/generate" else \
+        (r.get("usage") or {}).get("completion_tokens", 0)
+    return None if n >= 1 else f"no tokens: {text[:300]}"
+
+
+@gpu
+def test_bad_top_p_is_400_on_every_endpoint(servers):
+    """custom_params.top_p_attn: every bad value on /generate, /v1/completions and
+    /v1/chat/completions, streaming or not, is HTTP 400 with a message naming the field and its
+    range (never a 200 stream with an error event inside, never a 500), and the same endpoint
+    answers the next valid request with tokens. Valid values, 1e-300 and 2e-45 among them (below
+    the smallest normal fp32: taken as 2**-126, and the sparse decode runs with it), are
+    answered. The server stays healthy and logs no traceback."""
+    tw = servers[0]
+    off = tw.log_offset()
+    problems = []
+    for path in HTTP_ENDPOINTS:
+        for stream in (False, True):
+            for raw in HTTP_BAD:
+                st, ctype, text = _raw_post(tw.port, path, _body(path, stream, raw))
+                where = f"{path} stream={stream} top_p_attn={raw[:20]}"
+                if st != 400 or "text/event-stream" in ctype:
+                    problems.append(f"{where}: HTTP {st} {ctype}: {text[:200]}")
+                elif "top_p_attn: invalid value" not in text or "0 < p <= 1" not in text:
+                    problems.append(f"{where}: 400 without naming the field: {text[:200]}")
+                st, ctype, text = _raw_post(tw.port, path, _body(path, stream, "0.9"))
+                why = _answer_problem(path, stream, st, ctype, text)
+                if why:
+                    problems.append(f"{where}: the next valid request: {why}")
+            for raw in HTTP_GOOD:
+                st, ctype, text = _raw_post(tw.port, path, _body(path, stream, raw))
+                why = _answer_problem(path, stream, st, ctype, text)
+                if why:
+                    problems.append(f"{path} stream={stream} top_p_attn={raw}: {why}")
+    assert not problems, problems[:12]
+    assert tw.get("/health")[0] == 200
+    assert "Traceback" not in tw.log_since(off), tw.tail()
+
+
+@gpu
 def test_greedy_matches_dense(servers, dense_spread):
     """p = 1, B0 >= context: the sparse decode attends every token, so its greedy output is the
     dense one's up to the spread between SGLang's own dense backends (x 1.5)."""
@@ -326,6 +442,7 @@ def test_greedy_matches_dense(servers, dense_spread):
     assert not bad, bad
 
 
+@gpu
 def test_tp2_matches_tp1(servers, dense_spread):
     """``--tp 2`` on two GPUs serves, and at p = 1 (B0 >= context) gives the TP=1 dense output.
 
@@ -340,7 +457,8 @@ def test_tp2_matches_tp1(servers, dense_spread):
         pytest.skip("needs 2 GPUs")
     tw, dense_out, out, tmpl = servers
     tw.stop()  # its GPU memory is needed
-    tp2 = Server("twilight_tp2", _twilight_argv(tw.port, tmpl, "--tp", "2"), out, tw.port).start()
+    tp2 = Server("twilight_tp2", _twilight_argv(tw.port, tmpl, "--tp", "2"), out, tw.port,
+                 env=TWILIGHT_ENV).start()
     try:
         got = _run_prompts(tp2)
         st, r = tp2.post("/v1/completions", {"model": "default", "prompt": "Hello", "max_tokens": 4,
@@ -364,25 +482,30 @@ def _prefill_rows(srv) -> float:
     return sum(vals)
 
 
-def test_shared_prefix_reuses_cache_and_matches_no_hit(servers):
+@gpu
+@pytest.mark.parametrize("p", [None, P_SPARSE], ids=["p1", f"p{P_SPARSE}"])
+def test_shared_prefix_reuses_cache_and_matches_no_hit(servers, p):
     """The second of two requests sharing a 4k prefix hits the radix cache, writes sidecar rows
-    only for its own new tokens, and decodes like the same request with no cache hit."""
+    only for its own new tokens, and decodes like the same request with no cache hit: at p = 1
+    (every token kept) and at p < 1, where the kept set is chosen from the cached prefix's int4
+    keys and page bounds."""
     tw = servers[0]
+    sp = {} if p is None else {"custom_params": {"top_p_attn": p}}
     rng = random.Random(11)
     prefix = [rng.randrange(1000, 30000) for _ in range(4096)]
     a = prefix + [rng.randrange(1000, 30000) for _ in range(200)]
     b = prefix + [rng.randrange(1000, 30000) for _ in range(300)]
     assert tw.post("/flush_cache", {})[0] == 200
-    tw.generate(a, n=4, logprobs=False)
+    tw.generate(a, n=4, logprobs=False, **sp)
     rows0 = _prefill_rows(tw)
-    hit = tw.generate(b, n=N_NEW)
+    hit = tw.generate(b, n=N_NEW, **sp)
     cached = hit["meta_info"].get("cached_tokens", 0)
     assert cached >= 4096 - 16, hit["meta_info"]
     rows1 = _prefill_rows(tw)
     print(f"prefix hit: cached {cached} of {len(b)}, sidecar rows written {rows1 - rows0:.0f}")
     assert rows1 - rows0 == len(b) - cached, (rows0, rows1, cached)
     assert tw.post("/flush_cache", {})[0] == 200
-    miss = tw.generate(b, n=N_NEW)
+    miss = tw.generate(b, n=N_NEW, **sp)
     assert miss["meta_info"].get("cached_tokens", 0) == 0
     # the hit's prefill attends over the cached prefix through another FlashInfer path than the
     # miss's one-pass prefill, so even its first token may flip - at a near-tie only
@@ -390,6 +513,7 @@ def test_shared_prefix_reuses_cache_and_matches_no_hit(servers):
     assert not bad, bad
 
 
+@gpu
 def test_concurrent_mixed_lengths_and_abort(servers):
     """Requests of different lengths join and leave the running batch; a client that hangs up
     mid-stream is aborted; the server keeps serving."""
@@ -439,26 +563,7 @@ def test_concurrent_mixed_lengths_and_abort(servers):
     assert "Traceback" not in text, tw.tail()
 
 
-def test_eager_equals_graph(servers, tmp_path):
-    """Decode inside SGLang's CUDA graphs (default) and eager decode give the same tokens."""
-    tw, _, out, tmpl = servers
-    graph = [tw.generate(p, n=8) for p in _prompts()[:3]]
-    tw.stop()
-    eager = Server("twilight_eager", _twilight_argv(tw.port, tmpl, "--disable-cuda-graph"),
-                   out, tw.port).start()
-    try:
-        got = [eager.generate(p, n=8) for p in _prompts()[:3]]
-    finally:
-        eager.stop()
-        tw.start()  # leave the module's server running for any test after this one
-    for g, e in zip(graph, got):
-        n = _agree(g, e)
-        for j in range(n):
-            assert abs(_lps(g)[j] - _lps(e)[j]) < 0.05 + 0.02 * abs(_lps(e)[j])
-        if n < 8:
-            log.warning("graph vs eager diverge at token %d: %s vs %s", n, _top(g, n), _top(e, n))
-
-
+@gpu
 def test_evicted_slots_serve_no_stale_sidecar(servers):
     """Under eviction pressure, a prompt whose slots were freed and handed to other requests is
     served exactly as on its first run. p = 0.5 makes the kept set depend on the sidecar's int4
@@ -478,3 +583,203 @@ def test_evicted_slots_serve_no_stale_sidecar(servers):
     diff = max(abs(u - v) for u, v in zip(_lps(again), _lps(first)))
     print(f"after eviction: same {N_NEW} tokens, max logprob diff {diff:.2e}")
     assert diff < 1e-3
+
+
+# ---------------------------------------------------------------- p < 1: twilight against itself
+#
+# The same prompts at p = 1 and at p < 1 (where top-p prunes) on the module's server (CUDA graphs,
+# radix cache), then on a server with --disable-cuda-graph and on one with --disable-radix-cache.
+# What each run is checked to have done, from the server's own reports: which decode steps
+# replayed a CUDA graph (SGLang's per-step log line), that Twilight ran every decode step
+# (sglang_twilight_decode_steps) and that it pruned at p < 1 and kept everything at p = 1
+# (kept tokens against context, sglang_twilight_kept_tokens_sum / _context_tokens_sum).
+
+EXPECTED_DECODE_STEPS = 5 * (N_NEW - 1)  # _prompts(); the first token of each comes from prefill
+GRAPH_TOL = 0.1  # logprob difference allowed while the tokens agree, graph / eager, hit / miss
+MIN_AGREEMENT = 0.4  # share of the reference's tokens that must be compared (agree) at least
+
+
+def _metrics(srv):
+    with urllib.request.urlopen(srv.base + "/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def _decode_log(text):
+    """(decode steps that replayed a CUDA graph, decode steps run eagerly) in a server log: SGLang
+    logs "Decode batch, ... cuda graph: True|False, ..." for each step (--decode-log-interval 1)."""
+    flags = re.findall(r"Decode batch.*?cuda graph: (True|False)", text)
+    return flags.count("True"), flags.count("False")
+
+
+def _sparse_run(srv, p):
+    """The prompts at per-request p (None: the server's default, 1), each after a one-token
+    warm-up of the same prompt, so that with the radix cache on the measured request hits the cache
+    for its whole prompt: the same prefill path on every server that has a cache. Returns the
+    outputs and what the server reported about them."""
+    from sglang_twilight.metrics import mean_kept, read_kept
+
+    sp = {} if p is None else {"custom_params": {"top_p_attn": p}}
+    off = srv.log_offset()
+    before = read_kept(_metrics(srv))
+    outs = []
+    for ids in _prompts():
+        srv.generate(ids, n=1, logprobs=False, **sp)
+        outs.append(srv.generate(ids, n=N_NEW, **sp))
+    after = read_kept(_metrics(srv))
+    graph, eager = _decode_log(srv.log_since(off))
+    rows = after["rows"] - before["rows"]
+    return outs, dict(
+        graph_steps=graph, eager_steps=eager,
+        sparse_steps=after["steps"]["sparse"] - before["steps"]["sparse"],
+        dense_steps=after["steps"]["dense"] - before["steps"]["dense"],
+        mean_kept=mean_kept(before, after),
+        mean_context=(after["context_tokens"] - before["context_tokens"]) / rows if rows > 0 else None,
+        cached=[o["meta_info"].get("cached_tokens", 0) for o in outs])
+
+
+def _path_problems(info, *, graph, p, what):
+    """Did the run take the path it is meant to test? (CUDA graphs or eager; Twilight on every
+    decode step; pruning at p < 1, every token kept at p = 1.) Counters are read back a step or
+    two late, hence the 80-90 % floors."""
+    bad = []
+    want, other = (info["graph_steps"], info["eager_steps"]) if graph else \
+        (info["eager_steps"], info["graph_steps"])
+    mode = "CUDA-graph" if graph else "eager"
+    if want < 0.9 * EXPECTED_DECODE_STEPS or other:
+        bad.append(f"{what}: {want} {mode} decode steps logged and {other} of the other kind "
+                   f"(expected ~{EXPECTED_DECODE_STEPS} and 0)")
+    if info["sparse_steps"] < 0.8 * EXPECTED_DECODE_STEPS or info["dense_steps"]:
+        bad.append(f"{what}: Twilight ran {info['sparse_steps']} sparse and {info['dense_steps']} "
+                   f"dense decode steps (expected ~{EXPECTED_DECODE_STEPS} sparse, no dense)")
+    kept, ctx = info["mean_kept"], info["mean_context"]
+    if kept is None or not ctx:
+        bad.append(f"{what}: no kept-token counts")
+    elif p is not None and p < 1 and not kept < 0.9 * ctx:
+        bad.append(f"{what}: p = {p} kept {kept:.0f} of {ctx:.0f} tokens: nothing pruned")
+    elif (p is None or p >= 1) and abs(kept - ctx) > 0.02 * ctx:
+        bad.append(f"{what}: p = 1 kept {kept:.0f} of {ctx:.0f} tokens: not every token")
+    return bad
+
+
+def _agreement_problems(got, ref, what):
+    """The greedy rule of _compare_greedy (logprobs within GRAPH_TOL while the tokens agree, a
+    divergence only at a near-tie of the reference), and enough tokens compared: a run that parts
+    early on most prompts proves nothing, so it fails too."""
+    bad = _compare_greedy(got, ref, what, first_exact=False, tol=GRAPH_TOL)
+    agreed = sum(min(_agree(a, b), len(_ids(b))) for a, b in zip(got, ref))
+    total = sum(len(_ids(b)) for b in ref)
+    if not total or agreed < MIN_AGREEMENT * total:
+        bad.append(f"{what}: only {agreed} of {total} tokens agree before the outputs part")
+    return bad
+
+
+@pytest.fixture(scope="module")
+def main_runs(servers):
+    """The module's server (CUDA graphs, radix cache): the prompts at p = 1 and at P_SPARSE."""
+    tw = servers[0]
+    if tw.p is None:
+        tw.start()
+    return {p: _sparse_run(tw, p) for p in (None, P_SPARSE)}
+
+
+@pytest.fixture(scope="module")
+def variant_runs(servers, main_runs):
+    """The same runs on a twilight server with --disable-cuda-graph, then on one with
+    --disable-radix-cache, one at a time. The module's server is stopped for them and stays
+    stopped: the tests that use this come last."""
+    tw, _, out, tmpl = servers
+    tw.stop()
+    runs = {}
+    for name, flag in (("eager", "--disable-cuda-graph"), ("no_radix", "--disable-radix-cache")):
+        srv = Server(f"twilight_{name}", _twilight_argv(tw.port, tmpl, flag), out, tw.port,
+                     env=TWILIGHT_ENV).start()
+        try:
+            runs[name] = {p: _sparse_run(srv, p) for p in (None, P_SPARSE)}
+        finally:
+            srv.stop()
+    return runs
+
+
+P_IDS = ["p1", f"p{P_SPARSE}"]
+
+
+@gpu
+@pytest.mark.parametrize("p", [None, P_SPARSE], ids=P_IDS)
+def test_eager_equals_graph(main_runs, variant_runs, p):
+    """Decode replayed from SGLang's CUDA graphs and eager decode (--disable-cuda-graph) give
+    the same greedy tokens, at p = 1 and at p < 1 (per-request p, gathered on the device inside
+    the graph). Fails when the outputs part where the reference was not at a near-tie, when
+    logprobs drift while the tokens agree, when they part early on most prompts, when the graph
+    server did not replay graphs (or the eager one did), or when Twilight did not run and prune."""
+    graph, ginfo = main_runs[p]
+    eager, einfo = variant_runs["eager"][p]
+    print(f"p={p}: graph {ginfo} | eager {einfo}")
+    bad = (_path_problems(ginfo, graph=True, p=p, what="graph server")
+           + _path_problems(einfo, graph=False, p=p, what="eager server")
+           + _agreement_problems(eager, graph, f"eager vs graph, p={p}"))
+    assert not bad, bad
+
+
+@gpu
+@pytest.mark.parametrize("p", [None, P_SPARSE], ids=P_IDS)
+def test_radix_hit_equals_no_radix_cache(main_runs, variant_runs, p):
+    """Requests whose whole prompt hits the radix cache (prefix KV and sidecar reused) decode like
+    the same requests on a server with --disable-radix-cache (everything computed afresh), at
+    p = 1 and at p < 1."""
+    hit, hinfo = main_runs[p]
+    miss, minfo = variant_runs["no_radix"][p]
+    print(f"p={p}: radix hit {hinfo} | no radix cache {minfo}")
+    bad = _path_problems(minfo, graph=True, p=p, what="no-radix server")
+    for ids, c in zip(_prompts(), hinfo["cached"]):
+        if c < len(ids) - 17:
+            bad.append(f"radix server: {c} of {len(ids)} prompt tokens cached: not a hit")
+    if any(minfo["cached"]):
+        bad.append(f"no-radix server reports cached tokens {minfo['cached']}")
+    bad += _agreement_problems(miss, hit, f"no radix cache vs radix hit, p={p}")
+    assert not bad, bad
+
+
+# ---------------------------------------------------------------- the rules above, on CPU
+
+
+def _fake(ids, gaps=None):
+    gaps = gaps or [3.0] * len(ids)
+    return {"output_ids": list(ids), "meta_info": {
+        "output_token_logprobs": [[-0.2, t, None] for t in ids],
+        "output_top_logprobs": [[[-0.2, t, None], [-0.2 - g, t + 1, None]]
+                                for t, g in zip(ids, gaps)]}}
+
+
+def test_rules_fail_when_graph_and_eager_differ():
+    """How test_eager_equals_graph and test_radix_hit_equals_no_radix_cache fail (no GPU needed):
+    outputs that part at a confident token, drifting logprobs, early partings on most prompts, a
+    server that never replayed a graph, Twilight not running or not pruning."""
+    ref = [_fake(range(100 * i, 100 * i + N_NEW)) for i in range(5)]
+    assert _agreement_problems(ref, ref, "same") == []
+    parted = [_fake(list(range(0, 3)) + [999] + list(range(4, N_NEW)))] + ref[1:]
+    assert any("not a near-tie" in b for b in _agreement_problems(parted, ref, "parted"))
+    drift = [dict(ref[0], meta_info=dict(ref[0]["meta_info"], output_token_logprobs=[
+        [-0.2 - 0.3 * (j == 7), t, None] for j, t in enumerate(_ids(ref[0]))]))] + ref[1:]
+    assert any("logprob" in b for b in _agreement_problems(drift, ref, "drift"))
+    tied = [_fake(range(100 * i, 100 * i + N_NEW), gaps=[0.01] * N_NEW) for i in range(5)]
+    early = [_fake([5000 + 100 * i] + list(range(100 * i + 1, 100 * i + N_NEW))) for i in range(5)]
+    bad = _agreement_problems(early, tied, "early")
+    assert len(bad) == 1 and "tokens agree" in bad[0]  # near-ties each, but nothing compared
+
+    line = ("[2026-12-07 10:00:00] Decode batch, #running-req: 1, #token: 4160, token usage: 0.10, "
+            "cuda graph: {}, gen throughput (token/s): 151.20, #queue-req: 0\n")
+    text = line.format("True") * 150 + "Prefill batch, #new-seq: 1\n" + line.format("False") * 2
+    assert _decode_log(text) == (150, 2)
+    good = dict(graph_steps=EXPECTED_DECODE_STEPS, eager_steps=0, sparse_steps=EXPECTED_DECODE_STEPS,
+                dense_steps=0, mean_kept=700.0, mean_context=3500.0)
+    assert _path_problems(good, graph=True, p=0.6, what="x") == []
+    for change in (dict(graph_steps=0, eager_steps=EXPECTED_DECODE_STEPS),  # no graph replayed
+                   dict(eager_steps=3),  # some steps eager
+                   dict(sparse_steps=0, dense_steps=EXPECTED_DECODE_STEPS),  # Twilight never ran
+                   dict(mean_kept=3400.0),  # nothing pruned at p < 1
+                   dict(mean_kept=None)):
+        assert _path_problems(dict(good, **change), graph=True, p=0.6, what="x"), change
+    assert _path_problems(good, graph=True, p=None, what="x")  # p = 1 must keep every token
+    assert _path_problems(dict(good, mean_kept=3500.0), graph=True, p=None, what="x") == []
+    assert _path_problems(dict(good, graph_steps=0, eager_steps=EXPECTED_DECODE_STEPS),
+                          graph=False, p=0.6, what="x") == []
