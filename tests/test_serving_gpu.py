@@ -444,7 +444,9 @@ def test_greedy_matches_dense(servers, dense_spread):
 
 @gpu
 def test_tp2_matches_tp1(servers, dense_spread):
-    """``--tp 2`` on two GPUs serves, and at p = 1 (B0 >= context) gives the TP=1 dense output.
+    """``--tp 2`` on two GPUs serves, and at p = 1 (B0 >= context) gives the TP=1 dense output;
+    at p < 1 (per request) it gives the TP=1 twilight server's output (each rank prunes its own KV
+    heads).
 
     Needs a model with informative logits (dummy weights give a flat distribution: every greedy
     token is a tie) whose head counts split in two; SmolLM2-135M (9 q / 3 KV heads) padded with
@@ -456,11 +458,14 @@ def test_tp2_matches_tp1(servers, dense_spread):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     tw, dense_out, out, tmpl = servers
+    sparse = {"custom_params": {"top_p_attn": P_SPARSE}}
+    tp1_sparse = [tw.generate(p, n=N_NEW, **sparse) for p in _prompts()]
     tw.stop()  # its GPU memory is needed
     tp2 = Server("twilight_tp2", _twilight_argv(tw.port, tmpl, "--tp", "2"), out, tw.port,
                  env=TWILIGHT_ENV).start()
     try:
         got = _run_prompts(tp2)
+        got_sparse = [tp2.generate(p, n=N_NEW, **sparse) for p in _prompts()]
         st, r = tp2.post("/v1/completions", {"model": "default", "prompt": "Hello", "max_tokens": 4,
                                              "temperature": 0})
         assert st == 200 and r["usage"]["completion_tokens"] > 0
@@ -469,6 +474,8 @@ def test_tp2_matches_tp1(servers, dense_spread):
         tw.start()
     bad = _compare_greedy(got, dense_out, "twilight tp2 vs dense tp1", first_exact=False,
                           **dense_spread)
+    bad += _compare_greedy(got_sparse, tp1_sparse, f"twilight tp2 vs tp1, p={P_SPARSE}",
+                           first_exact=False, **dense_spread)
     assert not bad, bad
 
 
