@@ -836,7 +836,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=360, help="the whole run, seconds")
     ap.add_argument("--start-timeout", type=float, default=240)
-    ap.add_argument("--request-timeout", type=float, default=180)
+    ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--progress-every", type=int, default=100)
     ap.add_argument("--logprob-tol", type=float, default=0.55,
                     help="sample vs dense: logprob difference allowed while tokens agree (1.5x "
