@@ -562,6 +562,20 @@ class TwilightAttnBackend(FlashInferAttnBackend):
         if forward_batch.forward_mode.is_decode():
             self.twilight.begin_step(forward_batch)
 
+    def _prepare_cuda_graph_metadata(self, bs, num_tokens, forward_mode, spec_info):
+        """Capture-time FlashInfer wrappers of a decode batch size: made once per size, not once
+        per capture. Under ``--twilight-dispatch auto`` every batch size is captured twice (the
+        dense and the sparse way, srt_patches/graph_variants.py); the parent would make new
+        wrappers for the second capture, and the replay then plans into those only, leaving the
+        first graph's FlashInfer kernels on their capture-time plan (one token per request)."""
+        if forward_mode.is_decode_or_idle() and bs in self.decode_cuda_graph_metadata \
+                and self.twilight.policy.both_ways:
+            from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata
+
+            self.forward_metadata = DecodeMetadata(self.decode_cuda_graph_metadata[bs])
+            return
+        super()._prepare_cuda_graph_metadata(bs, num_tokens, forward_mode, spec_info)
+
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
         if in_capture:  # the way is the one the graph being captured records

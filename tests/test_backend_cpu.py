@@ -725,3 +725,30 @@ def test_eager_workspace_within_the_reserved_bytes(sglang_env, twilight_cfg, mon
     monkeypatch.setattr(ps, "eager_rows_bound", lambda server_args: tw.max_rows)
     kvc = _kvc(sa, sglang_env.model_config, 0, LAYERS)
     assert ps.workspace_reserve_bytes(kvc, cfg) == nbytes
+
+
+@pytest.mark.parametrize("dispatch", ["auto", "sparse"])
+def test_both_ways_of_a_batch_size_share_the_flashinfer_wrappers(sglang_env, twilight_cfg,
+                                                                  dispatch, monkeypatch):
+    """Under --twilight-dispatch auto a decode batch size is captured twice (dense and sparse
+    way); both graphs must use the one set of FlashInfer wrappers the replay plans into. The
+    parent makes new wrappers per capture, which left the first graph on its capture-time plan."""
+    twilight_cfg(budget=64, min_sparse_len=32, min_budget=8, dense_layers=1, dispatch=dispatch)
+    mr = _runner(sglang_env)
+    from sglang_twilight.backend import TwilightAttnBackend
+
+    b = TwilightAttnBackend(mr)
+    # FlashInfer's graph wrappers need CUDA buffers: a fresh stand-in list per creation
+    monkeypatch.setattr(fib.FlashInferAttnBackend, "_create_decode_wrappers",
+                        lambda self, bs, num_tokens: [_StubWrapper(use_cuda_graph=True)])
+    b._prepare_cuda_graph_metadata(4, 4, ForwardMode.DECODE, None)
+    first = b.decode_cuda_graph_metadata[4]
+    assert b.forward_metadata.decode_wrappers is first
+    b._prepare_cuda_graph_metadata(4, 4, ForwardMode.DECODE, None)
+    again = b.decode_cuda_graph_metadata[4]
+    if dispatch == "auto":
+        assert again is first and b.forward_metadata.decode_wrappers is first
+    else:  # one capture per size: SGLang's own behaviour, untouched
+        assert again is not first
+    b._prepare_cuda_graph_metadata(2, 2, ForwardMode.DECODE, None)  # another size: its own
+    assert b.decode_cuda_graph_metadata[2] is not first
