@@ -41,6 +41,11 @@ _TABLE: dict[str, tuple[Any, str]] = {
     "select": (dict(num_warps=4, wide_num_warps=8, wide_from_pages=2048, by_pages={}),
                "top-K pages: 4 warps up to 1024 (padded) pages, 8 above; 1 / 2 warps: select "
                "46.3 / 29.6 vs 22.5 us at batch 8; by_pages: a fixed count per padded size"),
+    "select_tiers": ((256, 2048),
+                     "a row of at most 256 (then 2048) pages is chosen in a block that wide, not "
+                     "in one as wide as the server's longest context: in a served Llama-3.1-8B "
+                     "step (131072-token context, 8192-page blocks) the select took 56 us a call "
+                     "at 28k x 12 and 33 us at 2k x 1, the largest Twilight kernel"),
     # estimate: q . int4 keys over the candidates
     "estimate": (dict(BLOCK_N=64, ITERS=8, STAGES=6, num_warps=2, SLOTS_FIRST=False),
                  "8 blocks of 64 at 2 warps, 6 stages (3: 21.3 vs 18.7 us at batch 8, 43.3 vs "

@@ -224,31 +224,53 @@ if triton is not None:
             tl.store(out_ptr + r * stride_or + h * stride_oh + j, tl.max(s, 1), mask=jm)
 
     @triton.jit
+    def _select_row(score_row, r2t_row, cand_row, n_pages, K: tl.constexpr, P: tl.constexpr,
+                    W: tl.constexpr):
+        """Choose the pages of one (request, KV head) row of ``n_pages <= W`` pages in a block of
+        W: the first and the last always, the best of the rest by score up to K; write their
+        physical ids in ascending logical order."""
+        j = tl.arange(0, W)
+        valid = j < n_pages
+        if n_pages <= K:
+            chosen = valid
+        else:
+            s = tl.load(score_row + j, mask=valid, other=0.0)
+            key = _f32_key(s)
+            key = tl.where((j == 0) | (j == n_pages - 1), 2147483647, key)
+            chosen = _topk_mask(key, valid, K, n_pages)
+        dest = tl.cumsum(chosen.to(tl.int32), 0) - 1
+        slot = tl.load(r2t_row + j * P, mask=chosen, other=0)
+        tl.store(cand_row + dest, slot // P, mask=chosen)
+
+    @triton.jit
     def _select_kernel(
         scores_ptr, r2t_ptr, rpi_ptr, seqlen_ptr, cand_ptr, count_ptr,
         stride_sr, stride_sh, stride_r2t, stride_cr, stride_ch,
         H: tl.constexpr, P: tl.constexpr, K: tl.constexpr, NP_PAD: tl.constexpr,
+        TIER1: tl.constexpr, TIER2: tl.constexpr,
     ):
         """One program per (request, kv head): choose pages; write their physical ids in
-        ascending logical order (only the last can be partial) and the candidate token count."""
+        ascending logical order (only the last can be partial) and the candidate token count.
+
+        The block is as wide as the row needs, not as the longest context the server admits:
+        a row of at most TIER1 (then TIER2) pages runs in a block of that many, only longer
+        ones in the full NP_PAD (the select's time grows with its block: a 131072-token model
+        context made every row of a 28k-token step pay for 8192 pages)."""
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
         seq = tl.load(seqlen_ptr + r)
         n_pages = (seq + P - 1) // P
         rpi = tl.load(rpi_ptr + r).to(tl.int64)
-        j = tl.arange(0, NP_PAD)
-        valid = j < n_pages
-        if n_pages <= K:
-            chosen = valid
+        score_row = scores_ptr + r * stride_sr + h * stride_sh
+        r2t_row = r2t_ptr + rpi * stride_r2t
+        cand_row = cand_ptr + r * stride_cr + h * stride_ch
+        if n_pages <= TIER1:
+            _select_row(score_row, r2t_row, cand_row, n_pages, K, P, TIER1)
+        elif n_pages <= TIER2:
+            _select_row(score_row, r2t_row, cand_row, n_pages, K, P, TIER2)
         else:
-            s = tl.load(scores_ptr + r * stride_sr + h * stride_sh + j, mask=valid, other=0.0)
-            key = _f32_key(s)
-            key = tl.where((j == 0) | (j == n_pages - 1), 2147483647, key)
-            chosen = _topk_mask(key, valid, K, n_pages)
-        dest = tl.cumsum(chosen.to(tl.int32), 0) - 1
-        slot = tl.load(r2t_ptr + rpi * stride_r2t + j * P, mask=chosen, other=0)
-        tl.store(cand_ptr + r * stride_cr + h * stride_ch + dest, slot // P, mask=chosen)
+            _select_row(score_row, r2t_row, cand_row, n_pages, K, P, NP_PAD)
         # tokens of the chosen pages (a closed form, not one more reduction): all of them, or K
         # pages of which only the last may be partial; it is chosen (forced) when K >= 2 (at
         # K = 1 the forced first page wins the tie)
@@ -324,10 +346,12 @@ def quest_select_pages_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_ind
     if cand_counts is None:
         cand_counts = torch.empty(R, H, dtype=torch.int32, device=q.device)
     NP_PAD = next_pow2(max_pages)
+    tiers = launch.get("select_tiers")
     _select_kernel[(R * H,)](
         scores, req_to_token, req_pool_indices, seq_lens, cand_pages, cand_counts,
         scores.stride(0), scores.stride(1), req_to_token.stride(0), cand_pages.stride(0),
         cand_pages.stride(1), H=H, P=page_size, K=K, NP_PAD=NP_PAD,
+        TIER1=min(NP_PAD, tiers[0]), TIER2=min(NP_PAD, tiers[1]),
         num_warps=_select_warps(NP_PAD),
     )
     return cand_pages, cand_counts
