@@ -240,11 +240,10 @@ def main():
                     tot = sum(steps.values())
                     row["sparse_step_share"] = steps["sparse"] / tot if tot else None
                 rows.append(row)
-                print(f"[{method}] {kind} {ctx} x {conc}: TPOT {row['tpot_ms_median']:.2f} ms "
-                      f"(p99 {row['tpot_ms_p99']:.2f}), ITL {row['itl_ms_median']:.2f}, TTFT "
-                      f"{row['ttft_ms_median']:.0f} ms, {row['output_tok_s']:.0f} tok/s"
-                      + (f", kept {row['kept_tokens_mean']}" if before is not None else ""),
-                      flush=True)
+                shown = ", ".join(f"{k} {row.get(k)}" for k in (
+                    "tpot_ms_median", "tpot_ms_p99", "itl_ms_median", "ttft_ms_median",
+                    "output_tok_s", "kept_tokens_mean", "sparse_step_share") if k in row)
+                print(f"[{method}] {kind} {ctx} x {conc}: {shown}", flush=True)
         print(f"[{method}] done in {time.time() - t0:.0f} s", flush=True)
     ratios = _ratios(rows)
     payload = dict(benchmark="tpot", model=args.model, model_path=model_path, servers=meta,
@@ -263,7 +262,9 @@ def _ratios(rows):
             by.setdefault((r["dataset"], r["context"], r["concurrency"]), {})[r["method"]] = r
     out = []
     for (ds, ctx, conc), m in sorted(by.items()):
-        if "dense" in m and "twilight" in m:
+        if "dense" in m and "twilight" in m and all(
+                m[w].get(k) for w in ("dense", "twilight") for k in ("tpot_ms_median",
+                                                                       "ttft_ms_median")):
             d, t = m["dense"], m["twilight"]
             out.append(dict(dataset=ds, context=ctx, concurrency=conc,
                             tpot_twilight_over_dense=t["tpot_ms_median"] / d["tpot_ms_median"],
