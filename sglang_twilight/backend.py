@@ -56,11 +56,12 @@ DEFAULT_WORKSPACE_MB = 512
 _KV_DTYPES = (torch.bfloat16, torch.float16)
 _KV_DTYPE_STRS = ("auto", "bf16", "bfloat16", "fp16", "float16")
 
-#: head dims the Twilight kernels are built for. Powers of two: every kernel spans head_dim with
+#: head dims the Twilight kernels compile for. Powers of two: every kernel spans head_dim with
 #: one Triton block. At least 32: the int4 estimate's tensor-core dot runs over head_dim / 2,
-#: which must be >= 16. At most 256: the attend kernel pipelines 64-token K and V tiles over two
-#: stages, 128 KiB of shared memory at 256 and 256 KiB at 512, more than an A100 or H100 SM has.
-SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+#: which must be >= 16. At most 512: at 1024 the attend kernel's K and V tiles need 290 KiB of
+#: shared memory, more than an A100 or H100 block may have (at 512: 146 KiB; compiled for sm80
+#: and sm90 by tests/test_refusals.py).
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256, 512)
 
 #: SGLang's fault injection for its KV canary: each > 0 overwrites real K/V in place (no backend
 #: call, so the sidecar of those slots would go stale)

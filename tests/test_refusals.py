@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import copy
-import math
+import json
 import os
 import subprocess
 import sys
@@ -169,7 +169,7 @@ def _runner_for(mc, head_dim, layers=2):
                                  kv_cache_dtype=torch.bfloat16, token_to_kv_pool=kv, model=model)
 
 
-@pytest.mark.parametrize("head_dim", [16, 48, 80, 96, 112, 192, 512])
+@pytest.mark.parametrize("head_dim", [16, 48, 80, 96, 112, 192, 1024])
 def test_head_dim_refused(tmp_path, head_dim):
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -188,12 +188,12 @@ def test_head_dim_refused(tmp_path, head_dim):
         check_model(_runner_for(mc, head_dim))
     msg = str(ei.value)
     assert msg.startswith("--model-path:") and f"head_dim {head_dim}" in msg and "\n" not in msg
-    assert "32, 64, 128, 256" in msg
+    assert "32, 64, 128, 256, 512" in msg
     with pytest.raises(TwilightUnsupportedError, match=f"layer 3 has head_dim {head_dim}"):
         check_layer(RadixAttention(4, head_dim, 0.1, 2, 3))
 
 
-@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256, 512])
 def test_head_dim_supported(tmp_path, head_dim):
     from sglang.srt.configs.model_config import ModelConfig
 
@@ -222,7 +222,7 @@ def _decode_at(head_dim, device, backend, seed):
     return got, ref
 
 
-@pytest.mark.parametrize("head_dim", [32, 256])
+@pytest.mark.parametrize("head_dim", [32, 512])
 def test_kernels_at_the_head_dim_bounds_cpu(head_dim):
     """The smallest and largest supported head_dim through the Triton kernels (interpreted on
     CPU): same kept counts and outputs as the torch reference."""
@@ -233,11 +233,63 @@ def test_kernels_at_the_head_dim_bounds_cpu(head_dim):
     torch.testing.assert_close(o.float(), o_ref.float(), atol=2e-2, rtol=2e-2)
 
 
+# Every kernel the backend launches, compiled for the A100 (sm80) and the H100 (sm90) without a GPU
+# (tests/test_sm80.py's compile run, at other head dims): the bounds of SUPPORTED_HEAD_DIMS and
+# the dims just outside them
+HEAD_DIM_COMPILE = textwrap.dedent(
+    """
+    import json, sys
+    import tests.test_sm80 as T
+    cap = int(sys.argv[1])
+    for d in [int(x) for x in sys.argv[2].split(",")]:
+        T.MODELS = {"m": (2, 4, d, 4096)}
+        T.CASES = [("m", "bf16", 8, 1024, 16, "quest")]
+        T.STORE_TOKENS = (1, 17)
+        try:
+            recs = T._compile_all(cap)
+        except Exception as e:  # Triton refuses the kernel source at this head_dim
+            print(json.dumps(dict(head_dim=d, error=type(e).__name__)), flush=True)
+            continue
+        problems = sorted({f"{r['kernel']}: {p}" for r in recs for p in r["problems"]})
+        print(json.dumps(dict(head_dim=d, kernels=len({r["kernel"] for r in recs}),
+                              problems=problems)), flush=True)
+    """
+)
+
+
+def test_head_dim_bounds_compile_for_a100_and_h100(tmp_path):
+    """32 and 512 (the ends of SUPPORTED_HEAD_DIMS) compile for sm80 and sm90 and fit the cards'
+    shared memory and registers; 16 and 96 do not compile; 1024 compiles but its attend kernel
+    needs more shared memory than either card has. No GPU needed."""
+    from sglang_twilight.backend import SUPPORTED_HEAD_DIMS
+
+    assert (min(SUPPORTED_HEAD_DIMS), max(SUPPORTED_HEAD_DIMS)) == (32, 512)
+    procs = {}
+    for cap in (80, 90):
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET", None)
+        env["TRITON_CACHE_DIR"] = str(tmp_path / f"triton-sm{cap}")
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        procs[cap] = subprocess.Popen(
+            [sys.executable, "-c", HEAD_DIM_COMPILE, str(cap), "32,512,16,96,1024"], env=env,
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for cap, proc in procs.items():
+        out, err = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, err[-4000:]
+        got = {r["head_dim"]: r for r in map(json.loads, (x for x in out.splitlines()
+                                                          if x.startswith("{")))}
+        for d in (32, 512):
+            assert "error" not in got[d] and got[d]["kernels"] >= 6 and not got[d]["problems"], (
+                cap, got[d])
+        assert "error" in got[16] and "error" in got[96], (cap, got[16], got[96])
+        assert any("attend" in p and "shared memory" in p for p in got[1024]["problems"]), (
+            cap, got[1024])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256, 512])
 def test_kernels_compile_at_supported_head_dims(head_dim):
-    """Every head_dim check_model admits compiles on this GPU and matches the reference (the
-    upper bound is a shared-memory limit only a compile on the card can confirm)."""
+    """Every head_dim check_model admits runs on this GPU and matches the reference."""
     (o, kc), (o_ref, kc_ref) = _decode_at(head_dim, "cuda", "triton", seed=head_dim)
     torch.cuda.synchronize()
     same = (kc == kc_ref).all(dim=1)
@@ -424,8 +476,6 @@ def test_memory_saver_releases_and_restores_the_sidecar():
     r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True,
                        timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
-    import json
-
     out = json.loads(r.stdout.strip().splitlines()[-1])
     slack = 64 << 20  # allocator granularity and the CUDA context
     assert out["released"] >= out["kv"] + out["side"] - slack, out
