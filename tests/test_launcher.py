@@ -215,3 +215,53 @@ def test_cli_help(tmp_path):
     assert sglang > twilight
     assert out.index("--mem-fraction-static") > sglang
     assert "twilight" in out[out.index("--attention-backend", sglang):][:2000]
+
+
+# --------------------------------------------------------------------------- the README
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_readme_links_stay_in_the_repository():
+    import re
+
+    links = re.findall(r"\]\(([^)\s]+)\)", _readme())
+    assert links
+    for target in links:
+        assert "://" not in target and not target.startswith(("/", "..")), target
+        assert (ROOT / target.split("#")[0]).exists(), target
+    assert "DESIGN.md" not in _readme()  # not in the repository
+
+
+def test_readme_first_contact():
+    """After the main command: how to tell the server is ready, a curl request and an OpenAI
+    client request, each with a per-request p; the install and test times."""
+    text = _readme()
+    main = text.index("&& python -m sglang_twilight.launch_server --top-p-attn 0.95\n")
+    after = text[main: text.index("## Run the tests")]
+    assert "The server is fired up and ready to roll!" in after
+    assert "localhost:30000/health" in after
+    curl = next(l for l in after.splitlines() if l.startswith("curl -s localhost:30000/generate"))
+    body = json.loads(curl.split("-d '", 1)[1].rstrip("'"))
+    assert body["sampling_params"]["custom_params"]["top_p_attn"] == 0.9
+    assert "from openai import OpenAI" in after and "extra_body={'custom_params': {'top_p_attn': 0.9}}" in after
+    # the log line is SGLang's own
+    import sglang
+
+    http = Path(sglang.__file__).parent / "srt" / "entrypoints" / "http_server.py"
+    assert "The server is fired up and ready to roll!" in http.read_text()
+    tests = text[text.index("## Run the tests"): text.index("## Flags")]
+    assert "minutes to install" in tests and "TEST_TIME" not in tests
+
+
+def test_readme_docker_and_offline_commands():
+    text = _readme()
+    for line in ("docker build -f docker/Dockerfile -t sglang-twilight .",
+                 "docker run --gpus all --ipc=host -p 30000:30000 sglang-twilight --top-p-attn 0.95",
+                 "bash docker/wheelhouse.sh wheelhouse",
+                 "python3 -m venv .venv && . .venv/bin/activate && bash docker/install.sh --wheelhouse wheelhouse"):
+        assert line in text.splitlines(), line
+    for f in ("Dockerfile", "install.sh", "wheelhouse.sh", "flashinfer_aot.py", "constraints.txt"):
+        assert (ROOT / "docker" / f).is_file(), f
