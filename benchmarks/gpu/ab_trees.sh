@@ -15,7 +15,8 @@
 #    and 64 at 8k and 32k, p = 0.95) to $OUT/kept_<name>.pt; the current tree is installed again
 #    at the end.
 # 3. bash benchmarks/gpu/ab_trees.sh compare <name> <name>
-#    prints, per case, how many (request, KV head) rows keep different sets in the two trees.
+#    prints, per case, how many (request, KV head) rows keep different sets in the two trees,
+#    and the two benchmark runs' times side by side (each method, and Twilight's stages).
 # Settings (environment): AB_BATCHES (8,16,32,64), AB_CONTEXTS (32768), COMMIT_PREFIX (put in
 # front of the name recorded as the commit).
 set -o pipefail
@@ -104,6 +105,22 @@ for case in sorted(a):
     print(f"context {case[0]} batch {case[1]}: candidates equal {torch.equal(pa, pb) and torch.equal(ca, cb)}, "
           f"kept counts equal {torch.equal(na, nb)}, rows with other kept sets "
           f"{int(differ.sum())} of {differ.numel()}")
+PY
+    python3 - "$OUT/bench_$2.json" "$OUT/bench_$3.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+print("ms, first tree / second tree:")
+ra = {(r["context"], r["batch"], r["method"]): r["ms"] for r in a["rows"]}
+for r in b["rows"]:
+    k = (r["context"], r["batch"], r["method"])
+    if k in ra:
+        print(f"  {k[0]:6d} x {k[1]:3d} {k[2]:11s} {ra[k]:.4f} / {r['ms']:.4f} ({r['ms'] / ra[k] - 1:+.1%})")
+sa = {(s["context"], s["batch"]): s for s in a["stages"]}
+for s in b["stages"]:
+    o = sa.get((s["context"], s["batch"]))
+    if o:
+        print(f"  {s['context']:6d} x {s['batch']:3d} stages us: " + ", ".join(
+            f"{n} {o[n] * 1e3:.1f} / {s[n] * 1e3:.1f}" for n in ("store", "select", "prune", "prune.estimate", "attend")))
 PY
     ;;
 esac
