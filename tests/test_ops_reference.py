@@ -145,7 +145,9 @@ def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
         assert torch.equal(kmax[page], hi) and torch.equal(kmin[page], lo), page
         assert torch.equal(kbs[page], sc), page
         deq = ST.dequantize_bounds_ref
-        tol = 1e-6 * sc[:, None]  # one fp32 rounding of codes * scale
+        # fp32 rounding of the scale (amax * fp32(1/127)) and of codes * scale, relative to the
+        # largest bound (127 codes); a code rounded the wrong way is off by a whole scale step
+        tol = 1e-6 * 127 * sc[:, None]
         assert bool((deq(kmax[page], kbs[page]) >= seg.amax(0) - tol).all()), page
         assert bool((deq(kmin[page], kbs[page]) <= seg.amin(0) + tol).all()), page
         assert int(torch.maximum(kmax[page].abs(), kmin[page].abs()).amax()) == 127, page
