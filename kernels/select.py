@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from sglang_twilight.config import round_to_pages
+
 from . import launch
 from .launch import interpreting, next_pow2
 from .store import _check_bounds, dequantize_bounds_ref
@@ -41,7 +43,7 @@ except ImportError:  # pragma: no cover
 
 def capacity_for(budget: int, page_size: int) -> int:
     """Candidates per (request, KV head): the budget B0 rounded up to whole pages."""
-    return -(-int(budget) // page_size) * page_size
+    return round_to_pages(budget, page_size)
 
 
 def _group_q(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -39,15 +39,13 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_twilight import ops
-from sglang_twilight.config import FLAGS, TwilightConfig, get_config
+from sglang_twilight.config import BACKEND_NAME, FLAGS, TwilightConfig, get_config, round_to_pages
 from sglang_twilight.dispatch import DispatchPolicy
 from sglang_twilight.metrics import KeptStats, PrefillRowCounter
 from sglang_twilight.request_params import RequestTopP
 from sglang_twilight.sidecar import TwilightSidecarPool, attach_sidecar
 
 logger = logging.getLogger(__name__)
-
-BACKEND_NAME = "twilight"
 
 #: cap on the decode workspace (MiB); a decode batch with more rows than fit runs in chunks
 WORKSPACE_MB_ENV = "SGLANG_TWILIGHT_WORKSPACE_MB"
@@ -353,7 +351,7 @@ class TwilightDecoder:
         self.workspace_limit_bytes = workspace_limit_bytes
         if cfg.selector == "none":
             # every token is a candidate: the capacity covers the whole context
-            self.budget = -(-self.max_context // self.page_size) * self.page_size
+            self.budget = round_to_pages(self.max_context, self.page_size)
         else:
             self.budget = cfg.capacity
         self.workspace: Optional[ops.DecodeWorkspace] = None

@@ -21,6 +21,9 @@ from typing import Any, Callable, Mapping, Optional
 
 ENV_VAR = "SGLANG_TWILIGHT_CONFIG"
 
+#: the attention backend's name in SGLang (``--attention-backend twilight``)
+BACKEND_NAME = "twilight"
+
 SELECTORS = ("quest", "none")
 DISPATCH_MODES = ("auto", "sparse", "dense")
 PAGE_SIZES = (8, 16, 32, 64)
@@ -218,6 +221,21 @@ def validate_request_top_p(x: Any) -> float:
     return max(p, fp32_min_normal)
 
 
+def round_to_pages(tokens: int, page_size: int) -> int:
+    """``tokens`` rounded up to whole pages: a candidate budget B0 becomes its capacity."""
+    return -(-int(tokens) // int(page_size)) * int(page_size)
+
+
+def uses_twilight(server_args: Any) -> bool:
+    """Does this SGLang ``ServerArgs`` (or anything with its three backend fields) select the
+    twilight backend for prefill or decode?"""
+    return BACKEND_NAME in (
+        getattr(server_args, "attention_backend", None),
+        getattr(server_args, "decode_attention_backend", None),
+        getattr(server_args, "prefill_attention_backend", None),
+    )
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -238,7 +256,7 @@ class TwilightConfig:
     @property
     def capacity(self) -> int:
         """Candidate capacity C: ``budget`` rounded up to a multiple of ``page_size``."""
-        return -(-self.budget // self.page_size) * self.page_size
+        return round_to_pages(self.budget, self.page_size)
 
     # -- validation
     def validate(self) -> "TwilightConfig":
@@ -447,6 +465,7 @@ def add_twilight_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
 
 
 __all__ = [
+    "BACKEND_NAME",
     "DISPATCH_MODES",
     "ENV_VAR",
     "FLAGS",
@@ -456,5 +475,7 @@ __all__ = [
     "TwilightConfigError",
     "add_twilight_args",
     "get_config",
+    "round_to_pages",
+    "uses_twilight",
     "validate_request_top_p",
 ]

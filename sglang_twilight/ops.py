@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from sglang_twilight.kernels import attend as _attend
-from sglang_twilight.kernels import prune as _topp  # estimate -> top-p -> union
-from sglang_twilight.kernels import select as _quest
-from sglang_twilight.kernels import store as _int4
+from sglang_twilight.kernels import prune as _prune  # estimate -> top-p -> union
+from sglang_twilight.kernels import select as _select
+from sglang_twilight.kernels import store as _store
 
 __all__ = [
     "quantize_int4",
@@ -32,54 +32,54 @@ __all__ = [
     "capacity_for",
 ]
 
-capacity_for = _quest.capacity_for
+capacity_for = _select.capacity_for
 
 
 def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     if backend == "triton":
-        if _int4.triton is None:
+        if _store.triton is None:
             raise RuntimeError("backend='triton' requested but Triton is not installed")
         return True
     if backend != "auto":
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    return _int4.triton is not None and all(t.is_cuda for t in tensors)
+    return _store.triton is not None and all(t.is_cuda for t in tensors)
 
 
 def quantize_int4(k: torch.Tensor):
     """k [..., D] -> (packed uint8 [..., D//2], scale fp16 [...], zero fp16 [...])."""
-    return _int4.quantize_int4_ref(k)
+    return _store.quantize_int4_ref(k)
 
 
 def dequantize_int4(packed, scale, zero, dtype=torch.float32):
     """Inverse of quantize_int4: -> [..., D] in ``dtype``; error <= scale / 2 per element."""
-    return _int4.dequantize_int4_ref(packed, scale, zero, dtype)
+    return _store.dequantize_int4_ref(packed, scale, zero, dtype)
 
 
 def store_sidecar(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, page_size, *,
                   backend="auto"):
     """Write int4 K of ``k_buffer[loc]`` and recompute the Quest bounds of every page ``loc``
-    touches (int8 codes ``kmax``/``kmin`` and their scale ``kbscale``, ``int4.bounds_buffers``)."""
+    touches (int8 codes ``kmax``/``kmin`` and their scale ``kbscale``, ``store.bounds_buffers``)."""
     if _use_triton(backend, k_buffer):
-        return _int4.store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale,
+        return _store.store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale,
                                           page_size)
-    return _int4.store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale,
+    return _store.store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale,
                                    page_size)
 
 
 def quest_page_scores(q, kmax, kmin, kbscale, page_table, num_pages):
     """GQA Quest upper bound per (request, KV head, page): [R, Hkv, NP] fp32, -inf past the end."""
-    return _quest.quest_page_scores_ref(q, kmax, kmin, kbscale, page_table, num_pages)
+    return _select.quest_page_scores_ref(q, kmax, kmin, kbscale, page_table, num_pages)
 
 
 def quest_select(q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, budget,
                  page_size, *, backend="auto", max_pages=None):
     """-> (cand_slots int32 [R, Hkv, C], cand_counts int32 [R, Hkv]), C = capacity_for(budget)."""
     if _use_triton(backend, q):
-        return _quest.quest_select_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
+        return _select.quest_select_triton(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
                                           seq_lens, budget, page_size, max_pages=max_pages)
-    return _quest.quest_select_ref(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
+    return _select.quest_select_ref(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
                                    seq_lens, budget, page_size)
 
 
@@ -87,22 +87,22 @@ def int4_scores(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale, *, back
     """sm_scale * q . dequant(k) over the candidates: [R, Hkv, G, C] fp32 (-inf past the count
     with the torch backend; the Triton kernel leaves the tail untouched)."""
     if _use_triton(backend, q):
-        return _topp.int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale)
-    return _topp.int4_scores_ref(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale)
+        return _prune.int4_scores_triton(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale)
+    return _prune.int4_scores_ref(q, kq, kscale, kzero, cand_slots, cand_counts, sm_scale)
 
 
 def topp_mask(probs: torch.Tensor, p) -> torch.Tensor:
     """Smallest set per row whose sum reaches p (ties at the threshold kept), by bisection."""
-    return _topp.topp_mask_ref(probs, p)
+    return _prune.topp_mask_ref(probs, p)
 
 
 def twilight_prune(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale, min_budget=1,
                    max_budget=0, *, backend="auto"):
     """-> (kept_slots int32 [R, Hkv, C], kept_counts int32 [R, Hkv])."""
     if _use_triton(backend, q):
-        return _topp.twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p,
+        return _prune.twilight_prune_triton(q, kq, kscale, kzero, cand_slots, cand_counts, p,
                                            sm_scale, min_budget, max_budget)
-    return _topp.twilight_prune_ref(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale,
+    return _prune.twilight_prune_ref(q, kq, kscale, kzero, cand_slots, cand_counts, p, sm_scale,
                                     min_budget, max_budget)
 
 
@@ -174,9 +174,9 @@ class DecodeWorkspace:
             head_tot=torch.zeros(max_rows * H * G, dtype=torch.float32, **kw),
             head_max=torch.zeros(max_rows * H * G, dtype=torch.float32, **kw),
             union_marks=torch.zeros(max_rows, H, C, dtype=torch.int8, **kw),
-            topp_scratch=torch.empty(2 * max_rows * H * G * _topp.topp_scratch_width(C),
+            topp_scratch=torch.empty(2 * max_rows * H * G * _prune.topp_scratch_width(C),
                                      dtype=torch.int32, **kw),
-            score_parts=torch.empty(max_rows, H, G, 2, _topp.score_parts_width(C),
+            score_parts=torch.empty(max_rows, H, G, 2, _prune.score_parts_width(C),
                                     dtype=torch.float32, **kw),
             num_sms=sms,
             mid_o=torch.empty(mid_rows * G, head_dim, dtype=torch.float32, **kw),
@@ -214,7 +214,7 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
     R = q.shape[0]
     if min_sparse_len > capacity_for(budget, page_size):
         raise ValueError(f"min_sparse_len {min_sparse_len} must be <= budget {budget}")
-    pr = _topp._rows_p(p, R, q.device)
+    pr = _prune._rows_p(p, R, q.device)
     if min_sparse_len > 0:
         pr = torch.where(seq_lens.to(q.device) < min_sparse_len, torch.ones_like(pr), pr)
     if selector not in ("quest", "none"):
@@ -223,9 +223,9 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
         sel_budget = budget
         if selector == "none":
             sel_budget = max(budget, int(seq_lens.max().item()))
-        cand, cnt = _quest.quest_select_ref(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
+        cand, cnt = _select.quest_select_ref(q, kmax, kmin, kbscale, req_to_token, req_pool_indices,
                                             seq_lens, sel_budget, page_size)
-        kept, kcnt = _topp.twilight_prune_ref(q, kq, kscale, kzero, cand, cnt, pr, sm_scale,
+        kept, kcnt = _prune.twilight_prune_ref(q, kq, kscale, kzero, cand, cnt, pr, sm_scale,
                                               min_budget, max_budget)
         o = _attend.sparse_decode_attention_ref(q, k_buffer, v_buffer, kept, kcnt, sm_scale)
         if out is not None:
@@ -255,7 +255,7 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
     for s in streams:
         s.wait_stream(main)  # every group starts after what came before the step
     mid = 0
-    width = _topp.topp_scratch_width(ws.capacity)
+    width = _prune.topp_scratch_width(ws.capacity)
     for i, (r0, r1, splits) in enumerate(plan):
         rows = slice(r0, r1)
         heads = slice(r0 * H * G, r1 * H * G)
@@ -303,13 +303,13 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
     """select -> prune -> attend of a group of rows, in the caller's workspace slices: a Python
     float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row.
     ``step_heads``: q heads of the whole step (the top-p launch shape)."""
-    pages, cnt = _quest.quest_select_pages_triton(
+    pages, cnt = _select.quest_select_pages_triton(
         q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, budget, page_size,
         max_pages=max_pages, scores=page_scores, cand_pages=cand_pages, cand_counts=cand_counts)
     if _static_keep_all(p):
-        kept, kcnt = _topp.expand_candidates_triton(pages, cnt, page_size, kept_slots)
+        kept, kcnt = _prune.expand_candidates_triton(pages, cnt, page_size, kept_slots)
     else:
-        kept, kcnt = _topp.twilight_prune_triton(
+        kept, kcnt = _prune.twilight_prune_triton(
             q, kq, kscale, kzero, pages, cnt, p, sm_scale, min_budget, max_budget,
             scores=scores, kept_slots=kept_slots, kept_counts=kept_counts, lo=lo, tot=tot,
             page_size=page_size, scratch=scratch, mx=mx, marks=marks, step_heads=step_heads,

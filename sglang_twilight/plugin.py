@@ -16,14 +16,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sglang_twilight.config import BACKEND_NAME
+
 logger = logging.getLogger(__name__)
 
-BACKEND_NAME = "twilight"
 ENTRY_POINT_GROUP = "sglang.srt.plugins"
 ENTRY_POINT_NAME = "twilight"
-
-_SERVER_ARGS_POST_INIT = "sglang.srt.server_args.ServerArgs.__post_init__"
-_hook_registered = False
 
 
 def create_twilight_backend(runner: Any) -> Any:
@@ -34,50 +32,10 @@ def create_twilight_backend(runner: Any) -> Any:
     return TwilightAttnBackend(runner)
 
 
-def _uses_twilight(server_args: Any) -> bool:
-    return BACKEND_NAME in (
-        getattr(server_args, "attention_backend", None),
-        getattr(server_args, "decode_attention_backend", None),
-        getattr(server_args, "prefill_attention_backend", None),
-    )
-
-
-def _server_args_post_init_hook(original_fn, self, *args, **kwargs):
-    """AROUND hook on ``ServerArgs.__post_init__``.
-
-    With the twilight backend chosen and no ``--page-size`` given, sets ``page_size`` to
-    the Twilight page size before SGLang resolves its arguments — the same as passing
-    ``--page-size`` — so that plain ``python -m sglang.launch_server --attention-backend
-    twilight`` gets the page size the sidecar is indexed by. A different explicit
-    ``--page-size``, or one changed during resolution, is an error.
-    """
-    if not _uses_twilight(self):
-        return original_fn(self, *args, **kwargs)
-
-    from sglang_twilight.config import FLAGS, get_config
-
-    cfg = get_config()
-    allowed = (
-        f"{cfg.page_size}, the Twilight page size ({FLAGS['page_size']}); "
-        "leave --page-size out to get it"
-    )
-    if self.page_size is None:
-        self.page_size = cfg.page_size
-    elif self.page_size != cfg.page_size:
-        raise ValueError(f"--page-size: invalid value {self.page_size} (allowed: {allowed})")
-    result = original_fn(self, *args, **kwargs)
-    if self.page_size != cfg.page_size:
-        raise ValueError(
-            f"--page-size: SGLang resolved it to {self.page_size} for this model/backend "
-            f"setup (allowed with the twilight backend: {allowed})"
-        )
-    return result
-
-
 def register() -> None:
     """Register the ``twilight`` attention backend and its ``--attention-backend`` choice,
-    and the page-size hook on ``ServerArgs``. Safe to call any number of times."""
-    global _hook_registered
+    and SGLang's hooks in ``srt_patches`` (each registered once; ``load_plugins()`` applies
+    them). Safe to call any number of times."""
 
     from sglang_twilight.srt_patches import check_sglang_version
 
@@ -98,17 +56,9 @@ def register() -> None:
         # register_attention_backend(name) returns a decorator
         register_attention_backend(BACKEND_NAME)(create_twilight_backend)
 
-    if not _hook_registered:
-        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang_twilight.srt_patches import graph_variants, pool_sizing, server_args
 
-        # Applied by load_plugins() right after all plugins ran (never apply here: that
-        # would mark the target patched before other plugins registered their hooks).
-        HookRegistry.register(
-            _SERVER_ARGS_POST_INIT, _server_args_post_init_hook, HookType.AROUND
-        )
-        _hook_registered = True
-    from sglang_twilight.srt_patches import graph_variants, pool_sizing
-
+    server_args.register()  # the Twilight page size as SGLang's page size
     pool_sizing.register()  # the sidecar counted in the KV pool budget (idempotent)
     graph_variants.register()  # dense and sparse decode graphs for --twilight-dispatch auto
 

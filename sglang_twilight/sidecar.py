@@ -5,7 +5,7 @@ Indexed exactly like the KV pool it sits beside:
 * per token slot ``s`` (same index as ``k_buffer[s]``): ``kq[s]`` (int4 K, two nibbles a byte),
   ``kscale[s]`` / ``kzero[s]`` (fp16, per KV head);
 * per physical page ``s // page_size``: ``kmax`` / ``kmin`` (Quest bounds: int8 codes) and their
-  fp32 scale ``kbscale`` (one per page and KV head, ``int4.quantize_bounds_ref``).
+  fp32 scale ``kbscale`` (one per page and KV head, ``store.quantize_bounds_ref``).
 
 Because the radix cache shares whole pages of slots between requests and the paged allocator
 hands out whole pages that one request fills in order, a request that hits a cached prefix reads
@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from sglang_twilight.kernels.int4 import bounds_buffers, code_buffer, scale_zero_buffers
+from sglang_twilight.kernels.store import bounds_buffers, code_buffer, scale_zero_buffers
 
 #: attribute under which :func:`attach_sidecar` stores the sidecar on the KV pool object
 POOL_ATTR = "twilight_sidecar"
@@ -36,7 +36,7 @@ class SidecarLayer:
     """The sidecar buffers of one sparse layer (views of the pool's tensors, no copies)."""
 
     layer_id: int
-    kq: torch.Tensor  # uint8 [S, H, D//2], stored head-major (int4.code_buffer)
+    kq: torch.Tensor  # uint8 [S, H, D//2], stored head-major (store.code_buffer)
     kscale: torch.Tensor  # fp16 [S, H]
     kzero: torch.Tensor  # fp16 [S, H]
     kmax: torch.Tensor  # int8 [S_pages, H, D]

@@ -30,6 +30,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sglang_twilight.config import uses_twilight
+
 logger = logging.getLogger(__name__)
 
 TARGET = (
@@ -48,22 +50,12 @@ _logged = False
 _logged_reserve = False
 
 
-def _uses_twilight(server_args: Any) -> bool:
-    from sglang_twilight.plugin import BACKEND_NAME
-
-    return BACKEND_NAME in (
-        getattr(server_args, "attention_backend", None),
-        getattr(server_args, "decode_attention_backend", None),
-        getattr(server_args, "prefill_attention_backend", None),
-    )
-
-
 def sidecar_bytes_per_token(kvc: Any, cfg: Any = None) -> int:
     """Sidecar bytes per KV slot for the layers this rank holds, given SGLang's
     ``KVCacheConfigurator`` ``kvc``; 0 when the twilight backend is not in use (or for a draft
     worker, an MLA model: pools the sidecar is never attached to)."""
     server_args = getattr(kvc, "server_args", None)
-    if server_args is None or not _uses_twilight(server_args):
+    if server_args is None or not uses_twilight(server_args):
         return 0
     if getattr(kvc, "is_draft_worker", False) or getattr(kvc, "use_mla_backend", False):
         return 0
@@ -112,7 +104,7 @@ def workspace_reserve_bytes(kvc: Any, cfg: Any = None, num_sms: Any = None) -> i
     the backend caps it) on this GPU's SM count. 0 when the twilight backend is not in use, for a
     draft worker or an MLA model, and when no layer decodes sparsely."""
     server_args = getattr(kvc, "server_args", None)
-    if server_args is None or not _uses_twilight(server_args):
+    if server_args is None or not uses_twilight(server_args):
         return 0
     if getattr(kvc, "is_draft_worker", False) or getattr(kvc, "use_mla_backend", False):
         return 0

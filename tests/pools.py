@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_twilight import ops
+from sglang_twilight.kernels import store as store_k
 
 
 @dataclass
@@ -84,9 +85,9 @@ def make_layout(seq_lens, num_kv_heads, group, head_dim, *, page_size=16, dtype=
     lay_dev = dict(device=device)
     k_buffer = k.to(dtype).to(**lay_dev)
     v_buffer = v.to(dtype).to(**lay_dev)
-    kq = ops._int4.code_buffer(S, H, D, device)
-    ks, kz = ops._int4.scale_zero_buffers(S, H, device)
-    kmax, kmin, kbs = ops._int4.bounds_buffers(total_pages, H, D, device)
+    kq = store_k.code_buffer(S, H, D, device)
+    ks, kz = store_k.scale_zero_buffers(S, H, device)
+    kmax, kmin, kbs = store_k.bounds_buffers(total_pages, H, D, device)
     lay = Layout(q.to(dtype).to(**lay_dev), k_buffer, v_buffer, kq, ks, kz, kmax, kmin, kbs,
                  req_to_token.to(**lay_dev), rpi.to(**lay_dev),
                  torch.tensor(list(seq_lens), dtype=torch.int32, device=device), P)

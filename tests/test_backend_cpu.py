@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from sglang_twilight import ops
+from sglang_twilight.kernels import store as store_k
 
 import sglang.srt.layers.attention.flashinfer_backend as fib
 from sglang.srt.configs.model_config import AttentionArch, ModelConfig
@@ -363,7 +364,7 @@ def _fresh_sidecar(kb, n_slots):
     kq = torch.zeros(n_slots, HKV, D // 2, dtype=torch.uint8)
     ks = torch.zeros(n_slots, HKV, dtype=torch.float16)
     kz = torch.zeros(n_slots, HKV, dtype=torch.float16)
-    return (kq, ks, kz) + ops._int4.bounds_buffers(n_slots // P, HKV, D, "cpu")
+    return (kq, ks, kz) + store_k.bounds_buffers(n_slots // P, HKV, D, "cpu")
 
 
 def _run_step(env, cfg_kw, twilight_cfg, lens, per_req_p=None, pad_rows=0, seed=0):

@@ -201,8 +201,10 @@ def test_register_is_idempotent():
         plugin.register()
     assert ATTENTION_BACKEND_CHOICES.count("twilight") == 1
     assert ATTENTION_BACKENDS["twilight"] is plugin.create_twilight_backend
-    hooks = [h for _, h, _ in HookRegistry._hooks.get(plugin._SERVER_ARGS_POST_INIT, [])]
-    assert hooks.count(plugin._server_args_post_init_hook) == 1
+    from sglang_twilight.srt_patches import server_args
+
+    hooks = [h for _, h, _ in HookRegistry._hooks.get(server_args.TARGET, [])]
+    assert hooks.count(server_args.post_init_hook) == 1
     assert plugin.is_registered()
 
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from sglang_twilight import ops
+from sglang_twilight.kernels import store as store_k
 from sglang_twilight.sidecar import POOL_ATTR, TwilightSidecarPool, attach_sidecar
 
 from sglang.srt.managers.schedule_batch import Req, ReqKvInfo
@@ -214,7 +215,7 @@ class Harness:
                 # the slots filled so far in this page are its first offsets, in order
                 assert torch.equal(page_slots % P, torch.arange(len(page_slots), device=DEV))
                 k = kb[page_slots].float()
-                hi, lo, sc = ops._int4.quantize_bounds_ref(k.amax(0), k.amin(0))
+                hi, lo, sc = store_k.quantize_bounds_ref(k.amax(0), k.amin(0))
                 assert torch.equal(lay.kmax[page], hi), f"layer {lid} page {page}: kmax"
                 assert torch.equal(lay.kmin[page], lo), f"layer {lid} page {page}: kmin"
                 assert torch.equal(lay.kbscale[page], sc), f"layer {lid} page {page}: scale"
@@ -407,7 +408,7 @@ def test_attach_reads_sglang_pool_geometry():
     assert torch.equal(side.layer(4).kq[loc], packed)
     assert torch.equal(side.layer(4).kzero[loc], zero)
     kl = kv.k_buffer[2][loc].float()
-    hi, lo, sc = ops._int4.quantize_bounds_ref(kl.amax(0), kl.amin(0))
+    hi, lo, sc = store_k.quantize_bounds_ref(kl.amax(0), kl.amin(0))
     assert torch.equal(side.layer(4).kmax[1], hi) and torch.equal(side.layer(4).kbscale[1], sc)
     assert side.rows_written() == {3: 0, 4: 5}
     # a page size that differs from SGLang's is refused
