@@ -16,7 +16,10 @@ times ``--steps`` decode steps after ``--warmup`` (median ms per step, CUDA grap
   the model chooses (``auto_ms``, ``auto_way``).
 
 ``--fit`` fits the dispatch cost model (sglang_twilight/dispatch.py) to the twilight process's
-two ways and stores it in ``sglang_twilight/dispatch_profiles.json`` (or ``--profiles-out``).
+two ways and stores it in ``sglang_twilight/dispatch_profiles.json`` (or ``--profiles-out``);
+``--refit RESULT`` does the same from a result file this script wrote, without a GPU
+(``--dense-way-from sglang`` takes dense SGLang's times of the same cells as the dense way's;
+with ``--out`` the result is written again with that fit).
 ``--profile AxB,...`` adds, for those cells, the CUDA kernels of a few graph replays of each way
 summed by kernel and by kind (Twilight's kernels, FlashInfer decode, GEMMs, the rest).
 
@@ -327,7 +330,13 @@ def main():
     ap.add_argument("--profiles-out", default=None,
                     help="profiles JSON to update (default: sglang_twilight/dispatch_profiles.json)")
     ap.add_argument("--margin", type=float, default=None, help="the cost model's margin")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--dense-way-from", choices=("twilight", "sglang"), default="twilight",
+                    help="the dense way's times for --fit: the twilight process's forced-dense "
+                         "steps, or dense SGLang's")
+    ap.add_argument("--refit", default=None, metavar="RESULT",
+                    help="fit from a result file of this script instead of measuring (no GPU)")
+    ap.add_argument("--note", default=None, help="with --refit --out: a note kept in the file")
+    ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--twilight-config", default=None, help=argparse.SUPPRESS)
@@ -335,6 +344,10 @@ def main():
     if args.child:
         sglang_argv = json.loads(os.environ["BENCH_DECODE_SGLANG_ARGV"])
         return _child(args, sglang_argv)
+    if args.refit:
+        return _refit(args)
+    if not args.out:
+        ap.error("--out is required (or --refit RESULT)")
 
     from sglang_twilight.config import TwilightConfig, add_twilight_args
 
@@ -395,23 +408,62 @@ def main():
     _print_table(payload.get("rows", []))
 
 
+def _command() -> str:
+    """This run's command line, without the text of a ``--note`` (it is kept in the file)."""
+    argv, out = list(sys.argv), []
+    while argv:
+        a = argv.pop(0)
+        if a == "--note":
+            argv = argv[1:]
+            continue
+        out.append(a)
+    return " ".join(["python"] + out)
+
+
+def _refit(args) -> None:
+    """``--refit RESULT``: the dispatch model from a result file this script wrote, no GPU."""
+    with open(args.refit) as f:
+        payload = json.load(f)
+    tw = {"info": payload["methods"]["twilight"]}
+    rows = [dict(r) for r in payload["rows"]]
+    fit = _fit(args, tw, rows)
+    fit["from_result"] = os.path.basename(args.refit)
+    if args.out:  # the result again, with this fit (and without the columns it did not use)
+        if args.dense_way_from == "sglang":
+            for r in rows:
+                r.pop("twilight_dense_way_ms", None)
+                r.pop("twilight_dense_way_profile", None)
+        out = dict(payload, rows=rows, fit=fit, refit_command=_command())
+        if args.note:
+            out["notes"] = list(payload.get("notes", [])) + [args.note]
+        write_result(args.out, out)
+    for r in rows:
+        if "skipped" not in r:
+            print(f"{r['context']:>7} x {r['batch']:>3}: dense {r['dense_ms']:.3f} ms, sparse "
+                  f"{r['twilight_sparse_ms']:.3f} -> {r['model_way']} "
+                  f"({r['model_way_vs_dense']:.3f} of dense)")
+
+
 def _fit(args, tw: dict, rows: list[dict]) -> dict:
     from sglang_twilight.dispatch import (DEFAULT_MARGIN, fit_step_models, save_profile,
                                           step_features)
 
     info = tw["info"]
     geo = info["geometry"]
+    # the dense way's step times: the twilight process's own (FlashInfer decode in every layer
+    # plus the sidecar write), or dense SGLang's of the same cells (--dense-way-from sglang)
+    dense_col = "dense_ms" if args.dense_way_from == "sglang" else "twilight_dense_way_ms"
     points = []
     for row in rows:
         if "skipped" in row:
             continue
         feats = step_features(row["seq_lens"], geo["capacity"], geo["page_size"])
-        points.append(dict(features=feats, dense_ms=row["twilight_dense_way_ms"],
+        points.append(dict(features=feats, dense_ms=row[dense_col],
                            sparse_ms=row["twilight_sparse_ms"]))
     model = fit_step_models(points, card=info["card"],
                             margin=DEFAULT_MARGIN if args.margin is None else args.margin, **geo)
-    model = type(model).from_dict(dict(model.to_dict(), fit=dict(model.fit, command=" ".join(
-        ["python"] + sys.argv))))
+    model = type(model).from_dict(dict(model.to_dict(), fit=dict(
+        model.fit, command=_command(), dense_way=dense_col)))
     path = args.profiles_out or os.path.join(Path(__file__).resolve().parents[1],
                                              "sglang_twilight", "dispatch_profiles.json")
     save_profile(model, path)
@@ -422,8 +474,7 @@ def _fit(args, tw: dict, rows: list[dict]) -> dict:
         d, s = model.predict(feats)
         way = "sparse" if model.prefers_sparse(feats) else "dense"
         row.update(model_dense_ms=d, model_sparse_ms=s, model_way=way,
-                   model_way_ms=row["twilight_sparse_ms" if way == "sparse"
-                                    else "twilight_dense_way_ms"])
+                   model_way_ms=row["twilight_sparse_ms" if way == "sparse" else dense_col])
         row["model_way_vs_dense"] = row["model_way_ms"] / row["dense_ms"]
     print(f"fitted dispatch model -> {path}: {model.fit}")
     return dict(model.to_dict(), path=path)
