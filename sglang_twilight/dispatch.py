@@ -23,9 +23,10 @@ Its coefficients are fitted by ``benchmarks/bench_decode_step.py --fit`` from st
 in one process for both ways at a grid of (batch, context), and stored in
 ``dispatch_profiles.json`` beside this module, keyed by GPU and attention geometry (KV heads,
 GQA group, head dim, layers, B0, max budget). A step goes sparse when the model predicts it at
-least ``margin`` (relative) faster than dense. A geometry with no profile of its own uses the
-closest one measured on the same GPU (logged once); with none for this GPU, ``auto`` decodes
-sparsely from ``--twilight-min-seq-len`` on, as before this model existed, and says so.
+least ``margin`` (relative) faster than dense. A model whose exact geometry was not measured
+uses the closest profile of the same GPU and attention shape (KV heads, GQA group, head dim;
+logged at start-up); with none, ``auto`` decodes sparsely from ``--twilight-min-seq-len`` on, as
+before this model existed, and the start-up log names the command that measures one.
 """
 
 from __future__ import annotations
@@ -211,14 +212,19 @@ def _distance(m: StepCostModel, geo: dict) -> float:
 def pick_profile(profiles: Sequence[StepCostModel], card: str, geo: dict
                  ) -> tuple[Optional[StepCostModel], str]:
     """The profile for this GPU (``card``, e.g. "NVIDIA H100 80GB HBM3") and geometry: the
-    same geometry if measured, else the closest on the same GPU; (None, why) if this GPU has
-    none."""
+    same geometry if measured, else the closest one on the same GPU with the same attention
+    shape (KV heads, GQA group, head dim: what a step's bytes per token and kernel shapes follow;
+    layers and budgets may differ); (None, why) without one."""
     same_card = [m for m in profiles if m.card == card]
-    if not same_card:
-        known = sorted({m.card for m in profiles})
-        return None, (f"no dispatch profile for {card!r} (measured: {', '.join(known) or 'none'}; "
-                      "run benchmarks/bench_decode_step.py --fit on this GPU)")
-    best = min(same_card, key=lambda m: _distance(m, geo))
+    shape = (int(geo["num_kv_heads"]), int(geo["group"]), int(geo["head_dim"]))
+    same = [m for m in same_card if (m.num_kv_heads, m.group, m.head_dim) == shape]
+    if not same:
+        known = sorted({f"{m.card} ({m.num_kv_heads} KV heads x G{m.group} x D{m.head_dim})"
+                        for m in profiles})
+        return None, (f"no dispatch profile for {card!r} with {shape[0]} KV heads x G{shape[1]} "
+                      f"x D{shape[2]} (measured: {', '.join(known) or 'none'}; run "
+                      "benchmarks/bench_decode_step.py --fit with this model on this GPU)")
+    best = min(same, key=lambda m: _distance(m, geo))
     if _distance(best, geo) == 0:
         return best, "measured for this GPU and geometry"
     return best, (f"closest profile on this GPU (measured for {best.geometry()}; this model "

@@ -105,8 +105,12 @@ def test_pick_profile_exact_closest_and_unknown_gpu():
     other = StepCostModel(card="GPU B", dense=DENSE, sparse=SPARSE, **GEO)
     m, why = pick_profile([small, exact, other], "GPU A", GEO)
     assert m is exact and "measured" in why
+    # another budget or layer count: the closest profile of the same attention shape
+    m, why = pick_profile([small, exact], "GPU A", dict(GEO, num_layers=28, max_budget=0))
+    assert m is exact and "closest" in why
+    # another attention shape (bytes per token, kernel shapes): none, whatever is measured
     m, why = pick_profile([small, exact], "GPU A", dict(GEO, num_kv_heads=4, head_dim=64))
-    assert m is not None and "closest" in why
+    assert m is None and "4 KV heads" in why
     m, why = pick_profile([exact, other], "GPU C", GEO)
     assert m is None and "GPU C" in why and "bench_decode_step.py --fit" in why
 
