@@ -402,7 +402,11 @@ def main():
                 row["speedup_auto"] = row["dense_ms"] / row["twilight_auto_ms"]
         payload["rows"] = rows
         if args.fit:
-            payload["fit"] = _fit(args, tw, rows)
+            try:
+                payload["fit"] = _fit(args, tw, rows)
+            except ValueError as e:  # e.g. fewer measured cells than the model has features
+                payload["fit_error"] = str(e)
+                print(f"no fit: {e}")
     write_result(args.out, payload)
     print(f"wrote {args.out}")
     _print_table(payload.get("rows", []))
