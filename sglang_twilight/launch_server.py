@@ -27,6 +27,7 @@ import sys
 from typing import NoReturn, Optional, Sequence
 
 from sglang_twilight.config import (
+    BACKEND_NAME as BACKEND,
     FLAGS,
     TwilightConfig,
     TwilightConfigError,
@@ -34,7 +35,6 @@ from sglang_twilight.config import (
 )
 
 PROG = "python -m sglang_twilight.launch_server"
-BACKEND = "twilight"
 BACKEND_FLAGS = ("--attention-backend", "--decode-attention-backend", "--prefill-attention-backend")
 MODEL_PATH_FLAGS = ("--model-path", "--model")  # SGLang 0.5.17: --model is an alias
 
