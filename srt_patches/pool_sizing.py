@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sglang_twilight.config import uses_twilight
+from sglang_twilight.config import round_to_pages, uses_twilight
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +50,32 @@ _logged = False
 _logged_reserve = False
 
 
-def sidecar_bytes_per_token(kvc: Any, cfg: Any = None) -> int:
-    """Sidecar bytes per KV slot for the layers this rank holds, given SGLang's
-    ``KVCacheConfigurator`` ``kvc``; 0 when the twilight backend is not in use (or for a draft
-    worker, an MLA model: pools the sidecar is never attached to)."""
+def _twilight_config(kvc: Any, cfg: Any = None) -> Any:
+    """The Twilight config when the KV pool SGLang's ``KVCacheConfigurator`` ``kvc`` sizes gets
+    a sidecar and a decode workspace, else None: the twilight backend is not in use, or the pool
+    is a draft worker's or an MLA model's (the sidecar is never attached to those)."""
     server_args = getattr(kvc, "server_args", None)
     if server_args is None or not uses_twilight(server_args):
-        return 0
+        return None
     if getattr(kvc, "is_draft_worker", False) or getattr(kvc, "use_mla_backend", False):
+        return None
+    if cfg is None:
+        from sglang_twilight.config import get_config
+
+        cfg = get_config()
+    return cfg
+
+
+def sidecar_bytes_per_token(kvc: Any, cfg: Any = None) -> int:
+    """Sidecar bytes per KV slot for the layers this rank holds, given SGLang's
+    ``KVCacheConfigurator`` ``kvc``; 0 where :func:`_twilight_config` says no sidecar."""
+    cfg = _twilight_config(kvc, cfg)
+    if cfg is None:
         return 0
     from sglang.srt.runtime_context import get_parallel
 
     from sglang_twilight.sidecar import TwilightSidecarPool, sparse_layer_ids
 
-    if cfg is None:
-        from sglang_twilight.config import get_config
-
-        cfg = get_config()
     mc = kvc.model_config
     heads = mc.get_num_kv_heads(get_parallel().attn_tp_size)
     info = kvc.layer_info
@@ -103,21 +112,16 @@ def workspace_reserve_bytes(kvc: Any, cfg: Any = None, num_sms: Any = None) -> i
     ``workspace_rows(eager_rows_bound(...))`` rows (capped by ``$SGLANG_TWILIGHT_WORKSPACE_MB``, as
     the backend caps it) on this GPU's SM count. 0 when the twilight backend is not in use, for a
     draft worker or an MLA model, and when no layer decodes sparsely."""
-    server_args = getattr(kvc, "server_args", None)
-    if server_args is None or not uses_twilight(server_args):
+    cfg = _twilight_config(kvc, cfg)
+    if cfg is None:
         return 0
-    if getattr(kvc, "is_draft_worker", False) or getattr(kvc, "use_mla_backend", False):
-        return 0
+    server_args = kvc.server_args
     from sglang.srt.mem_cache.allocation_sizing import get_req_to_token_extra_context_len
     from sglang.srt.runtime_context import get_parallel
 
     from sglang_twilight.backend import workspace_bytes, workspace_rows
     from sglang_twilight.sidecar import sparse_layer_ids
 
-    if cfg is None:
-        from sglang_twilight.config import get_config
-
-        cfg = get_config()
     info = kvc.layer_info
     if not sparse_layer_ids(range(info.start_layer, info.end_layer), cfg.dense_layers):
         return 0
@@ -127,7 +131,7 @@ def workspace_reserve_bytes(kvc: Any, cfg: Any = None, num_sms: Any = None) -> i
     # the backend's geometry: req_to_token's width, and its candidate capacity
     max_context = int(mc.context_len) + int(get_req_to_token_extra_context_len(server_args))
     page = int(cfg.page_size)
-    budget = -(-max_context // page) * page if cfg.selector == "none" else cfg.capacity
+    budget = round_to_pages(max_context, page) if cfg.selector == "none" else cfg.capacity
     geo = (num_kv, num_q // num_kv, int(mc.head_dim), budget, max_context, page)
     if num_sms is None:
         num_sms = _num_sms(kvc)
