@@ -35,17 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from benchmarks.common import progress, write_result  # noqa: E402
+from benchmarks.servers import Server  # noqa: E402
 
 PRESETS = {
     "smollm2": dict(cells=["2048:1,16,64,128", "4096:1,16,64,128", "7680:1,16,64,128"],
@@ -76,47 +75,6 @@ def parse_cells(specs):
 def fits(context: int, concurrency: int, output_len: int, pool_tokens: int) -> bool:
     """Every request of a wave holds its whole context and output in the pool at once."""
     return concurrency * (context + output_len) <= pool_tokens
-
-
-def _get(url: str, timeout: float = 10.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
-class Server:
-    """One server process (its own process group, killed as a whole)."""
-
-    def __init__(self, argv, port, log_path, env=None):
-        self.argv, self.port, self.log_path, self.env = argv, port, log_path, env
-        self.base = f"http://127.0.0.1:{port}"
-        self.p = None
-
-    def __enter__(self):
-        self.log = open(self.log_path, "a")
-        self.p = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                  start_new_session=True, env=self.env)
-        return self
-
-    def wait_ready(self, timeout: float) -> float:
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.p.poll() is not None:
-                raise RuntimeError(f"server exited with {self.p.returncode}; see {self.log_path}")
-            try:
-                _get(self.base + "/health", 5)
-                return time.time() - t0
-            except Exception:
-                time.sleep(2)
-        raise TimeoutError(f"server not ready after {timeout:.0f} s; see {self.log_path}")
-
-    def __exit__(self, *exc):
-        if self.p and self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGTERM)
-                self.p.wait(30)
-            except Exception:
-                os.killpg(self.p.pid, signal.SIGKILL)
-        self.log.close()
 
 
 def run_bench_serving(port, model_path, extra, out_file, timeout):
@@ -182,9 +140,12 @@ def main():
     for method in args.methods.split(","):
         t0 = time.time()
         log_path = os.path.join(log_dir, f"server_{args.model}_{method}.log")
-        with Server(servers[method], args.port, log_path) as srv:
-            ready_s = srv.wait_ready(args.start_timeout)
-            info = json.loads(_get(srv.base + "/server_info"))
+        with Server(method, servers[method], args.port, log_path) as srv:
+            ready_s = srv.wait_ready(args.start_timeout, poll=2.0).ready_s
+            st, info = srv.get("/server_info")
+            if st != 200 or not isinstance(info, dict):
+                raise RuntimeError(f"{method} server: /server_info answered {st}: "
+                                   f"{str(info)[:300]}")
             pool = int(info.get("max_total_num_tokens") or 0)
             meta[method] = dict(argv=servers[method], ready_s=ready_s, pool_tokens=pool)
             print(f"[{method}] ready in {ready_s:.0f} s, pool {pool} tokens", flush=True)
@@ -217,7 +178,7 @@ def main():
                              str(args.output_len), "--max-concurrency", str(conc)]
                     row["shared_prefix"] = sp
                 row["num_prompts"] = n
-                before = read_kept(_get(srv.base + "/metrics")) if method == "twilight" else None
+                before = read_kept(srv.get_text("/metrics")) if method == "twilight" else None
                 with tempfile.TemporaryDirectory() as tmp:
                     try:
                         res, cmd = run_bench_serving(args.port, model_path, extra,
@@ -232,7 +193,7 @@ def main():
                 row["bench_serving_command"] = " ".join(cmd[1:])
                 if before is not None:
                     time.sleep(0.5)  # the counters' last snapshot lands on a later step
-                    after = read_kept(_get(srv.base + "/metrics"))
+                    after = read_kept(srv.get_text("/metrics"))
                     row["kept_tokens_mean"] = mean_kept(before, after)
                     steps = {w: after["steps"].get(w, 0) - before["steps"].get(w, 0)
                              for w in ("sparse", "dense")}

@@ -83,7 +83,6 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -98,9 +97,11 @@ from typing import Any, Callable, Optional, Sequence
 try:  # repository root on sys.path (tests, python -m)
     from benchmarks import accuracy_tasks as tasks
     from benchmarks.common import commit, command, versions
+    from benchmarks.servers import Server, free_port
 except ImportError:  # python benchmarks/eval_accuracy.py
     import accuracy_tasks as tasks  # type: ignore[no-redef]
     from common import commit, command, versions  # type: ignore[no-redef]
+    from servers import Server, free_port  # type: ignore[no-redef]
 
 MODEL_CONTEXT = 8192
 CONTEXTS = (2048, 4096, 7680)
@@ -304,97 +305,6 @@ class Endpoint:
 
 
 # --------------------------------------------------------------------------- servers
-
-
-def free_port(start: int) -> int:
-    for port in range(start, start + 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port in {start}..{start + 199}")
-
-
-class Server:
-    """A server process in its own process group; ``stop()`` ends the group."""
-
-    def __init__(self, name: str, argv: list[str], env: dict, log_dir: Path, port: int):
-        self.name, self.argv, self.env, self.port = name, argv, env, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_dir / f"server_{name}.log"
-        self.p: Optional[subprocess.Popen] = None
-        self.t_start = 0.0
-        self.ready_s: Optional[float] = None
-
-    def start(self) -> "Server":
-        self._logf = open(self.log_path, "w")
-        self.t_start = time.monotonic()
-        self.p = subprocess.Popen(self.argv, env=self.env, stdout=self._logf,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        log(f"{self.name}: started (port {self.port}, log {self.log_path})")
-        return self
-
-    def tail(self, n: int = 25) -> str:
-        try:
-            return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-n:])
-        except OSError:
-            return ""
-
-    def _check_alive(self) -> None:
-        if self.p is not None and self.p.poll() is not None:
-            raise RuntimeError(
-                f"{self.name} server exited with {self.p.returncode}:\n{self.tail()}")
-
-    def wait_kv(self, timeout: float) -> None:
-        """Until its KV pool is allocated (so the next server sees the memory it took)."""
-        t_end = time.monotonic() + timeout
-        while time.monotonic() < t_end:
-            self._check_alive()
-            try:
-                if KV_LINE in self.log_path.read_text(errors="replace"):
-                    return
-            except OSError:
-                pass
-            if self.healthy():
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name}: no KV pool after {timeout:.0f}s:\n{self.tail()}")
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                return r.status == 200
-        except Exception:  # noqa: BLE001 - not up yet
-            return False
-
-    def wait_ready(self, timeout: float) -> "Server":
-        t_end = time.monotonic() + timeout
-        while time.monotonic() < t_end:
-            self._check_alive()
-            if self.healthy():
-                self.ready_s = time.monotonic() - self.t_start
-                log(f"{self.name}: ready after {self.ready_s:.0f}s")
-                return self
-            time.sleep(1.0)
-        raise RuntimeError(f"{self.name}: not healthy after {timeout:.0f}s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.p is None:
-            return
-        try:
-            os.killpg(self.p.pid, signal.SIGTERM)
-            self.p.wait(timeout=30)
-        except Exception:  # noqa: BLE001
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(timeout=10)
-            except Exception:  # noqa: BLE001
-                pass
-        self._logf.close()
-        self.p = None
-        log(f"{self.name}: stopped")
 
 
 def common_server_args(args, port: int) -> list[str]:
@@ -1343,7 +1253,8 @@ def _launch_and_eval(run: Run, args, log_dir: Path, started: list, specs,
                      stop_each: bool = False) -> list:
     servers, threads = [], []
     for kind, ep, argv, env, port in specs:
-        srv = Server(ep.name, argv, env, log_dir, port)
+        srv = Server(ep.name, argv, port, log_dir / f"server_{ep.name}.log", env=env, log=log,
+                     append=False)
         ep.url, ep.server = srv.url, srv
         run.servers[ep.name] = {"argv": argv[1:], "port": port,
                                 "env": {"SGLANG_TWILIGHT_METRICS_INTERVAL":
@@ -1352,7 +1263,7 @@ def _launch_and_eval(run: Run, args, log_dir: Path, started: list, specs,
             srv.start()
             started.append(srv)
             servers.append(srv)
-            srv.wait_kv(args.start_timeout)
+            srv.wait_log(KV_LINE, args.start_timeout)  # its KV pool is allocated
         except Exception as e:  # noqa: BLE001
             run.errors.append(f"{ep.name}: {e}")
             log(f"ERROR {ep.name}: {e}")

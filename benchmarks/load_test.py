@@ -65,14 +65,11 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,8 +77,10 @@ from typing import Any, Iterable, Optional, Sequence
 
 try:
     from benchmarks.common import commit, versions, write_result
+    from benchmarks.servers import Server, free_port
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     from common import commit, versions, write_result
+    from servers import Server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -509,103 +508,6 @@ def _log(*a: Any) -> None:
 _T0 = time.monotonic()
 
 
-def free_port() -> int:
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
-class Server:
-    """A server process (own process group, log to a file) on 127.0.0.1."""
-
-    def __init__(self, name: str, argv: list[str], port: int, log_path: Path):
-        self.name, self.argv, self.port, self.log_path = name, argv, port, log_path
-        self.base = f"http://127.0.0.1:{port}"
-        self.p: Optional[subprocess.Popen] = None
-
-    def start(self, timeout: float) -> "Server":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._logf = open(self.log_path, "a")
-        self.p = subprocess.Popen(self.argv, start_new_session=True, stdout=self._logf,
-                                  stderr=subprocess.STDOUT)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.p.poll() is not None:
-                rc = self.p.returncode
-                self.stop()
-                raise RuntimeError(f"{self.name} server exited with {rc}: {self.tail()}")
-            try:
-                if self.get("/health", timeout=5)[0] == 200:
-                    _log(f"{self.name} server up in {time.monotonic() - t0:.0f} s")
-                    return self
-            except OSError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"{self.name} server not healthy within {timeout:.0f} s: {self.tail()}")
-
-    def alive(self) -> bool:
-        return self.p is not None and self.p.poll() is None
-
-    def tail(self, n: int = 25) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])[-3000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.p is None:
-            return
-        try:
-            os.killpg(self.p.pid, signal.SIGTERM)
-            self.p.wait(timeout=30)
-        except Exception:  # noqa: BLE001
-            try:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(timeout=10)
-            except Exception:  # noqa: BLE001
-                pass
-        self._logf.close()
-        self.p = None
-
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 300):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                st, text = r.status, r.read().decode(errors="replace")
-        except urllib.error.HTTPError as e:
-            st, text = e.code, e.read().decode(errors="replace")
-        try:
-            return st, json.loads(text)
-        except ValueError:
-            return st, text
-
-    def get(self, path: str, timeout: float = 30):
-        return self.request("GET", path, timeout=timeout)
-
-    def post(self, path: str, body: Any, timeout: float = 300):
-        return self.request("POST", path, body, timeout=timeout)
-
-    def metrics_text(self) -> str:
-        with urllib.request.urlopen(self.base + "/metrics", timeout=30) as r:
-            return r.read().decode(errors="replace")
-
-    def flush(self, timeout: float = 60) -> bool:
-        """``/flush_cache`` (SGLang refuses while requests run or wait): retry until it works."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.post("/flush_cache", {}, timeout=30)[0] == 200:
-                return True
-            time.sleep(0.5)
-        return False
-
-
 def wait_gpu_free(limit_s: float = 60, below_mib: int = 3000) -> None:
     """Until the GPU's used memory is below ``below_mib`` (a stopped server's memory comes back
     a little after its processes exit), at most ``limit_s``."""
@@ -797,7 +699,7 @@ def wait_idle_pool(srv: Server, timeout: float = 75) -> Optional[dict]:
     t0 = time.monotonic()
     vals = None
     while time.monotonic() - t0 < timeout:
-        m = parse_metrics(srv.metrics_text())
+        m = parse_metrics(srv.get_text("/metrics"))
         vals = idle_pool(m)
         if vals is not None:
             return vals
@@ -896,23 +798,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res["passed"] = final and not res["failed_checks"]
         write_result(out_path, res)
 
-    tw = Server("twilight", tw_argv, port, log_dir / f"load_test_{args.model}_twilight.log")
+    tw = Server("twilight", tw_argv, port, log_dir / f"load_test_{args.model}_twilight.log",
+                log=_log)
     before = None
     try:
-        tw.start(min(args.start_timeout, end - time.monotonic()))
+        tw.start().wait_ready(min(args.start_timeout, end - time.monotonic()))
         st, info = tw.get("/server_info")
         pool = int(info.get("max_total_num_tokens")) if isinstance(info, dict) else None
         res["pool_tokens"] = pool
         res["attention_backend"] = info.get("attention_backend") if isinstance(info, dict) else None
         # warm-up (kernels compile at first use), then an empty cache
         run_sample(tw, sample[:2], prefixes)
-        if not tw.flush():
+        if not tw.flush_cache():
             raise RuntimeError("/flush_cache refused after the warm-up")
         before = run_sample(tw, sample, prefixes)
-        if not tw.flush():
+        if not tw.flush_cache():
             raise RuntimeError("/flush_cache refused before the load")
         res["free_slots_start"] = pool  # an emptied pool: every slot free
-        steps0 = twilight_steps(tw.metrics_text())
+        steps0 = twilight_steps(tw.get_text("/metrics"))
         _log(f"load: {len(specs)} requests, {args.concurrency} in flight, pool {pool} tokens")
         t_load = time.monotonic()
         # time kept for what follows the load: idle wait and sample (~30 s), the dense server
@@ -935,14 +838,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if idle is not None and pool is not None:
             res["leaked_slots"] = leaked_slots(pool, idle)
             res["free_slots_end"] = pool - res["leaked_slots"]
-        text = tw.metrics_text()
+        text = tw.get_text("/metrics")
         steps1 = twilight_steps(text)
         res["twilight_decode_steps"] = {k: steps1.get(k, 0) - steps0.get(k, 0) for k in steps1}
         m = parse_metrics(text)
         res["retracted_requests"] = m.get("sglang:num_retracted_requests_total")
         res["cache_hit_rate_gauge"] = m.get("sglang:cache_hit_rate")
         # the same sample on an empty cache again: nothing stale
-        if not tw.flush():
+        if not tw.flush_cache():
             raise RuntimeError("/flush_cache refused after the load")
         after = run_sample(tw, sample, prefixes)
         res["sample_after_load"] = compare_greedy(after, before, tol=1e-3, near_tie=0.0,
@@ -962,11 +865,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if not args.skip_dense and before is not None and end - time.monotonic() > 60:
         wait_gpu_free()
-        dense = Server("dense", dense_argv, port, log_dir / f"load_test_{args.model}_dense.log")
+        dense = Server("dense", dense_argv, port, log_dir / f"load_test_{args.model}_dense.log",
+                       log=_log)
         try:
-            dense.start(min(args.start_timeout, end - time.monotonic()))
+            dense.start().wait_ready(min(args.start_timeout, end - time.monotonic()))
             run_sample(dense, sample[:2], prefixes)
-            dense.flush()
+            dense.flush_cache()
             ref = run_sample(dense, sample, prefixes)
             res["sample_vs_dense"] = compare_greedy(before, ref, tol=args.logprob_tol,
                                                     near_tie=args.near_tie, first_exact=True)
