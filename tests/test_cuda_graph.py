@@ -19,6 +19,20 @@ def _cuda():
         pytest.skip("needs CUDA")
 
 
+def _capture(step):
+    """A CUDA graph of ``step()``, warmed up (Triton compiles) on a side stream first, as
+    SGLang's graph runner does."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("H,G,D", [(8, 4, 128), (3, 3, 64)])
 def test_decode_step_graph_replay_equals_eager(H, G, D, groups, monkeypatch):
@@ -46,14 +60,7 @@ def test_decode_step_graph_replay_equals_eager(H, G, D, groups, monkeypatch):
                             sm_scale=sm, min_budget=4, max_budget=0, min_sparse_len=100,
                             workspace=ws, out=out)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm up (compiles) outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = _capture(step)
     for trial in range(3):
         # new data in the static buffers: queries, per-request p, lengths (one token shorter)
         q.copy_(torch.randn_like(q))
@@ -147,14 +154,7 @@ def test_padded_graph_batch(H, G, D, groups, monkeypatch):
                             rpi[:bs], seq_lens[:bs], p[:bs], workspace=ws, out=out[:bs], **kw)
 
     fill_batch(list(range(R)), 0)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm up (compiles) outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = _capture(step)
     gen = torch.Generator().manual_seed(3)
     for n, shorter in ((6, 0), (3, 1), (1, 0), (3, 0)):
         rows = torch.randperm(R, generator=gen)[:n].tolist()
