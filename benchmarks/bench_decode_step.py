@@ -364,7 +364,7 @@ def main():
                    "--cells", *args.cells, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--profile", args.profile, "--profile-steps",
                    str(args.profile_steps), "--page-size", str(args.page_size), "--seed",
-                   str(args.seed), "--out", args.out, "--twilight-config",
+                   str(args.seed), "--twilight-config",
                    json.dumps(cfg.to_dict())]
             env = dict(os.environ, BENCH_DECODE_SGLANG_ARGV=json.dumps(sglang_argv))
             t0 = time.time()
@@ -457,13 +457,10 @@ def _fit(args, tw: dict, rows: list[dict]) -> dict:
     # the dense way's step times: the twilight process's own (FlashInfer decode in every layer
     # plus the sidecar write), or dense SGLang's of the same cells (--dense-way-from sglang)
     dense_col = "dense_ms" if args.dense_way_from == "sglang" else "twilight_dense_way_ms"
-    points = []
-    for row in rows:
-        if "skipped" in row:
-            continue
-        feats = step_features(row["seq_lens"], geo["capacity"], geo["page_size"])
-        points.append(dict(features=feats, dense_ms=row[dense_col],
-                           sparse_ms=row["twilight_sparse_ms"]))
+    measured = [row for row in rows if "skipped" not in row]
+    feats = [step_features(row["seq_lens"], geo["capacity"]) for row in measured]
+    points = [dict(features=f, dense_ms=row[dense_col], sparse_ms=row["twilight_sparse_ms"])
+              for f, row in zip(feats, measured)]
     model = fit_step_models(points, card=info["card"],
                             margin=DEFAULT_MARGIN if args.margin is None else args.margin, **geo)
     model = type(model).from_dict(dict(model.to_dict(), fit=dict(
@@ -471,12 +468,9 @@ def _fit(args, tw: dict, rows: list[dict]) -> dict:
     path = args.profiles_out or os.path.join(Path(__file__).resolve().parents[1],
                                              "sglang_twilight", "dispatch_profiles.json")
     save_profile(model, path)
-    for row in rows:
-        if "skipped" in row:
-            continue
-        feats = step_features(row["seq_lens"], geo["capacity"], geo["page_size"])
-        d, s = model.predict(feats)
-        way = "sparse" if model.prefers_sparse(feats) else "dense"
+    for f, row in zip(feats, measured):
+        d, s = model.predict(f)
+        way = "sparse" if model.prefers_sparse(f) else "dense"
         row.update(model_dense_ms=d, model_sparse_ms=s, model_way=way,
                    model_way_ms=row["twilight_sparse_ms" if way == "sparse" else dense_col])
         row["model_way_vs_dense"] = row["model_way_ms"] / row["dense_ms"]

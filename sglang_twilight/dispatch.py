@@ -47,13 +47,13 @@ PROFILES_ENV = "SGLANG_TWILIGHT_DISPATCH_PROFILES"
 DEFAULT_MARGIN = 0.03
 
 
-def step_features(seq_lens: Sequence[int] | Any, capacity: int, page_size: int = 0,
-                  rows: Optional[int] = None, tokens: Optional[int] = None) -> list[float]:
+def step_features(seq_lens: Sequence[int] | Any, capacity: int, rows: Optional[int] = None,
+                  tokens: Optional[int] = None) -> list[float]:
     """The features of a decode step (:data:`FEATURES`, see the module docstring).
 
     ``seq_lens``: the context length of every row of the step (a CPU tensor, a list, or None);
     without them, ``rows`` and ``tokens`` (their sum) stand in, each row then taken to hold
-    ``tokens / rows`` tokens. ``page_size`` is unused (pages are tokens / page size)."""
+    ``tokens / rows`` tokens."""
     if seq_lens is not None:
         try:
             import torch
@@ -234,14 +234,13 @@ def pick_profile(profiles: Sequence[StepCostModel], card: str, geo: dict
 class DispatchPolicy:
     """The per-step choice for one backend. ``mode``: the config's ``dispatch``."""
 
-    def __init__(self, mode: str, model: Optional[StepCostModel], capacity: int, page_size: int,
+    def __init__(self, mode: str, model: Optional[StepCostModel], capacity: int,
                  min_sparse_len: int, reason: str = ""):
         if mode not in ("auto", "sparse", "dense"):
             raise ValueError(f"dispatch mode must be auto, sparse or dense, got {mode!r}")
         self.mode = mode
         self.model = model
         self.capacity = int(capacity)
-        self.page_size = int(page_size)
         self.min_sparse_len = int(min_sparse_len)
         self.reason = reason
         # auto mode only: a way every step takes regardless of the model (benchmarks time both
@@ -255,7 +254,7 @@ class DispatchPolicy:
         if mode == "auto":
             model, reason = pick_profile(load_profiles() if profiles is None else profiles,
                                          card, geo)
-        return cls(mode, model, geo["capacity"], geo["page_size"], min_sparse_len, reason)
+        return cls(mode, model, geo["capacity"], min_sparse_len, reason)
 
     @property
     def both_ways(self) -> bool:
@@ -275,7 +274,7 @@ class DispatchPolicy:
             if seq_lens_cpu is not None:
                 return bool(max(int(x) for x in seq_lens_cpu) >= self.min_sparse_len)
             return tokens / rows >= self.min_sparse_len
-        feats = step_features(seq_lens_cpu, self.capacity, self.page_size, rows, tokens)
+        feats = step_features(seq_lens_cpu, self.capacity, rows, tokens)
         return self.model.prefers_sparse(feats)
 
     def describe(self) -> str:

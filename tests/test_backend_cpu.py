@@ -488,7 +488,7 @@ def test_auto_way_follows_the_cost_model_per_step(sglang_env, twilight_cfg, stub
     # dense costs 1 ms per 100 context tokens, sparse a flat 2 ms: sparse from 200 tokens on
     model = StepCostModel(card="cpu", dense=(0.0, 0.0, 0.01, 0.0),
                           sparse=(2.0, 0.0, 0.0, 0.0), margin=0.0, **tw.geometry())
-    tw.policy = DispatchPolicy("auto", model, tw.budget, P, 32)
+    tw.policy = DispatchPolicy("auto", model, tw.budget, 32)
     drv = Driver(b, mr, seed=4)
     drv.prefill(60, row=1)
     fb = drv.decode_batch()

@@ -20,13 +20,13 @@ GEO = dict(num_kv_heads=8, group=4, head_dim=128, num_layers=32, num_sparse_laye
 def test_step_features_from_lengths_tensor_list_and_sum():
     lens = [100, 8192, 20000, 1]
     want = [1.0, 4.0, float(sum(lens)), float(100 + 8192 + 8192 + 1)]
-    assert step_features(lens, 8192, 16) == want
-    assert step_features(torch.tensor(lens, dtype=torch.int32), 8192, 16) == want
+    assert step_features(lens, 8192) == want
+    assert step_features(torch.tensor(lens, dtype=torch.int32), 8192) == want
     # only the batch size and the total: every row taken to hold the mean
-    f = step_features(None, 8192, 16, rows=4, tokens=40000)
+    f = step_features(None, 8192, rows=4, tokens=40000)
     assert f == [1.0, 4.0, 40000.0, 4 * 8192.0]
     with pytest.raises(ValueError):
-        step_features(None, 8192, 16)
+        step_features(None, 8192)
 
 
 def _synthetic_points(dense, sparse, noise=0.0, seed=0):
@@ -34,7 +34,7 @@ def _synthetic_points(dense, sparse, noise=0.0, seed=0):
     pts = []
     for ctx in (1024, 2048, 4096, 8192, 16384, 30720):
         for bs in (1, 2, 4, 8, 12, 16, 32, 64):
-            f = step_features([ctx] * bs, 8192, 16)
+            f = step_features([ctx] * bs, 8192)
             d = sum(c * x for c, x in zip(dense, f)) * (1 + rnd.uniform(-noise, noise))
             s = sum(c * x for c, x in zip(sparse, f)) * (1 + rnd.uniform(-noise, noise))
             pts.append(dict(features=f, dense_ms=d, sparse_ms=s))
@@ -54,8 +54,8 @@ def test_fit_recovers_known_models_and_chooses_the_faster_way():
     # exact models: the choice is never worse than the margin lets it be (near ties go dense)
     assert m.fit["dense_max_rel_err"] < 1e-9 and m.fit["max_regret"] <= 1 / (1 - m.margin) + 1e-9
     # short and small: dense; long and large: sparse
-    assert not m.prefers_sparse(step_features([2048], 8192, 16))
-    assert m.prefers_sparse(step_features([30720] * 12, 8192, 16))
+    assert not m.prefers_sparse(step_features([2048], 8192))
+    assert m.prefers_sparse(step_features([30720] * 12, 8192))
 
 
 def test_fit_keeps_coefficients_non_negative_under_noise():
@@ -118,7 +118,7 @@ def test_pick_profile_exact_closest_and_unknown_gpu():
 def test_policy_modes():
     model = StepCostModel(card="x", dense=(0, 0, 1e-3, 0), sparse=(5.0, 0, 0, 0),
                           margin=0.0, **GEO)
-    auto = DispatchPolicy("auto", model, 8192, 16, 1024)
+    auto = DispatchPolicy("auto", model, 8192, 1024)
     assert auto.both_ways
     assert auto.sparse_step(torch.tensor([6000])) is True      # 6 ms dense > 5 ms sparse
     assert auto.sparse_step(torch.tensor([4000])) is False
@@ -127,18 +127,18 @@ def test_policy_modes():
     auto.force = False
     assert auto.sparse_step(torch.tensor([60000])) is False
     for mode, want in (("sparse", True), ("dense", False)):
-        p = DispatchPolicy(mode, model, 8192, 16, 1024)
+        p = DispatchPolicy(mode, model, 8192, 1024)
         assert not p.both_ways
         assert p.sparse_step(torch.tensor([10])) is want
         assert p.sparse_step(torch.tensor([100000])) is want
         assert "forced" in p.describe()
     # no cost model for this GPU: sparse from --twilight-min-seq-len on, as before
-    none = DispatchPolicy("auto", None, 8192, 16, 1024, reason="no profile")
+    none = DispatchPolicy("auto", None, 8192, 1024, reason="no profile")
     assert none.sparse_step(torch.tensor([100, 1024])) is True
     assert none.sparse_step(torch.tensor([100, 1000])) is False
     assert "without a cost model" in none.describe()
     with pytest.raises(ValueError):
-        DispatchPolicy("fast", None, 8192, 16, 1024)
+        DispatchPolicy("fast", None, 8192, 1024)
 
 
 def test_shipped_profiles_parse():
