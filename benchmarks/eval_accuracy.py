@@ -103,6 +103,9 @@ except ImportError:  # python benchmarks/eval_accuracy.py
     from common import commit, command, versions  # type: ignore[no-redef]
     from servers import Server, free_port  # type: ignore[no-redef]
 
+# the servers' running totals on /metrics, read with the project's own reader
+from sglang_twilight.metrics import read_kept  # noqa: E402
+
 MODEL_CONTEXT = 8192
 CONTEXTS = (2048, 4096, 7680)
 PS = (0.8, 0.9, 0.95, 0.99)
@@ -115,10 +118,6 @@ KV_LINE = "KV Cache is allocated"
 REQUIRED_ROW_KEYS = ("task", "context", "method", "p", "budget", "score", "n", "kept_tokens",
                      "pruned_fraction")
 
-KEPT_SUM = "sglang_twilight_kept_tokens_sum"
-KEPT_ROWS = "sglang_twilight_kept_rows"
-CONTEXT_SUM = "sglang_twilight_context_tokens_sum"
-DECODE_STEPS = "sglang_twilight_decode_steps"
 
 T0 = time.monotonic()
 _print_lock = threading.Lock()
@@ -152,65 +151,6 @@ def topk_kl(p_top: Sequence[Sequence[Any]], q_top: Sequence[Sequence[Any]],
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """The samples of a Prometheus text exposition: (name, labels, value); comments skipped."""
-    out = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _LINE.match(line)
-        if not m:
-            continue
-        try:
-            value = float(m.group(3))
-        except ValueError:
-            continue
-        out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), value))
-    return out
-
-
-def read_kept(text: str) -> dict:
-    """Twilight's cumulative counters in a ``/metrics`` text:
-    ``{"kept_sum": {(layer, kv_head): tokens}, "rows": n, "context_tokens": n,
-    "steps": {"sparse": n, "dense": n}, "num_kv_heads": H}``. Heads are numbered rank by rank
-    (each tensor-parallel rank counts the same rows over its own heads); rows, context and steps
-    come from the lowest rank. ``kept_rows`` may carry a ``layer`` label (the same count in every
-    sparse layer): the lowest layer's is taken."""
-    ranks: dict[int, dict] = {}
-    for name, labels, value in parse_prometheus(text):
-        if not name.startswith("sglang_twilight_"):
-            continue
-        r = ranks.setdefault(int(labels.get("tp_rank", 0)),
-                             {"kept": {}, "rows": {}, "ctx": 0.0, "steps": {}})
-        if name == KEPT_SUM:
-            r["kept"][(int(labels["layer"]), int(labels["kv_head"]))] = value
-        elif name == KEPT_ROWS:
-            r["rows"][int(labels.get("layer", -1))] = value
-        elif name == CONTEXT_SUM:
-            r["ctx"] = value
-        elif name == DECODE_STEPS:
-            r["steps"][labels.get("path", "?")] = value
-    out = {"kept_sum": {}, "rows": 0, "context_tokens": 0, "steps": {"sparse": 0, "dense": 0},
-           "num_kv_heads": 0}
-    offset = 0
-    for rank in sorted(ranks):
-        heads = sorted({h for _, h in ranks[rank]["kept"]})
-        for (layer, h), v in ranks[rank]["kept"].items():
-            out["kept_sum"][(layer, offset + heads.index(h))] = v
-        offset += len(heads)
-    out["num_kv_heads"] = offset
-    if ranks:
-        low = ranks[min(ranks)]
-        out["rows"] = int(low["rows"][min(low["rows"])]) if low["rows"] else 0
-        out["context_tokens"] = int(low["ctx"])
-        out["steps"].update({k: int(v) for k, v in low["steps"].items()})
-    return out
 
 
 def kept_delta(before: dict, after: dict) -> dict:

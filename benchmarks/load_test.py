@@ -82,6 +82,8 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
     from common import commit, versions, write_result
     from servers import Server, free_port
 
+from sglang_twilight.metrics import parse_prometheus  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -460,33 +462,11 @@ def compare_greedy(got: Sequence[dict], ref: Sequence[dict], *, tol: float, near
 # --------------------------------------------------------------------------- /metrics
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {metric name: sum of its samples over label sets} (comments skipped)."""
+    """Prometheus text -> {metric name: sum of its samples over label sets}."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        try:
-            v = float(m.group(3))
-        except ValueError:
-            continue
-        out[m.group(1)] = out.get(m.group(1), 0.0) + v
-    return out
-
-
-def parse_labeled(text: str, name: str) -> dict[str, float]:
-    """The samples of one metric: {label text: value}."""
-    out = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m and m.group(1) == name:
-            out[(m.group(2) or "").strip("{}")] = float(m.group(3))
+    for name, _, v in parse_prometheus(text):
+        out[name] = out.get(name, 0.0) + v
     return out
 
 
@@ -711,10 +691,10 @@ def wait_idle_pool(srv: Server, timeout: float = 75) -> Optional[dict]:
 def twilight_steps(text: str) -> dict[str, float]:
     """Twilight's decode steps by path (sparse / dense) from /metrics."""
     out: dict[str, float] = {}
-    for labels, v in parse_labeled(text, "sglang_twilight_decode_steps").items():
-        m = re.search(r'path="([^"]*)"', labels)
-        key = m.group(1) if m else labels
-        out[key] = out.get(key, 0.0) + v
+    for name, labels, v in parse_prometheus(text):
+        if name == "sglang_twilight_decode_steps":
+            key = labels.get("path", "?")
+            out[key] = out.get(key, 0.0) + v
     return out
 
 

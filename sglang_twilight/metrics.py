@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections import deque
 from typing import Any, Optional, Sequence
 
@@ -337,22 +338,38 @@ class PrefillRowCounter:
             self._gauge.labels(tp_rank=self.tp_rank).set(self.total)
 
 
+_SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)")
+_LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of a Prometheus text exposition (``/metrics``): ``(name, labels, value)``;
+    comments, blank lines and values that are not numbers are skipped."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE_RE.match(line)
+        if not m:
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        out.append((m.group(1), dict(_LABEL_RE.findall(m.group(2) or "")), value))
+    return out
+
+
 def read_kept(text: str) -> dict:
     """The cumulative Twilight counters in a ``/metrics`` text (Prometheus exposition format):
     ``{"kept_sum": {(layer, kv_head): tokens}, "rows": n, "context_tokens": n,
     "steps": {"sparse": n, "dense": n}, "num_kv_heads": H}``. With tensor parallelism every rank
     counts the same rows over its own KV heads: heads are numbered rank by rank, rows, context
     and steps come from the lowest rank. :func:`mean_kept` turns two reads into a mean."""
-    import re
-
-    line_re = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}\s+(\S+)")
     per_rank: dict[int, dict] = {}
-    for line in text.splitlines():
-        m = line_re.match(line)
-        if not m:
+    for name, labels, value in parse_prometheus(text):
+        if not name.startswith("sglang_twilight_"):
             continue
-        name, value = m.group(1), float(m.group(3))
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
         r = per_rank.setdefault(int(labels.get("tp_rank", 0)),
                                 {"kept_sum": {}, "rows": 0, "context_tokens": 0, "steps": {}})
         if name == SUM_GAUGE_NAME:
@@ -428,4 +445,5 @@ def stats_from_histogram(hist: torch.Tensor, totals: torch.Tensor,
 
 __all__ = ["CONTEXT_GAUGE_NAME", "GAUGE_NAME", "KeptStats", "PrefillRowCounter",
            "ROWS_COUNT_GAUGE_NAME", "ROWS_GAUGE_NAME", "STEPS_GAUGE_NAME", "SUM_GAUGE_NAME",
-           "bin_edges", "mean_kept", "metrics_enabled", "read_kept", "stats_from_histogram"]
+           "bin_edges", "mean_kept", "metrics_enabled", "parse_prometheus", "read_kept",
+           "stats_from_histogram"]

@@ -311,7 +311,9 @@ def _metrics_text(kept: dict, rows: int, ctx: int, steps=(0, 0), rank=0, rows_la
 
 
 def test_parse_prometheus():
-    got = E.parse_prometheus('# HELP x y\nfoo_total{a="1",b="x y"} 2.5\nbar 3\nbad{a="1"} nan\n')
+    from sglang_twilight.metrics import parse_prometheus
+
+    got = parse_prometheus('# HELP x y\nfoo_total{a="1",b="x y"} 2.5\nbar 3\nbad{a="1"} nan\n')
     assert got[0] == ("foo_total", {"a": "1", "b": "x y"}, 2.5)
     assert got[1] == ("bar", {}, 3.0)
     assert math.isnan(got[2][2])
