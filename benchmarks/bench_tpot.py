@@ -27,7 +27,9 @@ with dummy weights from ``--model-path``; contexts 2k / 8k / 16k / 30k x concurr
     python benchmarks/bench_tpot.py --model smollm2 --out benchmarks/results/tpot_smollm2_h100.json
     python benchmarks/bench_tpot.py --model llama8b --model-path /tmp/llama8b-dummy \\
         --out benchmarks/results/tpot_llama8b_h100.json
-Writes the JSON and a PNG beside it (TPOT per cell, dense vs twilight, and their ratio).
+Writes the JSON and a PNG beside it (TPOT per cell, dense vs twilight, and their ratio). The JSON
+is rewritten after every cell (``"complete": false`` until the last), so a run cut short keeps
+what it measured. ``bench_serving`` needs the ``datasets`` package, one of SGLang's dependencies.
 """
 
 from __future__ import annotations
@@ -137,6 +139,14 @@ def main():
     rows, meta = [], {}
     from sglang_twilight.metrics import mean_kept, read_kept
 
+    def save(complete: bool = False) -> dict:
+        """The result so far (after every cell, so that a run cut short keeps what it measured;
+        ``complete`` is false until the last cell is in)."""
+        return write_result(args.out, dict(
+            benchmark="tpot", model=args.model, model_path=model_path, servers=meta,
+            output_len=args.output_len, top_p_attn=args.top_p_attn, complete=complete,
+            rows=rows, ratios=_ratios(rows)))
+
     for method in args.methods.split(","):
         t0 = time.time()
         log_path = os.path.join(log_dir, f"server_{args.model}_{method}.log")
@@ -161,6 +171,7 @@ def main():
                                       f"the {pool}-token KV pool")
                     print(f"[{method}] {ctx} x {conc}: {row['skipped']}", flush=True)
                     rows.append(row)
+                    save()
                     continue
                 if kind == "random":
                     n = max(args.min_prompts, args.waves * conc)
@@ -187,7 +198,10 @@ def main():
                     except Exception as e:  # recorded, not dropped
                         row["error"] = str(e)[-1000:]
                         rows.append(row)
-                        print(f"[{method}] {kind} {ctx} x {conc}: error {row['error'][:200]}")
+                        save()
+                        last = [ln for ln in row["error"].splitlines() if ln.strip()][-3:]
+                        print(f"[{method}] {kind} {ctx} x {conc}: error: " + " | ".join(last),
+                              flush=True)
                         continue
                 row.update({ours: res.get(theirs) for theirs, ours in RESULT_KEYS.items()})
                 row["bench_serving_command"] = " ".join(cmd[1:])
@@ -201,16 +215,13 @@ def main():
                     tot = sum(steps.values())
                     row["sparse_step_share"] = steps["sparse"] / tot if tot else None
                 rows.append(row)
+                save()
                 shown = ", ".join(f"{k} {row.get(k)}" for k in (
                     "tpot_ms_median", "tpot_ms_p99", "itl_ms_median", "ttft_ms_median",
                     "output_tok_s", "kept_tokens_mean", "sparse_step_share") if k in row)
                 print(f"[{method}] {kind} {ctx} x {conc}: {shown}", flush=True)
         print(f"[{method}] done in {time.time() - t0:.0f} s", flush=True)
-    ratios = _ratios(rows)
-    payload = dict(benchmark="tpot", model=args.model, model_path=model_path, servers=meta,
-                   output_len=args.output_len, top_p_attn=args.top_p_attn, rows=rows,
-                   ratios=ratios)
-    written = write_result(args.out, payload)
+    written = save(complete=True)
     _plot(written, os.path.splitext(args.out)[0] + ".png")
     print(f"wrote {args.out}")
 

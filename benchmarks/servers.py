@@ -16,22 +16,64 @@ processes, and a stopped server must give its GPU memory back before the next on
 ``stop()`` sends SIGTERM to the group, waits for the launcher, then SIGKILLs whatever of the
 group is still there (a child that outlived its launcher included), and returns once the group
 is gone.
+
+Two guards against a server outliving its run: ``start()`` refuses a port something already
+listens on (a benchmark would otherwise time the stray server, unaware), and a SIGTERM to the
+benchmark (``timeout``, a job scheduler) unwinds it like Ctrl-C, so every live server is stopped
+on the way out (an ``atexit`` hook stops any left).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["Server", "free_port"]
+__all__ = ["Server", "free_port", "port_in_use"]
+
+_live: "set[Server]" = set()  # started and not yet stopped
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on ``host:port``: a bind with SO_REUSEADDR (as servers set it)
+    fails only then, not for the TIME_WAIT sockets a stopped server leaves behind."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _stop_live() -> None:
+    for srv in list(_live):
+        srv.stop()
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _guard_process() -> None:
+    """Once per process: SIGTERM raises SystemExit (when it still has Python's default action,
+    and from the main thread only), and the servers still live at exit are stopped."""
+    if getattr(_guard_process, "done", False):
+        return
+    _guard_process.done = True
+    atexit.register(_stop_live)
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def free_port(start: Optional[int] = None) -> int:
@@ -105,12 +147,20 @@ class Server:
     # ------------------------------------------------------------------ the process
 
     def start(self) -> "Server":
+        """Start the process. Raises RuntimeError, starting nothing, when something already
+        listens on the port."""
+        if port_in_use(self.port):
+            raise RuntimeError(
+                f"{self.name} server: port {self.port} on 127.0.0.1 is already in use (a server "
+                f"left from an earlier run?): stop it or pick another port")
+        _guard_process()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._logf = open(self.log_path, "a" if self._append else "w")
         self.t_start = time.monotonic()
         self.ready_s = None
         self.p = subprocess.Popen(self.argv, env=self.env, stdout=self._logf,
                                   stderr=subprocess.STDOUT, start_new_session=True)
+        _live.add(self)
         self._say(f"{self.name}: started (port {self.port}, log {self.log_path})")
         return self
 
@@ -185,6 +235,7 @@ class Server:
         not started, or stopped already, is left alone."""
         if self.p is None:
             return
+        _live.discard(self)
         pgid = self.p.pid
         self._signal(pgid, signal.SIGTERM)
         try:

@@ -164,6 +164,68 @@ def test_wait_log(tmp_path):
         assert srv.p is None
 
 
+def test_start_refuses_a_port_in_use(tmp_path):
+    """A stray server on the port would be timed in place of the one asked for."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert servers.port_in_use(port)
+        srv = Server("late", [sys.executable, "-c", "print('started')"], port, tmp_path / "l.log")
+        with pytest.raises(RuntimeError, match=rf"late server: port {port} on 127.0.0.1 is "
+                                               r"already in use"):
+            srv.start()
+        assert srv.p is None and not (tmp_path / "l.log").exists()
+    assert not servers.port_in_use(port)
+
+
+# A benchmark holding a server: started in a with block (SIGTERM must unwind it) or left
+# running without one (the atexit hook must stop it); prints its server's process group.
+HOLDER = textwrap.dedent(r'''
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    from benchmarks.servers import Server
+    script, port, log, how = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    srv = Server("held", [sys.executable, script, str(port)], port, log)
+    if how == "with":
+        with srv:
+            srv.wait_ready(30)
+            print("PGID", srv.p.pid, flush=True)
+            time.sleep(600)
+    else:
+        srv.start().wait_ready(30)
+        print("PGID", srv.p.pid, flush=True)
+        sys.exit(0)
+''')
+
+
+@needs_proc
+@pytest.mark.parametrize("how", ["with", "exit"])
+def test_a_killed_or_exiting_benchmark_stops_its_servers(tmp_path, how):
+    """``timeout`` sends SIGTERM to a benchmark: its servers (their own sessions) must not live
+    on holding the GPU and the port; nor those a script leaves running when it exits."""
+    import signal
+
+    (tmp_path / "tiny.py").write_text(TINY_SERVER)
+    (tmp_path / "holder.py").write_text(HOLDER)
+    port = free_port()
+    p = subprocess.Popen([sys.executable, str(tmp_path / "holder.py"), str(REPO),
+                          str(tmp_path / "tiny.py"), str(port), str(tmp_path / "s.log"), how],
+                         stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("PGID"), line
+    pgid = int(line.split()[1])
+    if how == "with":  # (the other holder is exiting already)
+        assert pgid in _live_members(pgid)
+        p.send_signal(signal.SIGTERM)
+    rc = p.wait(timeout=60)
+    assert rc == (128 + signal.SIGTERM if how == "with" else 0)
+    assert _live_members(pgid) == []  # the tiny server and its SIGTERM-deaf child
+    assert not servers.port_in_use(port)
+
+
 def test_free_port():
     p = free_port()
     assert 0 < p < 65536
@@ -184,7 +246,7 @@ def test_importable_from_the_benchmarks_folder():
     assert r.returncode == 0, r.stderr
     path, names = r.stdout.splitlines()
     assert Path(path).resolve() == Path(servers.__file__).resolve()
-    assert names.split() == ["Server", "free_port"]
+    assert names.split() == ["Server", "free_port", "port_in_use"]
 
 
 def test_scripts_use_the_helper():
