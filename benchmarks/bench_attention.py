@@ -135,26 +135,27 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
     cold = lambda c: {} if c is None else dict(ms_l2_cold=c)
     ms, c = timed(dense_fn, args.l2)
     rows.append(dict(base, method="flashinfer", ms=ms, **cold(c)))
-    sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"], inp["kbs"])
-    for name, budget, p in (("quest-1024", 1024, 1.0), ("quest-8192", 8192, 1.0),
-                            ("twilight", 8192, args.top_p)):
+    sc = inp["side"]
+    for name, budget, quest in (("quest-1024", 1024, True), ("quest-8192", 8192, True),
+                                ("twilight", 8192, False)):
         ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
-        # Quest alone: a static p = 1 skips the estimate; Twilight: per-request p on the device
-        pr = p if p >= 1.0 else torch.full((bs,), p, dtype=torch.float32, device="cuda")
+        # Twilight: per-request p on the device; Quest alone: no estimate, no top-p
+        pr = None if quest else torch.full((bs,), args.top_p, dtype=torch.float32, device="cuda")
         out = torch.empty_like(inp["q"])
 
         def step():
-            return ops.twilight_decode(inp["q"], inp["k"], inp["v"], *sc, inp["r2t"], inp["rpi"],
+            return ops.twilight_decode(inp["q"], inp["k"], inp["v"], sc, inp["r2t"], inp["rpi"],
                                        inp["seq"], pr, budget=budget, page_size=PAGE, sm_scale=sm,
-                                       min_budget=1, max_budget=args.max_budget if p < 1 else 0,
-                                       backend="triton", workspace=ws, out=out)
+                                       min_budget=1, max_budget=0 if quest else args.max_budget,
+                                       quest_only=quest, backend="triton", workspace=ws, out=out)
 
         step()
-        counts = ws.kept_counts if p < 1.0 else ws.cand_counts  # Quest alone attends candidates
+        counts = ws.cand_counts if quest else ws.kept_counts  # Quest alone attends candidates
         kept_tokens = float(counts[:bs].float().mean())
         ms, c = timed(step, args.l2)
         err = float((out.float() - dense_out.float()).norm() / dense_out.float().norm())
-        rows.append(dict(base, method=name, ms=ms, kept_tokens=kept_tokens, budget=budget, top_p=p,
+        rows.append(dict(base, method=name, ms=ms, kept_tokens=kept_tokens, budget=budget,
+                         top_p=1.0 if quest else args.top_p,
                          rel_err_vs_dense=err, **cold(c)))
         if name != "twilight":
             continue
@@ -162,7 +163,7 @@ def run_case(bs, ctx, H, G, D, dtype, args, rows, stage_rows):
         C = ws.capacity
         loc = inp["slots"][:, -1].contiguous()
         stages = {}
-        stages["store"] = graph_ms(lambda: ops.store_sidecar(inp["k"], loc, *sc, PAGE, backend="triton"))
+        stages["store"] = graph_ms(lambda: ops.store_sidecar(inp["k"], loc, sc, PAGE, backend="triton"))
         sel = lambda: select.quest_select_pages_triton(
             inp["q"], inp["kmax"], inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], C,
             PAGE, max_pages=ws.max_pages, scores=ws.page_scores[:bs], cand_pages=ws.cand_pages[:bs],

@@ -4,7 +4,8 @@ Same inputs as ``bench_attention.py`` (Llama-3.1-8B layer shapes, its key law); 
 eagerly under ``torch.profiler`` and every kernel's device time is averaged over the steps, so
 the stage totals of ``bench_attention.py`` can be split into kernels (the graph replay time is
 printed beside them). By default the step runs in one row group, so that kernels do not overlap
-and each one's time is its own (``--groups 0``: the default rule of ``ops.DECODE_GROUPS``).
+and each one's time is its own (``--groups 0``: the default rule, the launch table's
+``decode_groups``).
 
 Usage: python benchmarks/profile_step.py --batches 8,64 --context 32768 --out prof.json
 """
@@ -28,8 +29,9 @@ from sglang_twilight.kernels import topp  # noqa: E402
 
 
 def profile_case(bs, ctx, steps, top_p, budget, groups, H=8, G=4, D=128, dtype=torch.bfloat16):
-    """``groups``: row groups while profiling (``ops.DECODE_GROUPS``; 1: the kernels run one
-    after the other, so each one's device time is its own, not shared with another group's)."""
+    """``groups``: row groups while profiling (the launch table's ``decode_groups``; 1: the
+    kernels run one after the other, so each one's device time is its own, not shared with
+    another group's)."""
     inp = make_inputs(bs, ctx, H, G, D, dtype, "cuda")
     try:
         graph_default = _profile(inp, bs, ctx, 0, top_p, budget, H, G, D)["graph_ms"]
@@ -48,12 +50,12 @@ def _profile(inp, bs, ctx, steps, top_p, budget, H, G, D):
     ws = ops.DecodeWorkspace.allocate(bs, H, G, D, budget, PAGE, ctx, "cuda")
     pr = torch.full((bs,), top_p, dtype=torch.float32, device="cuda")
     out = torch.empty_like(inp["q"])
-    sc = (inp["kq"], inp["ks"], inp["kz"], inp["kmax"], inp["kmin"], inp["kbs"])
+    sc = inp["side"]
     loc = inp["slots"][:, -1].contiguous()
 
     def step():
-        ops.store_sidecar(inp["k"], loc, *sc, PAGE, backend="triton")
-        ops.twilight_decode(inp["q"], inp["k"], inp["v"], *sc, inp["r2t"], inp["rpi"], inp["seq"],
+        ops.store_sidecar(inp["k"], loc, sc, PAGE, backend="triton")
+        ops.twilight_decode(inp["q"], inp["k"], inp["v"], sc, inp["r2t"], inp["rpi"], inp["seq"],
                             pr, budget=budget, page_size=PAGE, sm_scale=sm, min_budget=1,
                             max_budget=0, backend="triton", workspace=ws, out=out)
 
@@ -108,7 +110,7 @@ def main():
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--budget", type=int, default=8192)
     ap.add_argument("--groups", type=int, default=1,
-                    help="row groups while profiling (0: the default rule, ops.DECODE_GROUPS)")
+                    help="row groups while profiling (0: the default rule)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     res = []

@@ -74,12 +74,12 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
     out = torch.empty_like(inp["q"])
 
     def decode(workspace, p):
-        """The whole step (select, prune, attend) in ``workspace`` (its row groups)."""
+        """The whole step (select, prune, attend) in ``workspace`` (its row groups); ``p`` None:
+        Quest alone."""
         return ops.twilight_decode(
-            inp["q"], inp["k"], inp["v"], inp["kq"], inp["ks"], inp["kz"], inp["kmax"],
-            inp["kmin"], inp["kbs"], inp["r2t"], inp["rpi"], inp["seq"], p, budget=8192,
-            page_size=PAGE, sm_scale=sm, min_budget=1, max_budget=0, backend="triton",
-            workspace=workspace, out=out)
+            inp["q"], inp["k"], inp["v"], inp["side"], inp["r2t"], inp["rpi"], inp["seq"], p,
+            budget=8192, page_size=PAGE, sm_scale=sm, min_budget=1, max_budget=0,
+            quest_only=p is None, backend="triton", workspace=workspace, out=out)
 
     # the whole step: a stage replayed alone may find its inputs still in L2 (the bounds of
     # batch 8 x 32k are 34 MB), the step reads from HBM what a real decode step would
@@ -254,12 +254,12 @@ def sweep(bs, ctx, rows, only=None, H=8, G=4, D=128):
         log("attend_keep_all", dict(splits=sp, default=sp == sp0), graph_ms(lambda: qatt(sp)),
             max_abs_diff=float((qatt(sp).float() - ref).abs().max()))
     # the whole step (select, prune, attend) with its requests in 1-4 row groups, one stream
-    # each, for Twilight and for Quest alone (p = 1 on the host)
+    # each, for Twilight and for Quest alone
     ref = {}
     for n in GROUPS if want("groups") and bs > 1 else []:
         with row_groups(n):
             gws = ops.DecodeWorkspace.allocate(bs, H, G, D, 8192, PAGE, ctx, "cuda")
-            for name, p in (("step_groups", pr), ("step_groups_quest", 1.0)):
+            for name, p in (("step_groups", pr), ("step_groups_quest", None)):
                 step = lambda: decode(gws, p)
                 ms = graph_ms(step)
                 o, kc = step()

@@ -16,7 +16,7 @@ import math
 import torch
 
 from sglang_twilight import ops
-from sglang_twilight.kernels import store
+from sglang_twilight.kernels import launch, store
 
 PAGE = 16  # KV page = Quest page
 LLAMA8B = dict(H=8, G=4, D=128, dtype=torch.bfloat16)  # KV heads, q heads a KV head, head_dim
@@ -24,10 +24,10 @@ LLAMA8B = dict(H=8, G=4, D=128, dtype=torch.bfloat16)  # KV heads, q heads a KV 
 
 def make_inputs(bs, ctx, H, G, D, dtype, device, tail=1.3, page_locality=1.0, seed=0):
     """A batch of ``bs`` requests of ``ctx`` tokens each, pages scattered over the pool, with the
-    sidecar written: a dict of q ``[bs, H * G, D]``, k and v ``[S, H, D]``, the sidecar (kq, ks,
-    kz, kmax, kmin, kbs), r2t (req_to_token), rpi (req_pool_indices), seq (seq_lens) and slots
-    ``[bs, ctx]``. ``tail`` scales the exponential term of the keys, ``page_locality`` the
-    per-page one."""
+    sidecar written: a dict of q ``[bs, H * G, D]``, k and v ``[S, H, D]``, the sidecar (``side``,
+    an ``ops.SidecarLayer``, and its buffers kq, ks, kz, kmax, kmin, kbs), r2t (req_to_token),
+    rpi (req_pool_indices), seq (seq_lens) and slots ``[bs, ctx]``. ``tail`` scales the
+    exponential term of the keys, ``page_locality`` the per-page one."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     pages_per = ctx // PAGE
@@ -54,11 +54,11 @@ def make_inputs(bs, ctx, H, G, D, dtype, device, tail=1.3, page_locality=1.0, se
     kq = store.code_buffer(S, H, D, device)
     ks, kz = store.scale_zero_buffers(S, H, device)
     kmax, kmin, kbs = store.bounds_buffers(total_pages, H, D, device)
-    ops.store_sidecar(k, slots.reshape(-1), kq, ks, kz, kmax, kmin, kbs, PAGE,
+    side = ops.SidecarLayer(kq, ks, kz, kmax, kmin, kbs)
+    ops.store_sidecar(k, slots.reshape(-1), side, PAGE,
                       backend="triton" if device != "cpu" else "torch")
-    return dict(q=q, k=k, v=v, kq=kq, ks=ks, kz=kz, kmax=kmax, kmin=kmin, kbs=kbs,
-                r2t=req_to_token,
-                rpi=rpi, seq=seq_lens, slots=slots)
+    return dict(q=q, k=k, v=v, side=side, kq=kq, ks=ks, kz=kz, kmax=kmax, kmin=kmin, kbs=kbs,
+                r2t=req_to_token, rpi=rpi, seq=seq_lens, slots=slots)
 
 
 def graph_ms(fn, reps=200):
@@ -73,13 +73,10 @@ def graph_ms(fn, reps=200):
 @contextlib.contextmanager
 def row_groups(n: int):
     """A decode step's requests in ``n`` row groups from one request on, for Twilight and Quest
-    alone alike, until the block ends (``n`` 0: the default plan, ``ops.DECODE_GROUPS``)."""
+    alone alike, until the block ends (``n`` 0: the default plan, the launch table's
+    ``decode_groups``)."""
     if not n:
         yield
         return
-    saved = ops.DECODE_GROUPS
-    ops.DECODE_GROUPS = dict(min_requests=1, groups=n, keep_all_groups=n)
-    try:
+    with launch.override(decode_groups=dict(min_requests=1, groups=n, keep_all_groups=n)):
         yield
-    finally:
-        ops.DECODE_GROUPS = saved

@@ -12,8 +12,7 @@ keys, the sizes of the per-size tables, may be added) and replaces any other val
 below are per layer at Llama-3.1-8B shapes (32 q heads, 8 KV heads, head_dim 128, bf16), 32k
 context, B0 = 8192, p = 0.95, on one H100 80GB HBM3 (``benchmarks/tune_kernels.py`` sweeps
 them; docs/KERNELS.md tells the story). Another card may want other values: rerun the sweep
-there. The row groups of a decode step (``ops.DECODE_GROUPS``) are the step's plan, outside
-this table.
+there.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ import copy
 import os
 from typing import Any, Iterator
 
-__all__ = ["get", "override", "rows", "maxnreg", "row_warps", "next_pow2", "interpreting"]
+__all__ = ["get", "override", "version", "rows", "maxnreg", "row_warps", "next_pow2",
+           "interpreting"]
 
 # name: (default, why). Microseconds (us) are one kernel or stage in a CUDA graph, "step" the
 # whole sparse decode step of one layer; "batch N" is N requests x 32k tokens.
@@ -105,9 +105,25 @@ _TABLE: dict[str, tuple[Any, str]] = {
     "attend_reduce": (dict(num_warps=4, small_head_num_warps=2),
                       "a program per (row, q head) over at most 16 splits; 2 warps for head_dim "
                       "<= 64; not swept: 2-8 us a step"),
+    # the step: its requests in row groups, one CUDA stream (a branch of the graph) each
+    "decode_groups": (dict(min_requests=8, groups=4, keep_all_groups=1),
+                      "from 8 requests on, 4 groups, so one group's latency-bound kernels (top-K "
+                      "pages, top-p, union) overlap another's bandwidth-bound ones (page scores, "
+                      "estimate): the step with 4 groups against 1, 185.6 vs 200.5 us at batch "
+                      "16, 320.6 vs 349.3 at 32, 614.3 vs 648.1 at 64, 109.7 vs 111.2 at 8 (a "
+                      "second sweep: 180.7 vs 185.4, 315.6 vs 331.0, 615.3 vs 629.9, 110.5 vs "
+                      "110.8); Quest alone gained nothing at any batch and lost with 4 (994.9 vs "
+                      "969.8 us at 64), so it keeps 1. The grouped step's time varies more "
+                      "between processes than one group's"),
 }
 
 _current: dict[str, Any] = {name: copy.deepcopy(v) for name, (v, _) in _TABLE.items()}
+_version = 0  # bumped whenever the table changes (what is derived from it may be cached by it)
+
+
+def version() -> int:
+    """A number that changes whenever the table does (an ``override`` begins or ends)."""
+    return _version
 
 
 def get(name: str) -> Any:
@@ -137,13 +153,16 @@ def override(**entries: Any) -> Iterator[None]:
     for name in entries:
         if name not in _current:
             raise KeyError(f"no launch shape named {name!r}; known: {', '.join(_TABLE)}")
+    global _version
     saved = {name: _current[name] for name in entries}
     try:
         for name, value in entries.items():
             _current[name] = _merged(name, copy.deepcopy(value))
+        _version += 1
         yield
     finally:
         _current.update(saved)
+        _version += 1
 
 
 def rows() -> list[dict]:

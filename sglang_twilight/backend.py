@@ -483,14 +483,14 @@ class TwilightDecoder:
                   backend=self.backend, workspace=ws)
         if bs <= step:
             _, kept = ops.twilight_decode(
-                q, k_buffer, v_buffer, *side.as_tuple(), self.req_to_token, req_pool_indices,
+                q, k_buffer, v_buffer, side, self.req_to_token, req_pool_indices,
                 seq_lens, p_rows, out=out, **kw)
         else:  # more rows than the workspace holds: static chunks (the workspace is reused)
             kept = torch.empty(bs, self.num_kv_heads, dtype=torch.int32, device=q.device)
             for s in range(0, bs, step):
                 e = min(bs, s + step)
                 _, kc = ops.twilight_decode(
-                    q[s:e], k_buffer, v_buffer, *side.as_tuple(), self.req_to_token,
+                    q[s:e], k_buffer, v_buffer, side, self.req_to_token,
                     req_pool_indices[s:e], seq_lens[s:e], p_rows[s:e], out=out[s:e], **kw)
                 kept[s:e].copy_(kc)
         self.kept_stats.stage(layer_id, kept, bs)

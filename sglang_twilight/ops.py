@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from sglang_twilight.kernels import attend as _attend
+from sglang_twilight.kernels import launch as _launch
 from sglang_twilight.kernels import prune as _prune  # estimate -> top-p -> union
 from sglang_twilight.kernels import select as _select
 from sglang_twilight.kernels import store as _store
 
 __all__ = [
+    "SidecarLayer",
     "quantize_int4",
     "dequantize_int4",
     "store_sidecar",
@@ -57,15 +59,32 @@ def dequantize_int4(packed, scale, zero, dtype=torch.float32):
     return _store.dequantize_int4_ref(packed, scale, zero, dtype)
 
 
-def store_sidecar(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, page_size, *,
-                  backend="auto"):
-    """Write int4 K of ``k_buffer[loc]`` and recompute the Quest bounds of every page ``loc``
-    touches (int8 codes ``kmax``/``kmin`` and their scale ``kbscale``, ``store.bounds_buffers``)."""
-    if _use_triton(backend, k_buffer):
-        return _store.store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale,
-                                          page_size)
-    return _store.store_sidecar_ref(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale,
-                                   page_size)
+@dataclass(frozen=True)
+class SidecarLayer:
+    """The sidecar of one sparse layer, as the store and the decode step take it: ``S`` slots of
+    the layer's KV pool, ``H`` KV heads, ``D`` head_dim, ``S_pages = S / page_size``. Views, no
+    copies: ``sidecar.TwilightSidecarPool`` holds one per sparse layer (``layer_id`` set);
+    tests and benchmarks build their own from ``kernels.store``'s buffer makers."""
+
+    kq: torch.Tensor  # uint8 [S, H, D//2]: int4 K codes, two per byte (store.code_buffer)
+    kscale: torch.Tensor  # fp16 [S, H]: int4 scale of each (slot, KV head)
+    kzero: torch.Tensor  # fp16 [S, H]: int4 zero point
+    kmax: torch.Tensor  # int8 [S_pages, H, D]: Quest page maximum per channel, int8 codes
+    kmin: torch.Tensor  # int8 [S_pages, H, D]: Quest page minimum per channel
+    kbscale: torch.Tensor  # fp32 [S_pages, H]: the bounds' scale (store.bounds_buffers)
+    layer_id: int = -1  # the model layer (-1: not a pool's)
+
+    def as_tuple(self):
+        """``(kq, kscale, kzero, kmax, kmin, kbscale)``."""
+        return self.kq, self.kscale, self.kzero, self.kmax, self.kmin, self.kbscale
+
+
+def store_sidecar(k_buffer, loc, side: SidecarLayer, page_size, *, backend="auto"):
+    """Write int4 K of ``k_buffer[loc]`` (``[S, H, D]``, ``loc`` int64 ``[N]``) into ``side`` and
+    recompute the Quest bounds of every page ``loc`` touches."""
+    fn = _store.store_sidecar_triton if _use_triton(backend, k_buffer) else \
+        _store.store_sidecar_ref
+    return fn(k_buffer, loc, *side.as_tuple(), page_size)
 
 
 def quest_page_scores(q, kmax, kmin, kbscale, page_table, num_pages):
@@ -146,6 +165,9 @@ class DecodeWorkspace:
     mid_lse: torch.Tensor
     # side streams of the row groups (CUDA): one more than the groups need (``side_streams``)
     streams: list = field(default_factory=list)
+    # step layouts (see step_layout) by (requests, Quest alone), for one launch table version
+    _layouts: dict = field(default_factory=dict, repr=False)
+    _layouts_version: int = field(default=-1, repr=False)
 
     @classmethod
     def allocate(cls, max_rows, num_kv_heads, group, head_dim, budget, page_size, max_context,
@@ -185,6 +207,41 @@ class DecodeWorkspace:
             if cuda and n_groups > 1 else [],
         )
 
+    def step_layout(self, R: int, keep_all: bool) -> list[tuple[int, int, int, dict]]:
+        """The plan of a step of ``R`` requests, made once and reused by every layer of every
+        such step: per row group, ``(r0, r1, attend splits, its slices of this workspace)``
+        (the slices as ``_decode_rows_triton``'s keyword arguments). ``keep_all``: Quest alone.
+        Raises ValueError when the partials cannot hold the plan's split rows."""
+        if self._layouts_version != _launch.version():  # the table changed: plans may too
+            self._layouts, self._layouts_version = {}, _launch.version()
+        key = (R, bool(keep_all))
+        layout = self._layouts.get(key)
+        if layout is not None:
+            return layout
+        H, G = self.num_kv_heads, self.group
+        plan = _group_plan(R, H, self.num_sms, keep_all)
+        need = _mid_rows(plan, H) * G
+        if self.mid_lse.numel() < need:
+            raise ValueError(f"workspace partials hold {self.mid_lse.numel()} rows, a step of {R} "
+                             f"requests needs {need}: allocate it under the same decode_groups "
+                             f"launch shape")
+        width = _prune.topp_scratch_width(self.capacity)
+        layout, mid = [], 0
+        for r0, r1, splits in plan:
+            rows, heads = slice(r0, r1), slice(r0 * H * G, r1 * H * G)
+            n_mid = (r1 - r0) * H * splits * G
+            layout.append((r0, r1, splits, dict(
+                page_scores=self.page_scores[rows], cand_pages=self.cand_pages[rows],
+                cand_counts=self.cand_counts[rows], scores=self.scores[rows],
+                kept_slots=self.kept_slots[rows], kept_counts=self.kept_counts[rows],
+                lo=self.head_lo[heads], tot=self.head_tot[heads], mx=self.head_max[heads],
+                marks=self.union_marks[rows], scratch=self.topp_scratch[2 * r0 * H * G * width:],
+                parts=self.score_parts[rows], mid_o=self.mid_o[mid: mid + n_mid],
+                mid_lse=self.mid_lse[mid: mid + n_mid])))
+            mid += n_mid
+        self._layouts[key] = layout
+        return layout
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
             self.page_scores, self.cand_pages, self.cand_counts, self.scores, self.kept_slots,
@@ -192,28 +249,33 @@ class DecodeWorkspace:
             self.topp_scratch, self.score_parts, self.mid_o, self.mid_lse))
 
 
-def _static_keep_all(p) -> bool:
-    """p known on the host to be >= 1 for every row: the prune stage would keep everything."""
-    return isinstance(p, (int, float)) and p >= 1.0
-
-
-def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscale, req_to_token,
-                    req_pool_indices, seq_lens, p, *, budget, page_size, sm_scale, min_budget=1,
-                    max_budget=0, min_sparse_len=0, selector="quest", backend="auto",
+def twilight_decode(q, k_buffer, v_buffer, side: SidecarLayer, req_to_token, req_pool_indices,
+                    seq_lens, p=None, *, budget, page_size, sm_scale, min_budget=1, max_budget=0,
+                    min_sparse_len=0, selector="quest", quest_only=False, backend="auto",
                     workspace: DecodeWorkspace | None = None, out=None):
-    """One sparse decode step of one layer: select -> prune -> attend. -> (o [R, Hq, D], kept_counts).
+    """One sparse decode step of one layer: select -> prune -> attend. -> (o [R, Hq, D], kept_counts
+    int32 [R, Hkv]).
 
-    A Python-float ``p >= 1`` skips the estimate and top-p (Quest alone); a tensor ``p`` always
-    runs them (rows with ``p >= 1`` keep every candidate). Rows with ``seq_len < min_sparse_len``
-    keep every token (exact dense attention); that needs
-    ``min_sparse_len <= budget``. ``selector="none"`` takes every token as a candidate (needs
-    ``budget >= max seq_len``). All shapes depend on (R, budget, max context) only. With the
-    Triton backend the requests may run in row groups (``DECODE_GROUPS``), each on one of the
-    workspace's CUDA streams, forked from the caller's stream and joined back before returning.
+    ``q`` ``[R, Hq, D]``; ``k_buffer`` / ``v_buffer`` the layer's KV pool ``[S, Hkv, D]``;
+    ``side`` its sidecar; ``req_to_token`` int32 ``[rows, max_ctx]`` with ``req_pool_indices``
+    ``[R]`` its row per request and ``seq_lens`` ``[R]``; ``p`` the top-p of each request, a
+    float or fp32 ``[R]`` (rows with ``p >= 1`` keep every candidate). ``quest_only``: Quest
+    alone, every candidate attended, no estimate and no top-p (``p`` unused; the counts are the
+    candidates'). Rows with ``seq_len < min_sparse_len`` keep every token (exact dense
+    attention); that needs ``min_sparse_len <= budget``. ``selector="none"`` takes every token
+    as a candidate (needs ``budget >= max seq_len``). All shapes depend on (R, budget, max
+    context) only. With the Triton backend the requests may run in row groups (the launch
+    table's ``decode_groups``), each on one of the workspace's CUDA streams, forked from the
+    caller's stream and joined back before returning.
     """
     R = q.shape[0]
     if min_sparse_len > capacity_for(budget, page_size):
         raise ValueError(f"min_sparse_len {min_sparse_len} must be <= budget {budget}")
+    if quest_only:
+        p = 1.0  # every candidate: rows keep what Quest selected
+    elif p is None:
+        raise ValueError("twilight_decode needs p (a float or one per request), or quest_only")
+    kq, kscale, kzero, kmax, kmin, kbscale = side.as_tuple()
     pr = _prune._rows_p(p, R, q.device)
     if min_sparse_len > 0:
         pr = torch.where(seq_lens.to(q.device) < min_sparse_len, torch.ones_like(pr), pr)
@@ -241,38 +303,22 @@ def twilight_decode(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscal
                                       page_size, max_ctx, q.device)
     elif selector == "none" and ws.capacity < ws.max_pages * page_size:
         raise ValueError("selector 'none' needs a workspace whose capacity covers the max context")
-    keep_all = _static_keep_all(p)
-    H, G = ws.num_kv_heads, ws.group
-    plan = _group_plan(R, H, ws.num_sms, keep_all)
-    need = _mid_rows(plan, H) * G
-    if ws.mid_lse.numel() < need:
-        raise ValueError(f"workspace partials hold {ws.mid_lse.numel()} rows, a step of {R} "
-                         f"requests needs {need}: allocate it under the same DECODE_GROUPS")
+    keep_all = bool(quest_only)
+    layout = ws.step_layout(R, keep_all)
     if out is None:
         out = torch.empty_like(q)
     main = torch.cuda.current_stream(q.device) if q.is_cuda else None
-    streams = side_streams(ws.streams, main, len(plan) - 1)  # none: one after the other
+    streams = side_streams(ws.streams, main, len(layout) - 1)  # none: one after the other
     for s in streams:
         s.wait_stream(main)  # every group starts after what came before the step
-    mid = 0
-    width = _prune.topp_scratch_width(ws.capacity)
-    for i, (r0, r1, splits) in enumerate(plan):
+    step_heads = R * ws.num_kv_heads * ws.group
+    for i, (r0, r1, splits, bufs) in enumerate(layout):
         rows = slice(r0, r1)
-        heads = slice(r0 * H * G, r1 * H * G)
-        n_mid = (r1 - r0) * H * splits * G
-        args = (q[rows], k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscale, req_to_token,
-                req_pool_indices[rows], seq_lens[rows], p if keep_all else pr[rows])
-        bufs = dict(page_scores=ws.page_scores[rows], cand_pages=ws.cand_pages[rows],
-                    cand_counts=ws.cand_counts[rows], scores=ws.scores[rows],
-                    kept_slots=ws.kept_slots[rows], kept_counts=ws.kept_counts[rows],
-                    lo=ws.head_lo[heads], tot=ws.head_tot[heads], mx=ws.head_max[heads],
-                    marks=ws.union_marks[rows], scratch=ws.topp_scratch[2 * r0 * H * G * width:],
-                    parts=ws.score_parts[rows],
-                    mid_o=ws.mid_o[mid: mid + n_mid], mid_lse=ws.mid_lse[mid: mid + n_mid])
-        mid += n_mid
+        args = (q[rows], k_buffer, v_buffer, side, req_to_token, req_pool_indices[rows],
+                seq_lens[rows], None if keep_all else pr[rows])
         kw = dict(budget=ws.capacity, page_size=page_size, sm_scale=sm_scale,
                   min_budget=min_budget, max_budget=max_budget, max_pages=ws.max_pages,
-                  splits=splits, out=out[rows], step_heads=R * H * G, **bufs)
+                  splits=splits, out=out[rows], step_heads=step_heads, **bufs)
         if i > 0 and streams:
             with torch.cuda.stream(streams[i - 1]):
                 _decode_rows_triton(*args, **kw)
@@ -295,22 +341,23 @@ def side_streams(pool, main, n):
     return side if n > 0 and len(side) == n else []
 
 
-def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kbscale,
-                        req_to_token, req_pool_indices, seq_lens, p, *, budget, page_size,
-                        sm_scale, min_budget, max_budget, max_pages, splits, out, page_scores,
-                        cand_pages, cand_counts, scores, kept_slots, kept_counts, lo, tot, mx,
-                        marks, scratch, parts, mid_o, mid_lse, step_heads):
-    """select -> prune -> attend of a group of rows, in the caller's workspace slices: a Python
-    float ``p >= 1`` is Quest alone (every candidate attended), else ``p`` holds one per row.
-    ``step_heads``: q heads of the whole step (the top-p launch shape)."""
+def _decode_rows_triton(q, k_buffer, v_buffer, side, req_to_token, req_pool_indices, seq_lens,
+                        p, *, budget, page_size, sm_scale, min_budget, max_budget, max_pages,
+                        splits, out, page_scores, cand_pages, cand_counts, scores, kept_slots,
+                        kept_counts, lo, tot, mx, marks, scratch, parts, mid_o, mid_lse,
+                        step_heads):
+    """select -> prune -> attend of a group of rows, in the caller's workspace slices: ``p``
+    fp32 ``[rows]``, or None for Quest alone (every candidate attended). ``step_heads``: q heads
+    of the whole step (the top-p launch shape)."""
     pages, cnt = _select.quest_select_pages_triton(
-        q, kmax, kmin, kbscale, req_to_token, req_pool_indices, seq_lens, budget, page_size,
-        max_pages=max_pages, scores=page_scores, cand_pages=cand_pages, cand_counts=cand_counts)
-    if _static_keep_all(p):
+        q, side.kmax, side.kmin, side.kbscale, req_to_token, req_pool_indices, seq_lens, budget,
+        page_size, max_pages=max_pages, scores=page_scores, cand_pages=cand_pages,
+        cand_counts=cand_counts)
+    if p is None:
         kept, kcnt = _prune.expand_candidates_triton(pages, cnt, page_size, kept_slots)
     else:
         kept, kcnt = _prune.twilight_prune_triton(
-            q, kq, kscale, kzero, pages, cnt, p, sm_scale, min_budget, max_budget,
+            q, side.kq, side.kscale, side.kzero, pages, cnt, p, sm_scale, min_budget, max_budget,
             scores=scores, kept_slots=kept_slots, kept_counts=kept_counts, lo=lo, tot=tot,
             page_size=page_size, scratch=scratch, mx=mx, marks=marks, step_heads=step_heads,
             parts=parts)
@@ -318,27 +365,13 @@ def _decode_rows_triton(q, k_buffer, v_buffer, kq, kscale, kzero, kmax, kmin, kb
                                            splits=splits, mid_o=mid_o, mid_lse=mid_lse)
 
 
-# Row groups of a decode step (tuned on the H100 by benchmarks/tune_kernels.py): from
-# ``min_requests`` requests on, a step's requests are split into ``groups`` groups of about the
-# same size, each on its own CUDA stream (a branch of the CUDA graph), so the latency-bound
-# kernels of one group (top-K pages, top-p, union) overlap with the bandwidth-bound ones of
-# another (page scores, estimate) instead of leaving the GPU idle. At 32k, Twilight's step with
-# 4 groups against 1: 185.6 vs 200.5 us at batch 16, 320.6 vs 349.3 at 32, 614.3 vs 648.1 at 64,
-# 109.7 vs 111.2 at 8 (tune_groups_h100.json; a second sweep, tune_refloor_groups_h100.json:
-# 180.7 vs 185.4, 315.6 vs 331.0, 615.3 vs 629.9, 110.5 vs 110.8). Quest alone (every candidate
-# attended, ``keep_all_groups``) gained nothing at any batch and lost with 4 (994.9 vs 969.8 us
-# at 64), so it keeps one. The grouped step's time varies more between processes than one
-# group's (docs/KERNELS.md)
-DECODE_GROUPS = dict(min_requests=8, groups=4, keep_all_groups=1)
-
-
 def decode_groups(num_requests: int, keep_all: bool = False) -> int:
-    """How many row groups (streams) a step of ``num_requests`` requests runs in; ``keep_all``:
-    Quest alone (a static p >= 1)."""
-    cfg = DECODE_GROUPS
+    """How many row groups (streams) a step of ``num_requests`` requests runs in (the launch
+    table's ``decode_groups``); ``keep_all``: Quest alone."""
+    cfg = _launch.get("decode_groups")
     if num_requests < cfg["min_requests"]:
         return 1
-    n = cfg.get("keep_all_groups", cfg["groups"]) if keep_all else cfg["groups"]
+    n = cfg["keep_all_groups"] if keep_all else cfg["groups"]
     return max(1, min(int(n), num_requests))
 
 

@@ -20,32 +20,16 @@ computes the sidecar's size is :meth:`TwilightSidecarPool.bytes_per_token`; the 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
+from sglang_twilight import ops
 from sglang_twilight.kernels.store import bounds_buffers, code_buffer, scale_zero_buffers
+from sglang_twilight.ops import SidecarLayer
 
 #: attribute under which :func:`attach_sidecar` stores the sidecar on the KV pool object
 POOL_ATTR = "twilight_sidecar"
-
-
-@dataclass(frozen=True)
-class SidecarLayer:
-    """The sidecar buffers of one sparse layer (views of the pool's tensors, no copies)."""
-
-    layer_id: int
-    kq: torch.Tensor  # uint8 [S, H, D//2], stored head-major (store.code_buffer)
-    kscale: torch.Tensor  # fp16 [S, H]
-    kzero: torch.Tensor  # fp16 [S, H]
-    kmax: torch.Tensor  # int8 [S_pages, H, D]
-    kmin: torch.Tensor  # int8 [S_pages, H, D]
-    kbscale: torch.Tensor  # fp32 [S_pages, H]
-
-    def as_tuple(self):
-        """``(kq, kscale, kzero, kmax, kmin, kbscale)`` in the order ``ops`` takes them."""
-        return self.kq, self.kscale, self.kzero, self.kmax, self.kmin, self.kbscale
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -215,13 +199,7 @@ class TwilightSidecarPool:
             k_buffer = self.kv_pool.get_key_buffer(layer_id)
         if loc.dtype != torch.int64:
             loc = loc.to(torch.int64)
-        from sglang_twilight import ops
-
-        kwargs = {} if backend == "auto" else {"backend": backend}
-        ops.store_sidecar(
-            k_buffer, loc, *lay.as_tuple(), self.page_size,
-            **kwargs,
-        )
+        ops.store_sidecar(k_buffer, loc, lay, self.page_size, backend=backend)
         if not (loc.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._rows_written[layer_id] += int(loc.numel())
         return True

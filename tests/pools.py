@@ -27,8 +27,9 @@ class Layout:
     page_size: int
 
     @property
-    def sidecar(self):
-        return self.kq, self.kscale, self.kzero, self.kmax, self.kmin, self.kbscale
+    def sidecar(self) -> ops.SidecarLayer:
+        return ops.SidecarLayer(self.kq, self.kscale, self.kzero, self.kmax, self.kmin,
+                                self.kbscale)
 
     def dense(self, sm_scale):
         """fp32 dense decode attention over every token of every request."""
@@ -93,5 +94,6 @@ def make_layout(seq_lens, num_kv_heads, group, head_dim, *, page_size=16, dtype=
                  torch.tensor(list(seq_lens), dtype=torch.int32, device=device), P)
     for r, n in enumerate(seq_lens):  # prefill each request as one extend
         loc = lay.req_to_token[rpi[r], : int(n)].to(torch.int64)
-        ops.store_sidecar(k_buffer, loc, kq, ks, kz, kmax, kmin, kbs, P, backend=backend)
+        ops.store_sidecar(k_buffer, loc, ops.SidecarLayer(kq, ks, kz, kmax, kmin, kbs), P,
+                          backend=backend)
     return lay

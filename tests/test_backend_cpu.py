@@ -401,10 +401,10 @@ def _reference(run, lid):
     kb, vb = drv.kv.get_key_buffer(lid), drv.kv.get_value_buffer(lid)
     side = _fresh_sidecar(kb, kb.shape[0])
     used = torch.cat([drv.rtt[r, :n].long() for r, n in zip(drv.rows, drv.lens)])
-    ops.store_sidecar(kb, used.sort().values, *side, P, backend="torch")
+    ops.store_sidecar(kb, used.sort().values, ops.SidecarLayer(*side), P, backend="torch")
     p_rows = b.twilight.top_p.table[fb.req_pool_indices]
     return ops.twilight_decode(
-        run.qs[lid], kb, vb, *side, drv.rtt, fb.req_pool_indices, fb.seq_lens, p_rows,
+        run.qs[lid], kb, vb, ops.SidecarLayer(*side), drv.rtt, fb.req_pool_indices, fb.seq_lens, p_rows,
         budget=b.twilight.budget, page_size=P, sm_scale=SM, min_budget=cfg.min_budget,
         max_budget=cfg.max_budget, min_sparse_len=cfg.min_sparse_len, selector=cfg.selector,
         backend="torch"), side

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from sglang_twilight import ops
+from sglang_twilight.kernels import launch
 from tests.pools import make_layout
+
+
+@pytest.fixture
+def row_groups(groups):
+    """The step's requests in ``groups`` row groups from 2 requests on (Quest alone too)."""
+    with launch.override(decode_groups=dict(min_requests=2, groups=groups,
+                                            keep_all_groups=groups)):
+        yield groups
 
 pytestmark = pytest.mark.gpu
 
@@ -35,10 +44,9 @@ def _capture(step):
 
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("H,G,D", [(8, 4, 128), (3, 3, 64)])
-def test_decode_step_graph_replay_equals_eager(H, G, D, groups, monkeypatch):
+def test_decode_step_graph_replay_equals_eager(H, G, D, groups, row_groups):
     """``groups`` 2: the step's requests in two row groups, the second on a side stream (a
     branch of the captured graph)."""
-    monkeypatch.setattr(ops, "DECODE_GROUPS", dict(min_requests=2, groups=groups))
     max_bs, max_ctx, budget = 8, 6000, 1024
     seq = [5000, 17, 3000, 1025, 64, 4096]
     lay = make_layout(seq, H, G, D, device="cuda", peaked=6.0, backend="triton")
@@ -54,8 +62,8 @@ def test_decode_step_graph_replay_equals_eager(H, G, D, groups, monkeypatch):
     out = torch.empty_like(q)
 
     def step():
-        ops.store_sidecar(lay.k_buffer, loc, *lay.sidecar, 16)
-        ops.twilight_decode(q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
+        ops.store_sidecar(lay.k_buffer, loc, lay.sidecar, 16)
+        ops.twilight_decode(q, lay.k_buffer, lay.v_buffer, lay.sidecar, lay.req_to_token,
                             lay.req_pool_indices, seq_lens, p, budget=budget, page_size=16,
                             sm_scale=sm, min_budget=4, max_budget=0, min_sparse_len=100,
                             workspace=ws, out=out)
@@ -96,7 +104,7 @@ def _off_row_zero(lay):
 
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("H,G,D", [(8, 4, 128), (3, 3, 64)])
-def test_padded_graph_batch(H, G, D, groups, monkeypatch):
+def test_padded_graph_batch(H, G, D, groups, row_groups):
     """A decode batch as SGLang's graph runner replays it: captured once at the largest batch
     size, replayed with fewer requests, the rest padding rows (req_pool_index 0, seq_len the
     backend's fill value, out_cache_loc 0: ``PaddingPolicy`` of ``seq_lens`` /
@@ -114,7 +122,6 @@ def test_padded_graph_batch(H, G, D, groups, monkeypatch):
 
     fill = TwilightAttnBackend.get_cuda_graph_seq_len_fill_value(None)
     assert fill == 1  # FlashInfer's, which the twilight backend inherits
-    monkeypatch.setattr(ops, "DECODE_GROUPS", dict(min_requests=2, groups=groups))
     max_bs, max_ctx, budget = 8, 6000, 1024
     seq = [5000, 17, 3000, 1025, 64, 4096]
     lay = _off_row_zero(make_layout(seq, H, G, D, device="cuda", peaked=6.0, backend="triton"))
@@ -126,7 +133,6 @@ def test_padded_graph_batch(H, G, D, groups, monkeypatch):
     table = RequestTopP(lay.req_to_token.shape[0], 0.95, "cuda", register=False)
     for r in range(R):  # each request its own p, as admission writes them
         table.set(int(lay.req_pool_indices[r]), 0.5 + 0.08 * r)
-    last = [lay.req_to_token[lay.req_pool_indices[r], n - 1].long() for r, n in enumerate(seq)]
 
     # static buffers, as SGLang's graph runner owns them (int64 like its registry's slots)
     q = torch.randn(max_bs, H * G, D, device="cuda").to(lay.q.dtype)
@@ -148,9 +154,9 @@ def test_padded_graph_batch(H, G, D, groups, monkeypatch):
                                for r in rows]).long()
 
     def step(bs=max_bs):
-        ops.store_sidecar(lay.k_buffer, loc[:bs], *lay.sidecar, 16)
+        ops.store_sidecar(lay.k_buffer, loc[:bs], lay.sidecar, 16)
         table.rows(rpi[:bs], out=p[:bs])
-        ops.twilight_decode(q[:bs], lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
+        ops.twilight_decode(q[:bs], lay.k_buffer, lay.v_buffer, lay.sidecar, lay.req_to_token,
                             rpi[:bs], seq_lens[:bs], p[:bs], workspace=ws, out=out[:bs], **kw)
 
     fill_batch(list(range(R)), 0)

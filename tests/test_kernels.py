@@ -91,8 +91,8 @@ def test_store_matches_reference(device):
         loc = torch.stack([a.req_to_token[a.req_pool_indices[r], n - 1] for r, n in enumerate(seq)])
         a.k_buffer[loc.long()] = torch.randn_like(a.k_buffer[loc.long()])
         b.k_buffer.copy_(a.k_buffer)
-        ops.store_sidecar(a.k_buffer, loc, *a.sidecar, 16, backend="torch")
-        ops.store_sidecar(b.k_buffer, loc, *b.sidecar, 16, backend="triton")
+        ops.store_sidecar(a.k_buffer, loc, a.sidecar, 16, backend="torch")
+        ops.store_sidecar(b.k_buffer, loc, b.sidecar, 16, backend="triton")
         assert torch.equal(a.kmax, b.kmax) and torch.equal(a.kmin, b.kmin)
         assert torch.equal(a.kbscale, b.kbscale)
 
@@ -189,17 +189,17 @@ def test_prune_matches_reference(device):
         sm = 1 / math.sqrt(D)
         cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token,
                                      lay.req_pool_indices, lay.seq_lens, budget, 16, backend="torch")
-        s1 = ops.int4_scores(lay.q, *lay.sidecar[:3], cand, cnt, sm, backend="torch")
-        s2 = ops.int4_scores(lay.q, *lay.sidecar[:3], cand, cnt, sm, backend="triton")
+        s1 = ops.int4_scores(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, sm, backend="torch")
+        s2 = ops.int4_scores(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, sm, backend="triton")
         valid = torch.isfinite(s1)
         torch.testing.assert_close(s2[valid], s1[valid], atol=1e-4, rtol=1e-5)
         for p in (0.5, 0.9, 0.95, 1.0):
             pr = torch.full((len(seq),), p, device=device)
             pr[0] = 0.9  # per-row p
             for lo_b, hi_b in ((1, 0), (8, 40)):
-                k1, n1 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, pr, sm, lo_b, hi_b,
+                k1, n1 = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, pr, sm, lo_b, hi_b,
                                             backend="torch")
-                k2, n2 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, pr, sm, lo_b, hi_b,
+                k2, n2 = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, pr, sm, lo_b, hi_b,
                                             backend="triton")
                 _assert_same_kept(k1, n1, k2, n2)
                 if p == 1.0:
@@ -224,7 +224,7 @@ def test_estimate_partials_match_reference(device, shapes):
         R, C = len(seq), pages.shape[-1] * 16
         width = E.score_parts_width(C)
         parts = torch.full((R, H, G, 2, width), float("nan"), device=device)
-        s = E.int4_scores_triton(lay.q, *lay.sidecar[:3], pages, cnt, sm, page_size=16,
+        s = E.int4_scores_triton(lay.q, lay.kq, lay.kscale, lay.kzero, pages, cnt, sm, page_size=16,
                                  parts=parts)
         span = E.estimate_span(R * H)
         ref = E.score_parts_ref(s, cnt, span, width)
@@ -236,7 +236,7 @@ def test_estimate_partials_match_reference(device, shapes):
                                    atol=0)
         if -(-C // span) > 1:  # too few partials a head: refused, nothing written
             with pytest.raises(ValueError, match="score partials"):
-                E.int4_scores_triton(lay.q, *lay.sidecar[:3], pages, cnt, sm, page_size=16,
+                E.int4_scores_triton(lay.q, lay.kq, lay.kscale, lay.kzero, pages, cnt, sm, page_size=16,
                                      parts=torch.empty(R, H, G, 2, 1, device=device))
     assert several  # several programs a row somewhere
 
@@ -260,14 +260,16 @@ def test_decode_p1_full_budget_equals_dense(device):
             seq = seq[:8]
         lay = make_layout(seq, H, G, D, dtype=dtype, device=device, backend="triton")
         sm = 1 / math.sqrt(D)
-        o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar,
-                                    lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 1.0,
-                                    budget=max(seq), page_size=16, sm_scale=sm, backend="triton")
-        assert kc.tolist() == [[n] * H for n in seq]
-        torch.testing.assert_close(o.float(), lay.dense(sm), atol=2e-2, rtol=2e-2)
+        for quest_only in (False, True):  # p = 1 through the prune; Quest alone (no prune)
+            o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, lay.sidecar,
+                                        lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 1.0,
+                                        budget=max(seq), page_size=16, sm_scale=sm,
+                                        quest_only=quest_only, backend="triton")
+            assert kc.tolist() == [[n] * H for n in seq]
+            torch.testing.assert_close(o.float(), lay.dense(sm), atol=2e-2, rtol=2e-2)
 
 
-def test_decode_row_groups_equal_one_group(device, monkeypatch):
+def test_decode_row_groups_equal_one_group(device):
     """A step split into row groups (on CUDA, one stream each; 3 groups of 2, 2, 1 requests on
     the CPU) keeps exactly the sets of the one-group step, for Twilight and for Quest alone; the
     output differs only by the attend's split count (its rounding)."""
@@ -281,18 +283,19 @@ def test_decode_row_groups_equal_one_group(device, monkeypatch):
     p = torch.rand(R, device=device) * 0.5 + 0.5
     results = {}
     for n in (1, groups):
-        monkeypatch.setattr(ops, "DECODE_GROUPS", dict(min_requests=2, groups=n))
-        ws = ops.DecodeWorkspace.allocate(R, H, G, D, budget, 16, max(seq), device)
-        assert len(ws.streams) == (n if device == "cuda" and n > 1 else 0)  # one spare
-        for pp in (p, 1.0):
-            o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar,
-                                        lay.req_to_token, lay.req_pool_indices, lay.seq_lens, pp,
-                                        budget=budget, page_size=16, sm_scale=sm,
-                                        min_sparse_len=128, backend="triton", workspace=ws)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            kept = ws.kept_slots if not isinstance(pp, float) else ws.cand_pages
-            results[n, isinstance(pp, float)] = (o.float().clone(), kc.clone(), kept[:R].clone())
+        with launch.override(decode_groups=dict(min_requests=2, groups=n, keep_all_groups=n)):
+            ws = ops.DecodeWorkspace.allocate(R, H, G, D, budget, 16, max(seq), device)
+            assert len(ws.streams) == (n if device == "cuda" and n > 1 else 0)  # one spare
+            for quest_only in (False, True):
+                o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, lay.sidecar,
+                                            lay.req_to_token, lay.req_pool_indices, lay.seq_lens,
+                                            p, budget=budget, page_size=16, sm_scale=sm,
+                                            min_sparse_len=128, quest_only=quest_only,
+                                            backend="triton", workspace=ws)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                kept = ws.cand_pages if quest_only else ws.kept_slots
+                results[n, quest_only] = (o.float().clone(), kc.clone(), kept[:R].clone())
     for quest_alone in (False, True):
         o1, k1, s1 = results[1, quest_alone]
         o2, k2, s2 = results[groups, quest_alone]
@@ -306,7 +309,7 @@ def test_decode_mixed_batch_short_rows_dense(device):
     seq = [40, 700, 1200, 64] if device == "cpu" else [40, 30000, 9000, 64, 100]
     lay = make_layout(seq, H, G, D, device=device, peaked=8.0, backend="triton")
     sm = 1 / math.sqrt(D)
-    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
+    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, lay.sidecar, lay.req_to_token,
                                 lay.req_pool_indices, lay.seq_lens, 0.9, budget=512, page_size=16,
                                 sm_scale=sm, min_sparse_len=128, backend="triton")
     dense = lay.dense(sm)
@@ -571,7 +574,7 @@ def test_decode_p1_as_accurate_as_flashinfer(H, G, D):
     lay.q.mul_(3.0)  # sharper attention, as in trained models
     sm = 1 / math.sqrt(D)
     ref = lay.dense(sm)
-    ours, _ = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar,
+    ours, _ = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, lay.sidecar,
                                   lay.req_to_token, lay.req_pool_indices, lay.seq_lens,
                                   torch.ones(len(seq), device="cuda"), budget=max(seq),
                                   page_size=16, sm_scale=sm, min_budget=1, backend="triton")

@@ -7,6 +7,7 @@ import torch
 
 from sglang_twilight import ops
 from sglang_twilight.kernels import attend as A
+from sglang_twilight.kernels import launch
 from sglang_twilight.kernels import select as SEL
 from sglang_twilight.kernels import store as ST
 from tests.pools import make_layout
@@ -130,7 +131,7 @@ def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
     kq = torch.zeros(S, H, D // 2, dtype=torch.uint8)
     ks, kz = torch.zeros(S, H, dtype=torch.float16), torch.zeros(S, H, dtype=torch.float16)
     kmax, kmin, kbs = ST.bounds_buffers(S // P, H, D, "cpu")
-    args = (kq, ks, kz, kmax, kmin, kbs, P)
+    args = (ops.SidecarLayer(kq, ks, kz, kmax, kmin, kbs), P)
     # extend: request A fills page 3 offsets 0..9, request B page 5 offsets 0..15 + page 2 0..3
     loc = torch.cat([torch.arange(48, 58), torch.arange(80, 96), torch.arange(32, 36)])
     ops.store_sidecar(k_buffer, loc, *args)
@@ -165,16 +166,16 @@ def test_store_sidecar_decode_and_unaligned_extend_and_reuse():
 
 
 def test_bounds_in_another_dtype_are_refused():
-    """The Quest bounds are int8 codes with an fp32 scale: bounds in the KV dtype (the layout of
-    e755c69 and before) get a clear error, not a silent cast."""
+    """The Quest bounds are int8 codes with an fp32 scale: bounds in the KV dtype (an older
+    layout) get a clear error, not a silent cast."""
     lay = make_layout([40, 70], 2, 4, 64)
     pt, n_pages = SEL.page_table_ref(lay.req_to_token, lay.req_pool_indices, lay.seq_lens, 16)
     kmax, kmin = lay.kmax.to(torch.bfloat16), lay.kmin.to(torch.bfloat16)
     with pytest.raises(TypeError, match="int8 codes with an fp32 scale"):
         ops.quest_page_scores(lay.q, kmax, kmin, lay.kbscale, pt, n_pages)
     with pytest.raises(TypeError, match="int8 codes with an fp32 scale"):
-        ops.store_sidecar(lay.k_buffer, torch.arange(3), *lay.sidecar[:3], kmax, kmin,
-                          lay.kbscale, 16)
+        ops.store_sidecar(lay.k_buffer, torch.arange(3), ops.SidecarLayer(
+            lay.kq, lay.kscale, lay.kzero, kmax, kmin, lay.kbscale), 16)
 
 
 # ---------------------------------------------------------------- select / prune / attend
@@ -222,10 +223,10 @@ def test_prune_union_of_per_head_topp_and_clamps():
     H, G, D = 2, 4, 64
     lay, cand, cnt = _prune_inputs([300, 517, 40], H, G, D)
     sm = 1 / math.sqrt(D)
-    scores = ops.int4_scores(lay.q, *lay.sidecar[:3], cand, cnt, sm)
+    scores = ops.int4_scores(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, sm)
     probs = torch.softmax(scores, -1)
     p = torch.tensor([0.9, 0.5, 0.95])
-    kept, kcnt = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, p, sm)
+    kept, kcnt = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, p, sm)
     unions = torch.zeros(probs.shape[0], H, probs.shape[-1], dtype=torch.bool)
     for r in range(3):
         for h in range(H):
@@ -239,7 +240,7 @@ def test_prune_union_of_per_head_topp_and_clamps():
             assert torch.equal(kept[r, h, : want.numel()], want)
     # max clamp keeps the newest and the heaviest of the union (a token outside it ranks below
     # every token in it, however heavy); min clamp tops up with the heaviest
-    kept2, k2 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, p, sm, 1, 3)
+    kept2, k2 = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, p, sm, 1, 3)
     assert bool((k2 <= 3).all())
     w = probs.amax(2)
     for r in range(3):
@@ -250,13 +251,13 @@ def test_prune_union_of_per_head_topp_and_clamps():
             rank = w[r, h, : c - 1] + 2.0 * unions[r, h, : c - 1]
             heavy = torch.argsort(rank, descending=True)[: int(k2[r, h]) - 1]
             assert got == {int(cand[r, h, c - 1])} | set(cand[r, h, heavy].tolist())
-    kept3, k3 = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, 0.01, sm, 100, 0)
+    kept3, k3 = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, 0.01, sm, 100, 0)
     assert k3.tolist() == torch.minimum(cnt, torch.tensor(100)).tolist()
 
 
 def test_prune_p1_keeps_every_candidate():
     lay, cand, cnt = _prune_inputs([300, 77], 2, 8, 128)
-    kept, kcnt = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, 1.0, 0.1, 1, 5)
+    kept, kcnt = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, 1.0, 0.1, 1, 5)
     assert torch.equal(kcnt, cnt) and torch.equal(kept, cand)
 
 
@@ -266,7 +267,7 @@ def test_chained_step_equals_dense_at_p1(H, G, D, dtype):
     seq = [17, 250, 96, 1]
     lay = make_layout(seq, H, G, D, dtype=dtype)
     sm = 1 / math.sqrt(D)
-    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
+    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, lay.sidecar, lay.req_to_token,
                                 lay.req_pool_indices, lay.seq_lens, 1.0, budget=256, page_size=16,
                                 sm_scale=sm)
     assert kc.tolist() == [[n] * H for n in seq]
@@ -278,7 +279,7 @@ def test_chained_step_sparse_keeps_the_mass_and_short_rows_dense():
     seq = [1500, 700, 90]
     lay = make_layout(seq, H, G, D, peaked=8.0)
     sm = 1 / math.sqrt(D)
-    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
+    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, lay.sidecar, lay.req_to_token,
                                 lay.req_pool_indices, lay.seq_lens, 0.95, budget=512, page_size=16,
                                 sm_scale=sm, min_sparse_len=128)
     dense = lay.dense(sm)
@@ -288,7 +289,7 @@ def test_chained_step_sparse_keeps_the_mass_and_short_rows_dense():
     # the kept tokens carry ~p of the *exact* attention mass of every q head
     cand, cnt = ops.quest_select(lay.q, lay.kmax, lay.kmin, lay.kbscale, lay.req_to_token,
                                  lay.req_pool_indices, lay.seq_lens, 512, 16)
-    kept, kcnt = ops.twilight_prune(lay.q, *lay.sidecar[:3], cand, cnt, 0.95, sm)
+    kept, kcnt = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, 0.95, sm)
     assert torch.equal(kcnt[:2], kc[:2])
     masses = []
     for r in range(2):
@@ -304,17 +305,21 @@ def test_chained_step_sparse_keeps_the_mass_and_short_rows_dense():
 
 
 @pytest.mark.parametrize("sms", [8, 78, 132])
-@pytest.mark.parametrize("groups", [dict(min_requests=1 << 30, groups=1),
-                                    dict(min_requests=2, groups=2),
+@pytest.mark.parametrize("groups", [dict(min_requests=1 << 30, groups=1, keep_all_groups=1),
+                                    dict(min_requests=2, groups=2, keep_all_groups=2),
                                     dict(min_requests=8, groups=3, keep_all_groups=1),
-                                    dict(ops.DECODE_GROUPS)])
-def test_attend_splits_fit_the_workspace(sms, groups, monkeypatch):
+                                    launch.get("decode_groups")])
+def test_attend_splits_fit_the_workspace(sms, groups):
     """The attend split count is a power of two in [1, 16], Quest alone (every candidate kept)
     never gets more splits than a pruned step, and the workspace's partials hold the split rows
     of every batch up to its capacity, under both rules and with the step's requests in row
     groups (each group splits its own rows; a short buffer would be overrun on the GPU, where
     nothing checks it)."""
-    monkeypatch.setattr(ops, "DECODE_GROUPS", groups)
+    with launch.override(decode_groups=groups):
+        _check_splits_fit(sms, groups)
+
+
+def _check_splits_fit(sms, groups):
     H, G, D = 8, 4, 128
     for rows in range(1, 600):
         for keep_all in (False, True):
@@ -324,7 +329,7 @@ def test_attend_splits_fit_the_workspace(sms, groups, monkeypatch):
     ws = ops.DecodeWorkspace.allocate(70, H, G, D, 1024, 16, 4096, "cpu")
     for R in range(1, 71):
         for keep_all in (False, True):
-            n = groups.get("keep_all_groups", groups["groups"]) if keep_all else groups["groups"]
+            n = groups["keep_all_groups"] if keep_all else groups["groups"]
             n = 1 if R < groups["min_requests"] else min(n, R)
             sizes = [R // n + (i < R % n) for i in range(n)]
             assert sum(sizes) == R and min(sizes) >= 1
@@ -333,6 +338,31 @@ def test_attend_splits_fit_the_workspace(sms, groups, monkeypatch):
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and bounds[0][0] == 0
             need = sum(r * H * A.attend_splits(r * H, ws.num_sms, keep_all) for r in sizes) * G
             assert ws.mid_lse.numel() >= need and ws.mid_o.shape[0] >= need
+
+
+def test_step_layout_is_made_once_per_step_shape():
+    """The row groups and their workspace slices are made once per (requests, way) and launch
+    table, not once per layer; each group's slices are its own rows and its own partials."""
+    H, G = 2, 4
+    ws = ops.DecodeWorkspace.allocate(12, H, G, 64, 256, 16, 1024, "cpu")
+    a = ws.step_layout(10, False)
+    assert ws.step_layout(10, False) is a  # every later layer and step reuses it
+    assert ws.step_layout(10, True) is not a
+    groups = dict(min_requests=2, groups=3, keep_all_groups=1)
+    with launch.override(decode_groups=groups):
+        b = ws.step_layout(10, False)
+        assert [(r0, r1) for r0, r1, _, _ in b] == [(0, 4), (4, 7), (7, 10)]
+        mid = 0
+        for r0, r1, splits, bufs in b:
+            assert bufs["kept_counts"].data_ptr() == ws.kept_counts[r0].data_ptr()
+            assert bufs["kept_counts"].shape[0] == r1 - r0
+            assert bufs["lo"].data_ptr() == ws.head_lo[r0 * H * G].data_ptr()
+            n_mid = (r1 - r0) * H * splits * G
+            assert bufs["mid_lse"].data_ptr() == ws.mid_lse[mid].data_ptr()
+            assert bufs["mid_lse"].numel() == n_mid
+            mid += n_mid
+    c = ws.step_layout(10, False)  # the table is back: the default plan again
+    assert c is not b and [(r0, r1) for r0, r1, _, _ in c] == [(r0, r1) for r0, r1, _, _ in a]
 
 
 def test_side_streams_never_the_callers():

@@ -215,7 +215,7 @@ def _decode_at(head_dim, device, backend, seed):
     p = torch.tensor([0.9, 0.8, 0.95], device=device)
     kw = dict(budget=64, page_size=P, sm_scale=head_dim ** -0.5, min_budget=8, max_budget=0,
               min_sparse_len=40)
-    args = (lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
+    args = (lay.q, lay.k_buffer, lay.v_buffer, lay.sidecar, lay.req_to_token,
             lay.req_pool_indices, lay.seq_lens, p)
     got = ops.twilight_decode(*args, backend=backend, **kw)
     ref = ops.twilight_decode(*args, backend="torch", **kw)
@@ -349,9 +349,9 @@ def test_smallest_budget_attends_sink_and_current_page(backend):
     lens = [page * 7 + 5, page * 4 + 1]
     lay = make_layout(lens, 2, 2, 64, page_size=page, seed=3)
     sm = 64 ** -0.5
-    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, *lay.sidecar, lay.req_to_token,
-                                lay.req_pool_indices, lay.seq_lens, 1.0, budget=budget,
-                                page_size=page, sm_scale=sm, backend=backend)
+    o, kc = ops.twilight_decode(lay.q, lay.k_buffer, lay.v_buffer, lay.sidecar, lay.req_to_token,
+                                lay.req_pool_indices, lay.seq_lens, budget=budget,
+                                page_size=page, sm_scale=sm, quest_only=True, backend=backend)
     rows = lay.req_to_token[lay.req_pool_indices.long()]
     for r, n in enumerate(lens):
         last = (n - 1) // page * page

@@ -133,7 +133,7 @@ def _compile_all(cap: int) -> list[dict]:
         req_to_token = torch.zeros(R + 1, ctx, dtype=torch.int32)
         q = torch.empty(R, H * G, D, dtype=dtype)
         ops.twilight_decode(
-            q, kbuf, vbuf, *side.layer(0).as_tuple(), req_to_token,
+            q, kbuf, vbuf, side.layer(0), req_to_token,
             torch.arange(1, R + 1, dtype=torch.int64), torch.full((R,), 2000, dtype=torch.int64),
             torch.full((R,), 0.95), budget=cap_budget, page_size=page, sm_scale=1 / math.sqrt(D),
             min_budget=64, max_budget=0, min_sparse_len=min(1024, budget), selector=selector,
