@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -245,7 +244,7 @@ def _child(args, sglang_argv: list[str]) -> None:
     # mean kept tokens per (request, KV head) of the sparse steps: from the device counters
     if decoder is not None:
         c = decoder.kept_stats.counters.cpu()
-        L, B = len(decoder.sparse_layer_ids), decoder.kept_stats.num_bins
+        L = len(decoder.sparse_layer_ids)
         rows_counted = int(c[L, 0])
         info["kept_mean"] = (float(c[:L, 0].sum()) / (rows_counted * L * decoder.num_kv_heads)
                              if rows_counted else None)

@@ -464,13 +464,14 @@ class Run:
         self.refs_ready = threading.Event()
         self.dynamism: Optional[dict] = None
         self.quest_budgets: dict[str, int] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # rows and the file; save() may run in a signal handler
         self.card = args.card or detect_card()
 
     # -- rows
     def add(self, row: dict) -> None:
         with self.lock:
             self.rows.append(row)
+        self.save()  # a run cut short keeps every row it measured
 
     def retrieval_rows(self, ep: Endpoint, p: Optional[float]) -> None:
         for (task, ctx), cell in self.samples.items():
@@ -591,8 +592,7 @@ class Run:
         out = Path(self.args.out_dir) / f"accuracy_smollm2_{card_slug(self.card)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            data = self.payload()
-        out.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+            out.write_text(json.dumps(self.payload(), indent=1, default=_json_default) + "\n")
         return out
 
 
@@ -1061,7 +1061,13 @@ def main(argv=None) -> int:
         for s in started:
             s.stop()
 
-    signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(143)))
+    def terminated(*_):
+        run.errors.append("terminated")
+        cleanup()
+        run.save()
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         if urls:
             evaluate_urls(run, args)

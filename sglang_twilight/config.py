@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional

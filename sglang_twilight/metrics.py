@@ -207,7 +207,6 @@ class KeptStats:
         ``seq_lens``: the rows' context lengths (``[>= bs]``), summed into the context
         counter."""
         layers = layers or slice(0, len(self.layer_ids))
-        H = self.num_kv_heads
         kc = self.staged[layers, :bs].to(torch.int64).clamp_(min=0)  # [l, bs, H]
         if num_valid_rows is None:
             w = torch.ones(bs, dtype=torch.int64, device=self.device)

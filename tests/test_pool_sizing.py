@@ -250,8 +250,6 @@ def test_workspace_reserve_is_the_backend_workspace(setup, twilight_cfg, monkeyp
     """The reserve = the workspace of workspace_rows(eager rows bound) rows, at this geometry,
     once per attention backend; 0 for other backends, a draft worker, or no sparse layer; it
     follows $SGLANG_TWILIGHT_WORKSPACE_MB."""
-    from sglang.srt.runtime_context import get_parallel
-
     from sglang_twilight.backend import workspace_bytes, workspace_rows
     from sglang_twilight.srt_patches import pool_sizing as ps
 
@@ -328,8 +326,6 @@ def test_eager_rows_bound_covers_sglang_request_pool(setup, twilight_cfg):
 def test_reserve_hook_leaves_room_for_the_workspace(setup, twilight_cfg):
     """The AFTER hook takes the reserve off the profiled bytes; the pool sized from what is left
     plus its sidecar plus the workspace fits the bytes SGLang profiled. Other backends: unchanged."""
-    from sglang.srt.runtime_context import get_parallel
-
     from sglang_twilight.srt_patches.pool_sizing import (
         after_compute_cell_size,
         after_profile_available_bytes,
