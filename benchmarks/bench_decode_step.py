@@ -21,7 +21,9 @@ two ways and stores it in ``sglang_twilight/dispatch_profiles.json`` (or ``--pro
 (``--dense-way-from sglang`` takes dense SGLang's times of the same cells as the dense way's;
 with ``--out`` the result is written again with that fit).
 ``--profile AxB,...`` adds, for those cells, the CUDA kernels of a few graph replays of each way
-summed by kernel and by kind (Twilight's kernels, FlashInfer decode, GEMMs, the rest).
+summed by kernel and by kind (Twilight's kernels, FlashInfer decode, GEMMs, the rest), and the
+host side of a few more steps under cProfile (``host``: where the step's time outside its
+kernels goes).
 
 Usage (Llama-3.1-8B shape, dummy weights, flat attention clamped to 512 kept tokens):
     python benchmarks/bench_decode_step.py --model-path /tmp/llama8b-dummy --load-format dummy \\
@@ -279,10 +281,47 @@ def _profile_steps(ids, batch, runner, ob, steps):
     for name, ms in per.items():
         kinds[kind_of(name)] += ms / steps
     top = sorted(per.items(), key=lambda kv: -kv[1])[:25]
+    ids, host = _host_profile(ids, batch, runner, ob, steps)
     return ids, dict(steps=steps, wall_ms=wall, kernel_ms=sum(per.values()) / steps,
                      kinds={k: round(v, 4) for k, v in sorted(kinds.items())},
                      kernels=[dict(name=n[:120], ms=round(ms / steps, 4),
-                                   calls=calls[n] // steps, kind=kind_of(n)) for n, ms in top])
+                                   calls=calls[n] // steps, kind=kind_of(n)) for n, ms in top],
+                     host=host)
+
+
+def _host_profile(ids, batch, runner, ob, steps):
+    """The host side of ``steps`` decode steps under cProfile (which slows Python down, so read
+    the entries against each other, not as absolute times): per step, the functions with the most
+    own time (``torch.cuda.synchronize`` there is the wait for the GPU) and the project's and
+    the attention backend's functions by cumulative time. Where a step's wall time exceeds its
+    kernels' time, this says which host work the GPU waited for."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    prof = cProfile.Profile()
+    sync()
+    prof.enable()
+    for _ in range(steps):
+        ids, _ = ob.decode(ids, batch, runner)
+        sync()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, calls, tottime, cumtime, ...)
+
+    def entry(key, v):
+        return dict(fn=f"{Path(key[0]).name}:{key[1]}:{key[2]}"[:100], calls=v[1] // steps,
+                    own_ms=round(v[2] * 1e3 / steps, 4), cum_ms=round(v[3] * 1e3 / steps, 4))
+
+    own = sorted(stats.items(), key=lambda kv: -kv[1][2])[:20]
+    ours = [kv for kv in stats.items()
+            if any(t in kv[0][0] for t in ("sglang_twilight", "srt_patches", "attention/",
+                                            "cuda_graph_runner", "hook_registry"))]
+    ours = sorted(ours, key=lambda kv: -kv[1][3])[:20]
+    total = sum(v[2] for v in stats.values())
+    return ids, dict(total_ms=round(total * 1e3 / steps, 4), own=[entry(k, v) for k, v in own],
+                     backend_cum=[entry(k, v) for k, v in ours])
 
 
 # --------------------------------------------------------------------------- the parent
