@@ -9,10 +9,14 @@ On one GPU it starts, one after the other and with the same flags and ``--mem-fr
   alone would keep almost every candidate).
 
 Both with CUDA graphs (``--cuda-graph-max-bs-decode`` = the largest concurrency) and
-``--enable-metrics``. For every (context, concurrency) cell it runs ``bench_serving`` with the
-``random-ids`` dataset, fixed input and output lengths (``--random-range-ratio 1``),
-``--max-concurrency`` = concurrency and ``--num-prompts`` = ``--waves`` x concurrency (at least
-``--min-prompts``), and keeps its median / p99 TPOT, median ITL, median TTFT and output tokens/s.
+``--enable-metrics``. For every (context, concurrency) cell it runs ``bench_serving`` (in this
+process, its module imported once) with the ``random-ids`` dataset sent as token ids
+(``--tokenize-prompt``: exactly ``context`` prompt tokens), fixed input and output lengths
+(``--random-range-ratio 1``), ``--max-concurrency`` = concurrency, ``--num-prompts`` =
+``--waves`` x concurrency (at least ``--min-prompts``) and ``--flush-cache`` (the warm-up
+request's prompt is not a cache hit later), and keeps its median / p99 TPOT, median ITL, median
+TTFT and output tokens/s, and the server's own count of the prompt, cached and generated tokens
+over the cell (``server_*_tokens``, from SGLang's ``/metrics``; warm-up included).
 A cell whose requests do not fit the KV pool at once (concurrency x (context + output) > pool
 tokens) is reported as such, not run. For twilight the mean kept tokens per (request, KV head)
 and the share of decode steps that went sparse come from the server's ``/metrics``
@@ -35,11 +39,13 @@ what it measured. ``bench_serving`` needs the ``datasets`` package, one of SGLan
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -80,16 +86,78 @@ def fits(context: int, concurrency: int, output_len: int, pool_tokens: int) -> b
 
 
 def run_bench_serving(port, model_path, extra, out_file, timeout):
-    """One ``python -m sglang.bench_serving`` run; returns its JSON result line (dict)."""
-    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host",
-           "127.0.0.1", "--port", str(port), "--tokenizer", model_path, "--model", model_path,
-           "--output-file", out_file, "--disable-tqdm", "--seed", "1"] + extra
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0 or not os.path.exists(out_file):
-        raise RuntimeError(f"bench_serving failed ({r.returncode}): {r.stderr[-2000:]}")
+    """One run of SGLang's client (``sglang.bench_serving``: its own argument parser and
+    ``run_benchmark``) inside this process: the client module is imported once per benchmark,
+    not once per cell (a fresh ``python -m sglang.bench_serving`` spends 10-25 s importing SGLang
+    before its first request). Returns its JSON result line (dict) and the equivalent command.
+    A run that has not finished after ``timeout`` s raises TimeoutError (its thread is left to
+    end with the server)."""
+    from sglang.benchmark import serving
+
+    argv = ["--backend", "sglang", "--host", "127.0.0.1", "--port", str(port), "--tokenizer",
+            model_path, "--model", model_path, "--output-file", out_file, "--disable-tqdm",
+            "--seed", "1"] + extra
+    cmd = [sys.executable, "-m", "sglang.bench_serving"] + argv
+    box: dict = {}
+
+    def go():
+        saved = sys.argv
+        sys.argv = ["sglang.bench_serving"] + argv
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as text:
+                serving.cli_main()
+        except BaseException as e:  # noqa: BLE001 - SystemExit from argparse included
+            box["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            sys.argv = saved
+        box["stdout"] = text.getvalue() if "text" in locals() else ""
+
+    th = threading.Thread(target=go, daemon=True, name="bench_serving")
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        raise TimeoutError(f"bench_serving did not finish in {timeout:.0f} s")
+    if "error" in box or not os.path.exists(out_file):
+        raise RuntimeError(f"bench_serving failed: {box.get('error')}; output: "
+                           f"{box.get('stdout', '')[-1500:]}")
     with open(out_file) as f:
         lines = [ln for ln in f.read().splitlines() if ln.strip()]
     return json.loads(lines[-1]), cmd
+
+
+def client_args(kind, ctx, conc, output_len, n, shared_prefix=None):
+    """``bench_serving`` flags of one cell. Every run flushes the radix cache after its warm-up
+    request (which is the first prompt: without the flush, that prompt's prefill would be a cache
+    hit). ``random-ids`` prompts go as token ids (``--tokenize-prompt``): as text, the client
+    decodes random ids and the server tokenizes them again into a different count, which may
+    even overflow the context window. ``generated-shared-prefix`` only sends text (SGLang's
+    client refuses ids there), so its token counts are the server's (``server_*`` in the
+    rows)."""
+    if kind == "random":
+        return ["--dataset-name", "random-ids", "--tokenize-prompt", "--random-input-len",
+                str(ctx), "--random-output-len", str(output_len), "--random-range-ratio", "1",
+                "--num-prompts", str(n), "--max-concurrency", str(conc), "--flush-cache"]
+    sp = shared_prefix
+    return ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(sp["groups"]),
+            "--gsp-prompts-per-group", str(sp["per_group"]), "--gsp-system-prompt-len",
+            str(sp["system_len"]), "--gsp-question-len", str(sp["question_len"]),
+            "--gsp-output-len", str(output_len), "--max-concurrency", str(conc), "--flush-cache"]
+
+
+TOKEN_COUNTERS = {"sglang:prompt_tokens_total": "prompt", "sglang:cached_tokens_total": "cached",
+                  "sglang:generation_tokens_total": "generation"}
+
+
+def server_tokens(metrics_text):
+    """SGLang's own token counters in a ``/metrics`` text (summed over label sets): prompt
+    tokens received, of them served from the radix cache, and tokens generated."""
+    from sglang_twilight.metrics import parse_prometheus
+
+    out = dict.fromkeys(TOKEN_COUNTERS.values(), 0.0)
+    for name, _, value in parse_prometheus(metrics_text):
+        if name in TOKEN_COUNTERS:
+            out[TOKEN_COUNTERS[name]] += value
+    return out
 
 
 def main():
@@ -175,21 +243,16 @@ def main():
                     continue
                 if kind == "random":
                     n = max(args.min_prompts, args.waves * conc)
-                    extra = ["--dataset-name", "random-ids", "--random-input-len", str(ctx),
-                             "--random-output-len", str(args.output_len),
-                             "--random-range-ratio", "1", "--num-prompts", str(n),
-                             "--max-concurrency", str(conc)]
+                    extra = client_args(kind, ctx, conc, args.output_len, n)
                 else:
                     sp = preset["shared_prefix"]
                     n = sp["groups"] * sp["per_group"]
-                    extra = ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups",
-                             str(sp["groups"]), "--gsp-prompts-per-group", str(sp["per_group"]),
-                             "--gsp-system-prompt-len", str(sp["system_len"]),
-                             "--gsp-question-len", str(sp["question_len"]), "--gsp-output-len",
-                             str(args.output_len), "--max-concurrency", str(conc)]
+                    extra = client_args(kind, ctx, conc, args.output_len, n, sp)
                     row["shared_prefix"] = sp
                 row["num_prompts"] = n
-                before = read_kept(srv.get_text("/metrics")) if method == "twilight" else None
+                text = srv.get_text("/metrics")
+                tokens_before = server_tokens(text)
+                before = read_kept(text) if method == "twilight" else None
                 with tempfile.TemporaryDirectory() as tmp:
                     try:
                         res, cmd = run_bench_serving(args.port, model_path, extra,
@@ -202,12 +265,19 @@ def main():
                         last = [ln for ln in row["error"].splitlines() if ln.strip()][-3:]
                         print(f"[{method}] {kind} {ctx} x {conc}: error: " + " | ".join(last),
                               flush=True)
+                        if isinstance(e, TimeoutError):  # its requests may still be running
+                            print(f"[{method}] stopping this server's cells", flush=True)
+                            break
                         continue
                 row.update({ours: res.get(theirs) for theirs, ours in RESULT_KEYS.items()})
                 row["bench_serving_command"] = " ".join(cmd[1:])
+                time.sleep(0.5)  # the counters' last snapshot lands on a later step
+                text = srv.get_text("/metrics")
+                # what the server saw, warm-up request included: the prompts' real lengths
+                got = server_tokens(text)
+                row.update({f"server_{k}_tokens": got[k] - tokens_before[k] for k in got})
                 if before is not None:
-                    time.sleep(0.5)  # the counters' last snapshot lands on a later step
-                    after = read_kept(srv.get_text("/metrics"))
+                    after = read_kept(text)
                     row["kept_tokens_mean"] = mean_kept(before, after)
                     steps = {w: after["steps"].get(w, 0) - before["steps"].get(w, 0)
                              for w in ("sparse", "dense")}
