@@ -13,7 +13,9 @@
    (SGLang's spawned processes inherit it).
 5. Every other flag goes untouched to SGLang's own entry (``prepare_server_args`` +
    ``run_server`` of ``sglang.launch_server``), with ``--attention-backend twilight`` and
-   ``--page-size <twilight page size>`` added unless given.
+   ``--page-size <twilight page size>`` added unless given. Between the two, a setup the
+   backend refuses (``backend.check_server_args``: KV written outside the sidecar's reach)
+   and SGLang's own argument errors stop it with one line, before any weights load.
 
 ``--help`` prints the launcher's part (standard library only, flushed at once), then SGLang's
 flag list.
@@ -360,11 +362,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
-    server_args = prepare_server_args(sglang_argv)
+    try:
+        server_args = prepare_server_args(sglang_argv)
+    except ValueError as e:  # SGLang's own argument checks: one line, not a traceback
+        _fail("SGLang refused the server arguments: " + " ".join(str(e).split()))
     for flag in BACKEND_FLAGS:  # e.g. an abbreviation or a --config file set another one
         value = getattr(server_args, flag.lstrip("-").replace("-", "_"))
         if value is not None and value != BACKEND:
             _fail(f"{flag}: invalid value {value} (allowed: {BACKEND})")
+    # the backend refuses these setups when the scheduler builds it, after the weights are
+    # loaded; here the same one-line refusal comes before anything is loaded
+    from sglang_twilight.backend import TwilightUnsupportedError, check_server_args
+
+    try:
+        check_server_args(server_args, cfg)
+    except TwilightUnsupportedError as e:
+        _fail(str(e))
     try:
         run_server(server_args)
     finally:

@@ -174,6 +174,36 @@ print("RESULT " + json.dumps(seen))
     assert cfg_lines == ["sglang-twilight: " + L.describe_config(TwilightConfig(top_p=0.85, page_size=32))]
 
 
+@pytest.mark.parametrize("flags,named", [
+    (["--radix-cache-backend", "my_cache"], "--radix-cache-backend: my_cache; "),
+    (["--enable-flexkv"], "--enable-flexkv: "),
+    # SGLang refuses this one itself, for any backend but its own five
+    (["--enable-deterministic-inference"], "SGLang refused the server arguments: "),
+])
+def test_refusals_come_before_the_model_loads(tmp_path, flags, named):
+    """A setup the backend refuses stops the launcher with the backend's one line, before
+    SGLang's run_server (which would load the weights first and refuse in the scheduler);
+    SGLang's own argument errors come as one line too, not a traceback."""
+    model = write_tiny_llama(tmp_path / "tiny-llama")
+    code = NO_GPU_CHECK + """
+import sglang.launch_server
+def fake_run_server(server_args):
+    print("RUN_SERVER CALLED")
+sglang.launch_server.run_server = fake_run_server
+L.main(sys.argv[1:])
+"""
+    r = _run_code(code, ["--model-path", str(model), "--device", "cpu", *flags])
+    assert "RUN_SERVER CALLED" not in r.stdout
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith(PREFIX)]
+    assert len(errors) == 1 and errors[0].startswith(PREFIX + named), r.stderr[-3000:]
+    if named.startswith("--"):
+        assert errors[0].endswith("(not supported by --attention-backend twilight)")
+    else:
+        assert "deterministic inference" in errors[0] and "twilight" in errors[0]
+    assert "Traceback" not in r.stderr
+
+
 # --------------------------------------------------------------------------- --help
 
 
