@@ -33,7 +33,10 @@ with dummy weights from ``--model-path``; contexts 2k / 8k / 16k / 30k x concurr
         --out benchmarks/results/tpot_llama8b_h100.json
 Writes the JSON and a PNG beside it (TPOT per cell, dense vs twilight, and their ratio). The JSON
 is rewritten after every cell (``"complete": false`` until the last), so a run cut short keeps
-what it measured. ``bench_serving`` needs the ``datasets`` package, one of SGLang's dependencies.
+what it measured; ``--merge`` keeps the rows of the methods not run now from an existing
+``--out`` of the same model, card and commit, so the two methods may run one after the other in
+separate invocations on one machine. ``bench_serving`` needs the ``datasets`` package, one of
+SGLang's dependencies.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from benchmarks.common import progress, write_result  # noqa: E402
+from benchmarks.common import card_name, command, commit, progress, write_result  # noqa: E402
 from benchmarks.servers import Server  # noqa: E402
 
 PRESETS = {
@@ -178,6 +181,10 @@ def main():
     ap.add_argument("--cell-timeout", type=float, default=600)
     ap.add_argument("--log-dir", default=None, help="server logs (default: beside --out)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the methods not run now from an existing --out (same "
+                         "model, output length, card and commit): dense and twilight measured "
+                         "in two runs on one machine")
     args, extra_server = ap.parse_known_args()
     preset = PRESETS[args.model]
     model_path = args.model_path
@@ -204,7 +211,15 @@ def main():
     os.environ.setdefault("SGLANG_TWILIGHT_METRICS_INTERVAL", "4")
     log_dir = args.log_dir or os.path.dirname(os.path.abspath(args.out))
     os.makedirs(log_dir, exist_ok=True)
+    methods = args.methods.split(",")
     rows, meta = [], {}
+    if args.merge and os.path.exists(args.out):
+        try:
+            rows, meta = prior_rows(args.out, args.model, args.output_len, methods, card_name(),
+                                    commit())
+        except ValueError as e:
+            ap.error(f"--merge: {e}")
+        print(f"kept {len(rows)} rows of {', '.join(sorted(meta))} from {args.out}", flush=True)
     from sglang_twilight.metrics import mean_kept, read_kept
 
     def save(complete: bool = False) -> dict:
@@ -215,7 +230,7 @@ def main():
             output_len=args.output_len, top_p_attn=args.top_p_attn, complete=complete,
             rows=rows, ratios=_ratios(rows)))
 
-    for method in args.methods.split(","):
+    for method in methods:
         t0 = time.time()
         log_path = os.path.join(log_dir, f"server_{args.model}_{method}.log")
         with Server(method, servers[method], args.port, log_path) as srv:
@@ -225,7 +240,8 @@ def main():
                 raise RuntimeError(f"{method} server: /server_info answered {st}: "
                                    f"{str(info)[:300]}")
             pool = int(info.get("max_total_num_tokens") or 0)
-            meta[method] = dict(argv=servers[method], ready_s=ready_s, pool_tokens=pool)
+            meta[method] = dict(argv=servers[method], ready_s=ready_s, pool_tokens=pool,
+                                command=command())
             print(f"[{method}] ready in {ready_s:.0f} s, pool {pool} tokens", flush=True)
             jobs = [("random", c, n) for c, n in cells]
             if args.shared_prefix:
@@ -294,6 +310,22 @@ def main():
     written = save(complete=True)
     _plot(written, os.path.splitext(args.out)[0] + ".png")
     print(f"wrote {args.out}")
+
+
+def prior_rows(path, model, output_len, methods, card, commit_):
+    """The rows and server records of an earlier result at ``path`` for every method not in
+    ``methods``; ValueError when that result is of another model, output length, card or
+    commit (its rows would not compare)."""
+    with open(path) as f:
+        old = json.load(f)
+    for what, have, want in (("model", old.get("model"), model),
+                             ("output length", old.get("output_len"), output_len),
+                             ("card", old.get("card"), card), ("commit", old.get("commit"), commit_)):
+        if have != want:
+            raise ValueError(f"{path} has {what} {have!r}, this run {want!r}")
+    keep = [r for r in old.get("rows", []) if r.get("method") not in methods]
+    meta = {m: v for m, v in (old.get("servers") or {}).items() if m not in methods}
+    return keep, meta
 
 
 def _ratios(rows):

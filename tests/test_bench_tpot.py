@@ -129,3 +129,26 @@ def test_run_bench_serving_times_out(fake_client, tmp_path):
     fake_client["mode"] = "hang"
     with pytest.raises(TimeoutError):
         run_bench_serving(30200, "/m", [], str(tmp_path / "r.jsonl"), timeout=0.5)
+
+
+def test_merge_keeps_the_other_methods_rows_of_the_same_setup(tmp_path):
+    import json
+
+    from benchmarks.bench_tpot import prior_rows
+
+    path = tmp_path / "tpot.json"
+    base = dict(model="llama8b", output_len=256, card="NVIDIA H100 80GB HBM3", commit="abc1234",
+                servers={"dense": {"pool_tokens": 10}, "twilight": {"pool_tokens": 9}},
+                rows=[dict(method="dense", context=2048, concurrency=1, tpot_ms_median=6.5),
+                      dict(method="twilight", context=2048, concurrency=1, tpot_ms_median=6.6)])
+    path.write_text(json.dumps(base))
+    rows, meta = prior_rows(path, "llama8b", 256, ["twilight"], "NVIDIA H100 80GB HBM3",
+                            "abc1234")
+    assert [r["method"] for r in rows] == ["dense"] and set(meta) == {"dense"}
+    for field, args in (("model", ("smollm2", 256)), ("output length", ("llama8b", 512))):
+        with pytest.raises(ValueError, match=field):
+            prior_rows(path, *args, ["twilight"], "NVIDIA H100 80GB HBM3", "abc1234")
+    with pytest.raises(ValueError, match="card"):
+        prior_rows(path, "llama8b", 256, ["twilight"], "NVIDIA H200", "abc1234")
+    with pytest.raises(ValueError, match="commit"):
+        prior_rows(path, "llama8b", 256, ["twilight"], "NVIDIA H100 80GB HBM3", "fff0000")
