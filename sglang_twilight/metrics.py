@@ -71,6 +71,14 @@ CONTEXT_GAUGE_DOC = "context length summed over the rows counted in sglang_twili
 STEPS_GAUGE_NAME = "sglang_twilight_decode_steps"
 STEPS_GAUGE_DOC = ("decode steps since start by path (sparse: Twilight, dense: FlashInfer), as "
                    "--twilight-dispatch chose them")
+# name -> (doc, label names) of every gauge KeptStats publishes
+_GAUGE_SPECS = {
+    GAUGE_NAME: (GAUGE_DOC, ("tp_rank", "layer", "stat")),
+    SUM_GAUGE_NAME: (SUM_GAUGE_DOC, ("tp_rank", "layer", "kv_head")),
+    ROWS_COUNT_GAUGE_NAME: (ROWS_COUNT_GAUGE_DOC, ("tp_rank",)),
+    CONTEXT_GAUGE_NAME: (CONTEXT_GAUGE_DOC, ("tp_rank",)),
+    STEPS_GAUGE_NAME: (STEPS_GAUGE_DOC, ("tp_rank", "path")),
+}
 
 
 def bin_edges(exact_below: int = EXACT_BELOW, per_octave: int = BINS_PER_OCTAVE,
@@ -187,6 +195,7 @@ class KeptStats:
         self._metrics = metrics_enabled() if metrics is None else bool(metrics)
         self._registry = registry
         self._gauge = _gauge(registry) if self._metrics else None
+        self._children: dict[tuple, Any] = {}  # (gauge name, labels) -> its child
 
     # ------------------------------------------------------------------ device side
     def stage(self, layer_id: int, kept_counts: torch.Tensor, bs: int) -> None:
@@ -299,24 +308,32 @@ class KeptStats:
         if self._gauge is not None:
             for lid, s in report.items():
                 for stat in STATS:
-                    self._gauge.labels(tp_rank=self.tp_rank, layer=str(lid), stat=stat).set(s[stat])
+                    self._child(GAUGE_NAME, str(lid), stat).set(s[stat])
             self._publish_totals()
 
+    def _child(self, name: str, *labels: str) -> Any:
+        """The gauge ``name``'s child for (this rank, ``labels``), looked up once: a snapshot
+        sets a few hundred of them on the scheduler's thread, and prometheus_client's
+        ``labels()`` lookup cost as much as the ``set()``."""
+        key = (name, labels)
+        child = self._children.get(key)
+        if child is None:
+            doc, names = _GAUGE_SPECS[name]
+            child = _gauge(self._registry, name, doc, names).labels(self.tp_rank, *labels)
+            self._children[key] = child
+        return child
+
     def _publish_totals(self) -> None:
-        reg, r = self._registry, self.tp_rank
         totals = getattr(self, "totals", None)
         if totals is not None:
-            g = _gauge(reg, SUM_GAUGE_NAME, SUM_GAUGE_DOC, ("tp_rank", "layer", "kv_head"))
+            sums = totals["head_sums"].tolist()
             for li, lid in enumerate(self.layer_ids):
-                for h, v in enumerate(totals["head_sums"][li].tolist()):
-                    g.labels(tp_rank=r, layer=str(lid), kv_head=str(h)).set(v)
-            _gauge(reg, ROWS_COUNT_GAUGE_NAME, ROWS_COUNT_GAUGE_DOC, ("tp_rank",)).labels(
-                tp_rank=r).set(totals["rows"])
-            _gauge(reg, CONTEXT_GAUGE_NAME, CONTEXT_GAUGE_DOC, ("tp_rank",)).labels(
-                tp_rank=r).set(totals["context_tokens"])
-        g = _gauge(reg, STEPS_GAUGE_NAME, STEPS_GAUGE_DOC, ("tp_rank", "path"))
+                for h, v in enumerate(sums[li]):
+                    self._child(SUM_GAUGE_NAME, str(lid), str(h)).set(v)
+            self._child(ROWS_COUNT_GAUGE_NAME).set(totals["rows"])
+            self._child(CONTEXT_GAUGE_NAME).set(totals["context_tokens"])
         for path, n in self.steps.items():
-            g.labels(tp_rank=r, path=path).set(n)
+            self._child(STEPS_GAUGE_NAME, path).set(n)
 
 
 class PrefillRowCounter:

@@ -14,8 +14,8 @@ import textwrap
 import pytest
 import torch
 
-from sglang_twilight.metrics import (GAUGE_NAME, ROWS_GAUGE_NAME, KeptStats, PrefillRowCounter,
-                                     bin_edges, stats_from_histogram)
+from sglang_twilight.metrics import (GAUGE_NAME, ROWS_GAUGE_NAME, SUM_GAUGE_NAME, KeptStats,
+                                     PrefillRowCounter, bin_edges, stats_from_histogram)
 
 
 def nearest_rank(values, q):
@@ -171,6 +171,21 @@ def test_prometheus_gauge_when_enabled():
             v = reg.get_sample_value(GAUGE_NAME, {"tp_rank": "1", "layer": str(lid), "stat": stat})
             assert v == pytest.approx(rep[lid][stat]), (lid, stat)
     assert reg.get_sample_value(GAUGE_NAME, {"tp_rank": "1", "layer": "2", "stat": "mean"}) == 25
+    # a later snapshot updates the same series (the children are looked up once, then reused)
+    st.record(2, torch.tensor([[50, 60], [70, 80]]), 2)
+    st.record(9, torch.tensor([[2, 2], [2, 2]]), 2)
+    st.count_step(True)
+    rep = st.on_step()
+    assert rep[2]["mean"] == pytest.approx((10 + 20 + 30 + 40 + 50 + 60 + 70 + 80) / 8)
+    assert reg.get_sample_value(GAUGE_NAME, {"tp_rank": "1", "layer": "2", "stat": "mean"}) == \
+        pytest.approx(rep[2]["mean"])
+    assert reg.get_sample_value(SUM_GAUGE_NAME, {"tp_rank": "1", "layer": "2", "kv_head": "1"}) \
+        == 20 + 40 + 60 + 80
+    assert reg.get_sample_value(SUM_GAUGE_NAME, {"tp_rank": "1", "layer": "9", "kv_head": "0"}) \
+        == 1 + 1 + 2 + 2
+    assert reg.get_sample_value("sglang_twilight_kept_rows", {"tp_rank": "1"}) == 4
+    assert reg.get_sample_value("sglang_twilight_decode_steps",
+                                {"tp_rank": "1", "path": "sparse"}) == 1
 
     off = CollectorRegistry()
     st2 = KeptStats([2], max_rows=1, num_kv_heads=1, device="cpu", interval=1, metrics=False, registry=off)
