@@ -104,16 +104,16 @@ def run_bench_serving(port, model_path, extra, out_file, timeout):
     box: dict = {}
 
     def go():
-        saved = sys.argv
+        saved, text = sys.argv, io.StringIO()
         sys.argv = ["sglang.bench_serving"] + argv
         try:
-            with contextlib.redirect_stdout(io.StringIO()) as text:
+            with contextlib.redirect_stdout(text):
                 serving.cli_main()
         except BaseException as e:  # noqa: BLE001 - SystemExit from argparse included
             box["error"] = f"{type(e).__name__}: {e}"
         finally:
             sys.argv = saved
-        box["stdout"] = text.getvalue() if "text" in locals() else ""
+        box["stdout"] = text.getvalue()
 
     th = threading.Thread(target=go, daemon=True, name="bench_serving")
     th.start()

@@ -194,7 +194,8 @@ class KeptStats:
 
         self._metrics = metrics_enabled() if metrics is None else bool(metrics)
         self._registry = registry
-        self._gauge = _gauge(registry) if self._metrics else None
+        if self._metrics:  # declared now, as before any snapshot; its series are set by _child
+            _gauge(registry)
         self._children: dict[tuple, Any] = {}  # (gauge name, labels) -> its child
 
     # ------------------------------------------------------------------ device side
@@ -305,7 +306,7 @@ class KeptStats:
             )
             logger.debug("twilight kept tokens per (request, KV head), last %d steps: %s",
                          steps, body)
-        if self._gauge is not None:
+        if self._metrics:
             for lid, s in report.items():
                 for stat in STATS:
                     self._child(GAUGE_NAME, str(lid), stat).set(s[stat])

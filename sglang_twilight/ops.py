@@ -303,8 +303,7 @@ def twilight_decode(q, k_buffer, v_buffer, side: SidecarLayer, req_to_token, req
                                       page_size, max_ctx, q.device)
     elif selector == "none" and ws.capacity < ws.max_pages * page_size:
         raise ValueError("selector 'none' needs a workspace whose capacity covers the max context")
-    keep_all = bool(quest_only)
-    layout = ws.step_layout(R, keep_all)
+    layout = ws.step_layout(R, quest_only)
     if out is None:
         out = torch.empty_like(q)
     main = torch.cuda.current_stream(q.device) if q.is_cuda else None
@@ -315,7 +314,7 @@ def twilight_decode(q, k_buffer, v_buffer, side: SidecarLayer, req_to_token, req
     for i, (r0, r1, splits, bufs) in enumerate(layout):
         rows = slice(r0, r1)
         args = (q[rows], k_buffer, v_buffer, side, req_to_token, req_pool_indices[rows],
-                seq_lens[rows], None if keep_all else pr[rows])
+                seq_lens[rows], None if quest_only else pr[rows])
         kw = dict(budget=ws.capacity, page_size=page_size, sm_scale=sm_scale,
                   min_budget=min_budget, max_budget=max_budget, max_pages=ws.max_pages,
                   splits=splits, out=out[rows], step_heads=step_heads, **bufs)
@@ -326,7 +325,7 @@ def twilight_decode(q, k_buffer, v_buffer, side: SidecarLayer, req_to_token, req
             _decode_rows_triton(*args, **kw)
     for s in streams:
         main.wait_stream(s)  # the step ends when every group has
-    return out, (ws.cand_counts if keep_all else ws.kept_counts)[:R]  # Quest alone: candidates
+    return out, (ws.cand_counts if quest_only else ws.kept_counts)[:R]  # Quest alone: candidates
 
 
 def side_streams(pool, main, n):
