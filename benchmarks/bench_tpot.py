@@ -320,7 +320,8 @@ def prior_rows(path, model, output_len, methods, card, commit_):
         old = json.load(f)
     for what, have, want in (("model", old.get("model"), model),
                              ("output length", old.get("output_len"), output_len),
-                             ("card", old.get("card"), card), ("commit", old.get("commit"), commit_)):
+                             ("card", old.get("card"), card),
+                             ("commit", old.get("commit"), commit_)):
         if have != want:
             raise ValueError(f"{path} has {what} {have!r}, this run {want!r}")
     keep = [r for r in old.get("rows", []) if r.get("method") not in methods]

@@ -197,10 +197,10 @@ def test_prune_matches_reference(device):
             pr = torch.full((len(seq),), p, device=device)
             pr[0] = 0.9  # per-row p
             for lo_b, hi_b in ((1, 0), (8, 40)):
-                k1, n1 = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, pr, sm, lo_b, hi_b,
-                                            backend="torch")
-                k2, n2 = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, pr, sm, lo_b, hi_b,
-                                            backend="triton")
+                k1, n1 = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, pr,
+                                            sm, lo_b, hi_b, backend="torch")
+                k2, n2 = ops.twilight_prune(lay.q, lay.kq, lay.kscale, lay.kzero, cand, cnt, pr,
+                                            sm, lo_b, hi_b, backend="triton")
                 _assert_same_kept(k1, n1, k2, n2)
                 if p == 1.0:
                     assert torch.equal(n2[1:], cnt[1:])
@@ -236,8 +236,8 @@ def test_estimate_partials_match_reference(device, shapes):
                                    atol=0)
         if -(-C // span) > 1:  # too few partials a head: refused, nothing written
             with pytest.raises(ValueError, match="score partials"):
-                E.int4_scores_triton(lay.q, lay.kq, lay.kscale, lay.kzero, pages, cnt, sm, page_size=16,
-                                     parts=torch.empty(R, H, G, 2, 1, device=device))
+                E.int4_scores_triton(lay.q, lay.kq, lay.kscale, lay.kzero, pages, cnt, sm,
+                                     page_size=16, parts=torch.empty(R, H, G, 2, 1, device=device))
     assert several  # several programs a row somewhere
 
 
