@@ -20,7 +20,9 @@ over the cell (``server_*_tokens``, from SGLang's ``/metrics``; warm-up included
 A cell whose requests do not fit the KV pool at once (concurrency x (context + output) > pool
 tokens) is reported as such, not run. For twilight the mean kept tokens per (request, KV head)
 and the share of decode steps that went sparse come from the server's ``/metrics``
-(``sglang_twilight_kept_tokens_sum`` etc., read before and after each cell). One
+(``sglang_twilight_kept_tokens_sum`` etc., read before and after each cell; the server
+publishes them every 16 decode steps, its default, so up to 15 steps of a cell's end are counted
+in the next cell: the server runs as a user's would, snapshot cost included). One
 ``generated-shared-prefix`` cell per model (``--shared-prefix``) checks that the advantage holds
 on radix-cache hits.
 
@@ -207,8 +209,6 @@ def main():
         "twilight": [sys.executable, "-m", "sglang_twilight.launch_server", "--top-p-attn",
                      str(args.top_p_attn)] + preset["twilight"] + common,
     }
-    # the kept-token counters reach /metrics every this many decode steps
-    os.environ.setdefault("SGLANG_TWILIGHT_METRICS_INTERVAL", "4")
     log_dir = args.log_dir or os.path.dirname(os.path.abspath(args.out))
     os.makedirs(log_dir, exist_ok=True)
     methods = args.methods.split(",")

@@ -59,8 +59,12 @@ def step_features(seq_lens: Sequence[int] | Any, capacity: int, rows: Optional[i
             import torch
 
             if isinstance(seq_lens, torch.Tensor):
-                t = seq_lens.to("cpu", torch.int64)
-                return [1.0, float(t.numel()), float(t.sum()), float(t.clamp(max=capacity).sum())]
+                # on the host before every decode step: numpy's sums cost a third of torch's
+                import numpy as np
+
+                a = (seq_lens if seq_lens.device.type == "cpu" else seq_lens.cpu()).numpy()
+                return [1.0, float(a.size), float(a.sum(dtype=np.int64)),
+                        float(np.minimum(a, capacity).sum(dtype=np.int64))]
         except ImportError:  # pragma: no cover
             pass
         lens = [int(x) for x in seq_lens]

@@ -17,7 +17,10 @@ int64 device tensor, cumulative since the last reset:
 Outside the graph, once per real decode step, the backend calls ``stats.on_step()``. Every
 ``interval`` steps (``$SGLANG_TWILIGHT_METRICS_INTERVAL``, default 16) it starts a non-blocking
 copy of the counters to pinned host memory and records an event; a later ``on_step`` whose event
-has completed (``event.query()``, never a wait) reads it. Published from each snapshot:
+has completed (``event.query()``, never a wait) reads it. When every step since the last snapshot
+went dense (``--twilight-dispatch``, counted by ``count_step``) the counters have not moved: no
+copy is made and only the step counts are published, so dense-way steps pay no snapshot.
+Published from each snapshot:
 
 * over the last ``window`` steps (the difference of two snapshots), per layer: the mean (exact),
   p50 and p99 (nearest rank; exact below 128 tokens, within one < 3 % bin above) of the kept
@@ -181,6 +184,7 @@ class KeptStats:
         self._bin_base = (torch.arange(L, dtype=torch.int64, device=self.device)
                           * self.counters.shape[1] + 1).view(L, 1)
         self.steps = {"sparse": 0, "dense": 0}  # host-side, real decode steps
+        self._steps_at_snap = dict(self.steps)  # self.steps when the last snapshot was taken
 
         self._on_cuda = self.device.type == "cuda"
         self._host = torch.zeros(self.counters.shape, dtype=torch.int64,
@@ -270,6 +274,13 @@ class KeptStats:
                 self._pending = None
                 report = self._consume(step, self._host.clone())
         if self._pending is None and self._step % self.interval == 0:
+            if self._dense_only_since_snapshot():
+                # the counters have not moved: only the step counts are new
+                self._steps_at_snap = dict(self.steps)
+                if self._metrics:
+                    self._publish_steps()
+                return report
+            self._steps_at_snap = dict(self.steps)
             if self._on_cuda:
                 self._host.copy_(self.counters, non_blocking=True)
                 event = torch.cuda.Event()
@@ -279,6 +290,14 @@ class KeptStats:
                 self._host.copy_(self.counters)
                 report = self._consume(self._step, self._host.clone())
         return report
+
+    def _dense_only_since_snapshot(self) -> bool:
+        """Every decode step counted since the last snapshot went dense: no sparse layer ran, so
+        the device counters are unchanged and a snapshot would only cost host time (the
+        dense-way steps of ``--twilight-dispatch auto`` are the short, host-bound ones). The
+        report and the per-layer gauges then keep describing the latest sparse steps."""
+        last = self._steps_at_snap
+        return self.steps["sparse"] == last["sparse"] and self.steps["dense"] > last["dense"]
 
     def _consume(self, step: int, snap: torch.Tensor) -> dict[int, dict[str, float]]:
         snaps = self._snaps
@@ -333,6 +352,9 @@ class KeptStats:
                     self._child(SUM_GAUGE_NAME, str(lid), str(h)).set(v)
             self._child(ROWS_COUNT_GAUGE_NAME).set(totals["rows"])
             self._child(CONTEXT_GAUGE_NAME).set(totals["context_tokens"])
+        self._publish_steps()
+
+    def _publish_steps(self) -> None:
         for path, n in self.steps.items():
             self._child(STEPS_GAUGE_NAME, path).set(n)
 

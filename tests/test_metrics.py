@@ -195,6 +195,38 @@ def test_prometheus_gauge_when_enabled():
     assert off.get_sample_value(GAUGE_NAME, {"tp_rank": "0", "layer": "2", "stat": "mean"}) is None
 
 
+def test_dense_steps_take_no_snapshot(monkeypatch):
+    """Steps that all went dense leave the counters as they were: no copy, no report, only the
+    step counts published; the first sparse step after them brings the snapshots back."""
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    st = KeptStats([2], max_rows=2, num_kv_heads=1, device="cpu", window=64, interval=2,
+                   metrics=True, registry=reg)
+    consumed = []
+    real = st._consume
+    monkeypatch.setattr(st, "_consume", lambda step, snap: consumed.append(step) or real(step, snap))
+    st.on_step()
+    for _ in range(2):  # two sparse steps: one snapshot
+        st.record(2, torch.tensor([[7], [9]]), 2)
+        st.count_step(True)
+        st.on_step()
+    assert consumed == [2] and st.last[2]["mean"] == 8
+    for _ in range(6):  # six dense steps: three intervals, no snapshot
+        st.count_step(False)
+        assert st.on_step() is None
+    assert consumed == [2] and st.last[2]["mean"] == 8
+    steps = {p: reg.get_sample_value("sglang_twilight_decode_steps", {"tp_rank": "0", "path": p})
+             for p in ("sparse", "dense")}
+    assert steps == {"sparse": 2, "dense": 6}  # published at the last interval
+    st.record(2, torch.tensor([[1], [3]]), 2)  # one sparse step among dense ones: a snapshot
+    st.count_step(True)
+    st.on_step()
+    st.count_step(False)
+    assert st.on_step() is not None and consumed == [2, 10]
+    assert st.last[2]["mean"] == (7 + 9 + 7 + 9 + 1 + 3) / 6
+
+
 def test_prometheus_multiprocess_like_sglang_metrics_endpoint(tmp_path):
     """SGLang's --enable-metrics: PROMETHEUS_MULTIPROC_DIR set before the scheduler imports
     prometheus_client; /metrics reads every process's files with MultiProcessCollector."""
