@@ -364,7 +364,7 @@ class TwilightDecoder:
         self.last_kept: Optional[torch.Tensor] = None
         self._captured = False  # a graph capture ran since the last real decode step
         self.policy = DispatchPolicy.for_backend(
-            cfg.dispatch, _card_name(self.device), self.geometry(num_layers), cfg.min_sparse_len)
+            cfg.dispatch, _card_name(self.device), self.geometry(num_layers))
         # the way of the decode step being prepared or run: True = Twilight in the sparse layers
         self.step_sparse = cfg.dispatch != "dense"
         # per-step device tensors, made by the step's first sparse layer (see decode())

@@ -456,7 +456,8 @@ def add_twilight_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         metavar="{" + ",".join(DISPATCH_MODES) + "}",
         help="Which decode path each step takes: 'auto' picks Twilight or FlashInfer's dense "
         "decode per step from a cost model of (batch, context, budget) measured on this GPU, "
-        "so that Twilight never costs time where dense is faster; 'sparse' always runs "
+        "so that Twilight never costs time where dense is faster (dense throughout on a GPU "
+        "and attention shape with no measured model); 'sparse' always runs "
         "Twilight (over --twilight-min-seq-len); 'dense' always runs FlashInfer's dense decode "
         "(the sidecar is still written). (default: %(default)s)",
     )

@@ -25,8 +25,11 @@ in one process for both ways at a grid of (batch, context), and stored in
 GQA group, head dim, layers, B0, max budget). A step goes sparse when the model predicts it at
 least ``margin`` (relative) faster than dense. A model whose exact geometry was not measured
 uses the closest profile of the same GPU and attention shape (KV heads, GQA group, head dim;
-logged at start-up); with none, ``auto`` decodes sparsely from ``--twilight-min-seq-len`` on, as
-before this model existed, and the start-up log names the command that measures one.
+logged at start-up). With none, ``auto`` decodes every step densely: a step time never measured
+on this GPU cannot be promised to be no slower than dense (on a small model a sparse step's fixed
+chain of kernels can cost more than the whole dense attention), so Twilight waits for a profile;
+the start-up log names the command that measures one, and ``--twilight-dispatch sparse`` runs
+Twilight regardless. Both ways are still captured, so ``bench_decode_step.py`` can time them.
 """
 
 from __future__ import annotations
@@ -239,26 +242,25 @@ class DispatchPolicy:
     """The per-step choice for one backend. ``mode``: the config's ``dispatch``."""
 
     def __init__(self, mode: str, model: Optional[StepCostModel], capacity: int,
-                 min_sparse_len: int, reason: str = ""):
+                 reason: str = ""):
         if mode not in ("auto", "sparse", "dense"):
             raise ValueError(f"dispatch mode must be auto, sparse or dense, got {mode!r}")
         self.mode = mode
         self.model = model
         self.capacity = int(capacity)
-        self.min_sparse_len = int(min_sparse_len)
         self.reason = reason
         # auto mode only: a way every step takes regardless of the model (benchmarks time both
         # ways of a step in one process, whose graphs were captured for both); None = the model
         self.force: Optional[bool] = None
 
     @classmethod
-    def for_backend(cls, mode: str, card: str, geo: dict, min_sparse_len: int,
+    def for_backend(cls, mode: str, card: str, geo: dict,
                     profiles: Optional[Sequence[StepCostModel]] = None) -> "DispatchPolicy":
         model, reason = None, ""
         if mode == "auto":
             model, reason = pick_profile(load_profiles() if profiles is None else profiles,
                                          card, geo)
-        return cls(mode, model, geo["capacity"], min_sparse_len, reason)
+        return cls(mode, model, geo["capacity"], reason)
 
     @property
     def both_ways(self) -> bool:
@@ -272,12 +274,10 @@ class DispatchPolicy:
             return self.mode == "sparse"
         if self.force is not None:
             return self.force
+        if self.model is None:  # never measured on this GPU and attention shape: dense
+            return False
         if seq_lens_cpu is None and (not rows or tokens is None):
             return True  # nothing known about the step: the sparse path (short rows keep all)
-        if self.model is None:  # no measurement for this GPU: sparse over the min length
-            if seq_lens_cpu is not None:
-                return bool(max(int(x) for x in seq_lens_cpu) >= self.min_sparse_len)
-            return tokens / rows >= self.min_sparse_len
         feats = step_features(seq_lens_cpu, self.capacity, rows, tokens)
         return self.model.prefers_sparse(feats)
 
@@ -286,7 +286,7 @@ class DispatchPolicy:
         if self.mode != "auto":
             return f"dispatch={self.mode} (forced)"
         if self.model is None:
-            return f"dispatch=auto without a cost model: {self.reason}"
+            return f"dispatch=auto without a cost model, every decode step dense: {self.reason}"
         m = self.model
         return (f"dispatch=auto, cost model of {m.card} ({m.num_kv_heads} KV heads x G{m.group} x "
                 f"D{m.head_dim}, B0 {m.capacity}, margin {m.margin:.0%}): {self.reason}")

@@ -488,7 +488,7 @@ def test_auto_way_follows_the_cost_model_per_step(sglang_env, twilight_cfg, stub
     # dense costs 1 ms per 100 context tokens, sparse a flat 2 ms: sparse from 200 tokens on
     model = StepCostModel(card="cpu", dense=(0.0, 0.0, 0.01, 0.0),
                           sparse=(2.0, 0.0, 0.0, 0.0), margin=0.0, **tw.geometry())
-    tw.policy = DispatchPolicy("auto", model, tw.budget, 32)
+    tw.policy = DispatchPolicy("auto", model, tw.budget)
     drv = Driver(b, mr, seed=4)
     drv.prefill(60, row=1)
     fb = drv.decode_batch()
@@ -574,7 +574,7 @@ def test_step_hooks_and_stats(sglang_env, twilight_cfg, stub_parent, monkeypatch
     replay's init_forward_metadata_out_graph, not at capture), and the step's way is counted;
     a layer's kept counts are staged once per sparse layer and committed once per step, after
     the last sparse layer, with the real rows."""
-    twilight_cfg(budget=64, min_sparse_len=32, min_budget=8, dense_layers=1)
+    twilight_cfg(budget=64, min_sparse_len=32, min_budget=8, dense_layers=1, dispatch="sparse")
     monkeypatch.setattr(fib.FlashInferAttnBackend, "init_forward_metadata", lambda s, fb: None)
     monkeypatch.setattr(fib.FlashInferAttnBackend, "init_forward_metadata_out_graph",
                         lambda s, fb, in_capture=False: None)

@@ -118,7 +118,7 @@ def test_pick_profile_exact_closest_and_unknown_gpu():
 def test_policy_modes():
     model = StepCostModel(card="x", dense=(0, 0, 1e-3, 0), sparse=(5.0, 0, 0, 0),
                           margin=0.0, **GEO)
-    auto = DispatchPolicy("auto", model, 8192, 1024)
+    auto = DispatchPolicy("auto", model, 8192)
     assert auto.both_ways
     assert auto.sparse_step(torch.tensor([6000])) is True      # 6 ms dense > 5 ms sparse
     assert auto.sparse_step(torch.tensor([4000])) is False
@@ -127,18 +127,23 @@ def test_policy_modes():
     auto.force = False
     assert auto.sparse_step(torch.tensor([60000])) is False
     for mode, want in (("sparse", True), ("dense", False)):
-        p = DispatchPolicy(mode, model, 8192, 1024)
+        p = DispatchPolicy(mode, model, 8192)
         assert not p.both_ways
         assert p.sparse_step(torch.tensor([10])) is want
         assert p.sparse_step(torch.tensor([100000])) is want
         assert "forced" in p.describe()
-    # no cost model for this GPU: sparse from --twilight-min-seq-len on, as before
-    none = DispatchPolicy("auto", None, 8192, 1024, reason="no profile")
-    assert none.sparse_step(torch.tensor([100, 1024])) is True
-    assert none.sparse_step(torch.tensor([100, 1000])) is False
-    assert "without a cost model" in none.describe()
+    # no cost model for this GPU and shape: every step dense (never slower than dense), both
+    # ways still captured, and a benchmark's forced way still wins
+    none = DispatchPolicy("auto", None, 8192, reason="no profile")
+    assert none.both_ways
+    for lens in ([100, 1024], [100, 1000], [200000] * 64):
+        assert none.sparse_step(torch.tensor(lens)) is False
+    assert none.sparse_step(None) is False and none.sparse_step(None, rows=64, tokens=10**7) is False
+    none.force = True
+    assert none.sparse_step(torch.tensor([100])) is True
+    assert "without a cost model, every decode step dense" in none.describe()
     with pytest.raises(ValueError):
-        DispatchPolicy("fast", None, 8192, 1024)
+        DispatchPolicy("fast", None, 8192)
 
 
 def test_shipped_profiles_parse():

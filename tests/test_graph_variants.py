@@ -20,7 +20,7 @@ class _Decoder:
     """What the hooks read of a TwilightDecoder: its policy and the way of the step."""
 
     def __init__(self, mode):
-        self.policy = DispatchPolicy(mode, None, 8192, 1024)
+        self.policy = DispatchPolicy(mode, None, 8192)
         self.step_sparse = mode != "dense"
         self.capture_ways = []
 
