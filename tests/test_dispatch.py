@@ -138,7 +138,8 @@ def test_policy_modes():
     assert none.both_ways
     for lens in ([100, 1024], [100, 1000], [200000] * 64):
         assert none.sparse_step(torch.tensor(lens)) is False
-    assert none.sparse_step(None) is False and none.sparse_step(None, rows=64, tokens=10**7) is False
+    assert none.sparse_step(None) is False
+    assert none.sparse_step(None, rows=64, tokens=10**7) is False
     none.force = True
     assert none.sparse_step(torch.tensor([100])) is True
     assert "without a cost model, every decode step dense" in none.describe()

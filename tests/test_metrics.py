@@ -205,7 +205,8 @@ def test_dense_steps_take_no_snapshot(monkeypatch):
                    metrics=True, registry=reg)
     consumed = []
     real = st._consume
-    monkeypatch.setattr(st, "_consume", lambda step, snap: consumed.append(step) or real(step, snap))
+    monkeypatch.setattr(st, "_consume",
+                        lambda step, snap: consumed.append(step) or real(step, snap))
     st.on_step()
     for _ in range(2):  # two sparse steps: one snapshot
         st.record(2, torch.tensor([[7], [9]]), 2)
