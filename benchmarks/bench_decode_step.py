@@ -15,6 +15,13 @@ times ``--steps`` decode steps after ``--warmup`` (median ms per step, CUDA grap
   (``dense_way_ms``), and, when a cost model for this GPU and geometry was loaded at start, as
   the model chooses (``auto_ms``, ``auto_way``).
 
+``--shared-cells CONTEXT:BS,...`` adds cells whose requests all share one cached prefix (all
+but the last ``--shared-suffix`` tokens, whole pages): the first request is prefilled whole,
+the others hit its prefix in a real SGLang ``RadixCache`` and prefill only their own tokens, as
+the server does with a radix-cache hit; their rows carry ``shared_prefix`` and the step's
+``shared_tokens`` (srt_patches/shared_prefix.py), which the cost model's ``distinct`` feature
+is fitted from.
+
 ``--fit`` fits the dispatch cost model (sglang_twilight/dispatch.py) to the twilight process's
 two ways and stores it in ``sglang_twilight/dispatch_profiles.json`` (or ``--profiles-out``);
 ``--refit RESULT`` does the same from a result file this script wrote, without a GPU
@@ -28,6 +35,7 @@ kernels goes).
 Usage (Llama-3.1-8B shape, dummy weights, flat attention clamped to 512 kept tokens):
     python benchmarks/bench_decode_step.py --model-path /tmp/llama8b-dummy --load-format dummy \\
         --cells 30720:12,8,4,2,1 16384:12,8,4,2,1 2048:64,16,4,1 --twilight-max-budget 512 \\
+        --shared-cells 16384:12,8,4,2 30720:12,4 \\
         --mem-fraction-static 0.92 --fit --profile 30720x12,2048x1 \\
         --out benchmarks/results/decode_step_llama8b_h100.json
 Every flag it does not know goes to SGLang's ServerArgs of both processes (e.g.
@@ -79,6 +87,14 @@ def parse_cells(specs: list[str]) -> list[tuple[int, list[int]]]:
     return out
 
 
+def shared_prefix_len(context: int, suffix: int, page_size: int) -> int:
+    """The cached prefix of a shared-prefix cell: all but ``suffix`` tokens, whole pages."""
+    prefix = (context - suffix) // page_size * page_size
+    if prefix <= 0:
+        raise ValueError(f"shared cell {context}: no whole page before its last {suffix} tokens")
+    return prefix
+
+
 def parse_pairs(text: str) -> set[tuple[int, int]]:
     """``"30720x12,2048x1"`` -> ``{(30720, 12), (2048, 1)}``."""
     out = set()
@@ -93,21 +109,25 @@ def parse_pairs(text: str) -> set[tuple[int, int]]:
 
 def step_bytes(method: str, seq_lens: list[int], *, weight_bytes: int, num_layers: int,
                dense_layers: int, num_kv_heads: int, head_dim: int, kv_bytes: int = 2,
-               capacity: int = 8192, page_size: int = 16, kept: float = 0.0) -> dict:
+               capacity: int = 8192, page_size: int = 16, kept: float = 0.0,
+               shared: int = 0) -> dict:
     """Bytes one decode step must read from HBM (weights once, then attention per layer).
 
     dense: every layer reads K and V of every context token. twilight: the dense layers the
     same; each sparse layer reads the Quest bounds of every page (two int8 codes per channel +
     an fp32 scale, per KV head), the int4 keys of the candidates (D/2 bytes + fp16 scale and
-    zero, per KV head), and K and V of the ``kept`` tokens per (request, KV head)."""
+    zero, per KV head), and K and V of the ``kept`` tokens per (request, KV head).
+    ``shared``: context tokens that several requests hold (a cached prefix, counted once per
+    extra holder); the K/V and page-bound reads that cover every token count them once, the
+    candidates' and kept tokens' reads (chosen per request) in full."""
     H, D = num_kv_heads, head_dim
     kv_tok = H * D * 2 * kv_bytes  # K + V of one token, one layer
-    dense_attn = sum(seq_lens) * kv_tok
+    dense_attn = (sum(seq_lens) - shared) * kv_tok
     if method == "dense":
         attn = num_layers * dense_attn
     else:
         sparse = num_layers - dense_layers
-        pages = sum(-(-n // page_size) for n in seq_lens)
+        pages = sum(-(-n // page_size) for n in seq_lens) - shared // page_size
         cands = sum(min(n, capacity) for n in seq_lens)
         per_layer = (pages * H * (2 * D + 4) + cands * H * (D // 2 + 4)
                      + len(seq_lens) * kept * kv_tok)
@@ -138,8 +158,13 @@ def _child(args, sglang_argv: list[str]) -> None:
     from sglang.srt.model_executor.cuda_graph_config import Phase
     from sglang.srt.server_args import PortArgs, ServerArgs
 
-    cells = parse_cells(args.cells)
-    max_bs = max(max(b) for _, b in cells)
+    from sglang_twilight.srt_patches.shared_prefix import shared_prefix_tokens
+
+    # (context, batches, shared prefix tokens): the plain cells, then the shared-prefix ones
+    cells = [(c, b, 0) for c, b in parse_cells(args.cells)] + [
+        (c, b, shared_prefix_len(c, args.shared_suffix, args.page_size))
+        for c, b in parse_cells(args.shared_cells)]
+    max_bs = max(max(b) for _, b, _ in cells)
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     sargs = parser.parse_args(sglang_argv + [
@@ -194,37 +219,57 @@ def _child(args, sglang_argv: list[str]) -> None:
         ways.append(("auto", None))
     rows, prefills = [], []
     rng = np.random.default_rng(args.seed)
-    for ctx, bss in cells:
+    for ctx, bss, prefix in cells:
         bench_runner.clear()
         n_req = bss[0]
-        if n_req * (ctx + 2 * (args.steps + args.warmup) * len(ways) * len(bss) + 64) \
+        name = f"{ctx}" + (f" (shared {prefix})" if prefix else "")
+        own = ctx - prefix if prefix else ctx  # KV tokens each request adds to the pool
+        if prefix + n_req * (own + 2 * (args.steps + args.warmup) * len(ways) * len(bss) + 64) \
                 > runner.max_total_num_tokens:
-            rows.append(dict(context=ctx, batch=n_req, skipped="does not fit the KV pool "
-                             f"({runner.max_total_num_tokens} tokens)"))
-            print(f"[{method}] {ctx} x {n_req}: does not fit the pool", flush=True)
+            rows.append(dict(context=ctx, batch=n_req, shared_prefix=prefix,
+                             skipped="does not fit the KV pool "
+                                     f"({runner.max_total_num_tokens} tokens)"))
+            print(f"[{method}] {name} x {n_req}: does not fit the pool", flush=True)
             continue
         ids_in = rng.integers(0, 10000, (n_req, ctx), dtype=np.int32)
+        tree = None
+        if prefix:  # one prefix for all, cached in a real radix tree by the first request
+            ids_in[1:, :prefix] = ids_in[0, :prefix]
+            tree = _radix_tree(runner, args.page_size)
         reqs = ob.prepare_synthetic_inputs_for_latency_test(n_req, ctx, ids_in.tolist())
         next_ids, batch = [], None
+        t_cell = time.perf_counter()
         for i, req in enumerate(reqs):  # one request at a time: 12 x 32k fits beside the pool
+            if tree is not None:
+                # Scheduler: match the prefix and lock its node (scheduler.py:3228,
+                # schedule_batch.py:1316); extend from there (schedule_policy.py:844)
+                req.init_next_round_input(tree)
+                tree.inc_lock_ref(req.last_node)
+                req.set_extend_range(len(req.prefix_indices), ctx)
             sync()
             tic = time.perf_counter()
             nid, _, b = ob.extend([req], runner)
             sync()
-            prefills.append(dict(context=ctx, index=len(prefills), seconds=time.perf_counter() - tic))
+            prefills.append(dict(context=ctx, shared_prefix=prefix, index=len(prefills),
+                                 cached=len(req.prefix_indices) if tree is not None else 0,
+                                 seconds=time.perf_counter() - tic))
+            if tree is not None:  # the prompt goes into the tree (maybe_cache_unfinished_req)
+                tree.cache_unfinished_req(req)
             next_ids.append(nid)
             if batch is None:
                 batch = b
             else:
                 batch.merge_batch(b)
         ids = torch.cat(next_ids)
-        print(f"[{method}] {ctx}: prefilled {n_req} requests in "
-              f"{sum(p['seconds'] for p in prefills if p['context'] == ctx):.1f} s", flush=True)
+        print(f"[{method}] {name}: prefilled {n_req} requests in "
+              f"{time.perf_counter() - t_cell:.1f} s", flush=True)
         for bs in bss:
             if bs < len(batch.reqs):
                 batch.filter_batch(keep_indices=list(range(bs)))
                 ids = ids[:bs]
             row = dict(context=ctx, batch=bs)
+            if prefix:
+                row.update(shared_prefix=prefix, shared_tokens=shared_prefix_tokens(batch.reqs))
             for way, force in ways:
                 if policy is not None:
                     policy.force = force
@@ -234,14 +279,14 @@ def _child(args, sglang_argv: list[str]) -> None:
                 ids, lat = time_steps(ids, batch, args.steps)
                 row[f"{way}_ms"] = statistics.median(lat)
                 row[f"{way}_ms_all"] = [round(x, 4) for x in lat]
-                if (ctx, bs) in profile_cells:
+                if (ctx, bs) in profile_cells and not prefix:
                     ids, prof = _profile_steps(ids, batch, runner, ob, args.profile_steps)
                     row[f"{way}_profile"] = prof
             row["seq_lens"] = batch.seq_lens.tolist()
             if policy is not None:
                 policy.force = None
             rows.append(row)
-            print(f"[{method}] {ctx} x {bs}: " + ", ".join(
+            print(f"[{method}] {name} x {bs}: " + ", ".join(
                 f"{w} {row[f'{w}_ms']:.3f} ms" for w, _ in ways), flush=True)
     # mean kept tokens per (request, KV head) of the sparse steps: from the device counters
     if decoder is not None:
@@ -252,6 +297,17 @@ def _child(args, sglang_argv: list[str]) -> None:
                              if rows_counted else None)
     with open(args.child_out, "w") as f:
         json.dump(dict(info=info, rows=rows, prefills=prefills), f)
+
+
+def _radix_tree(runner, page_size: int):
+    """A real SGLang radix cache over the runner's pools (the benchmark's own batches use a
+    stand-in that caches nothing)."""
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    return RadixCache(CacheInitParams(
+        disable=False, req_to_token_pool=runner.req_to_token_pool,
+        token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator, page_size=page_size))
 
 
 def _card() -> str:
@@ -328,13 +384,18 @@ def _host_profile(ids, batch, runner, ob, steps):
 
 
 def merge(dense: dict, tw: dict) -> list[dict]:
-    """One row per (context, batch) with both methods' times and ratios."""
-    by = {(r["context"], r["batch"]): dict(r) for r in tw["rows"]}
+    """One row per (context, batch, shared prefix) with both methods' times and ratios."""
+    def key_of(r):
+        return r["context"], r["batch"], r.get("shared_prefix", 0)
+
+    by = {key_of(r): dict(r) for r in tw["rows"]}
     out = []
     for r in dense["rows"]:
-        key = (r["context"], r["batch"])
+        key = key_of(r)
         t = by.get(key, {})
         row = dict(context=key[0], batch=key[1])
+        if key[2]:
+            row.update(shared_prefix=key[2], shared_tokens=r.get("shared_tokens", 0))
         if "skipped" in r or "skipped" in t:
             row["skipped"] = r.get("skipped") or t.get("skipped")
             out.append(row)
@@ -357,6 +418,10 @@ def main():
     ap.add_argument("--cells", nargs="+", default=["30720:12,8,4,2,1", "16384:12,4,1",
                                                    "2048:64,16,1"],
                     help="CONTEXT:BS,BS,... per context (the largest batch is prefilled)")
+    ap.add_argument("--shared-cells", nargs="*", default=[],
+                    help="CONTEXT:BS,BS,... cells whose requests share one cached prefix")
+    ap.add_argument("--shared-suffix", type=int, default=128,
+                    help="tokens of each request of a shared cell after the shared prefix")
     ap.add_argument("--methods", default="dense,twilight")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=4)
@@ -399,7 +464,9 @@ def main():
         for method in progress(args.methods.split(","), "methods"):
             child_out = os.path.join(tmp, f"{method}.json")
             cmd = [sys.executable, __file__, "--child", method, "--child-out", child_out,
-                   "--cells", *args.cells, "--steps", str(args.steps), "--warmup",
+                   "--cells", *args.cells, "--shared-cells", *args.shared_cells,
+                   "--shared-suffix", str(args.shared_suffix), "--steps", str(args.steps),
+                   "--warmup",
                    str(args.warmup), "--profile", args.profile, "--profile-steps",
                    str(args.profile_steps), "--page-size", str(args.page_size), "--seed",
                    str(args.seed), "--twilight-config",
@@ -414,7 +481,8 @@ def main():
             with open(child_out) as f:
                 results[method] = json.load(f)
             print(f"{method}: done in {time.time() - t0:.0f} s", flush=True)
-    payload = dict(benchmark="decode_step", cells=args.cells, twilight_config=cfg.to_dict(),
+    payload = dict(benchmark="decode_step", cells=args.cells, shared_cells=args.shared_cells,
+                   shared_suffix=args.shared_suffix, twilight_config=cfg.to_dict(),
                    sglang_args=sglang_argv,
                    methods={m: (r or {}).get("info") for m, r in results.items()},
                    prefills={m: (r or {}).get("prefills") for m, r in results.items()})
@@ -431,7 +499,8 @@ def main():
             kw = dict(weight_bytes=info["weight_bytes"], num_layers=info["num_layers"],
                       dense_layers=info["dense_layers"], num_kv_heads=geo["num_kv_heads"],
                       head_dim=geo["head_dim"], kv_bytes=info["kv_bytes"],
-                      capacity=geo["capacity"], page_size=geo["page_size"], kept=kept)
+                      capacity=geo["capacity"], page_size=geo["page_size"], kept=kept,
+                      shared=row.get("shared_tokens", 0))
             bd, bt = step_bytes("dense", lens, **kw), step_bytes("twilight", lens, **kw)
             row["bytes_dense"], row["bytes_twilight"] = bd, bt
             row["byte_ceiling"] = bd["total"] / bt["total"]  # dense / twilight, best case
@@ -481,7 +550,7 @@ def _refit(args) -> None:
         write_result(args.out, out)
     for r in rows:
         if "skipped" not in r:
-            print(f"{r['context']:>7} x {r['batch']:>3}: dense {r['dense_ms']:.3f} ms, sparse "
+            print(f"{_cell(r):>14} x {r['batch']:>3}: dense {r['dense_ms']:.3f} ms, sparse "
                   f"{r['twilight_sparse_ms']:.3f} -> {r['model_way']} "
                   f"({r['model_way_vs_dense']:.3f} of dense)")
 
@@ -496,7 +565,8 @@ def _fit(args, tw: dict, rows: list[dict]) -> dict:
     # plus the sidecar write), or dense SGLang's of the same cells (--dense-way-from sglang)
     dense_col = "dense_ms" if args.dense_way_from == "sglang" else "twilight_dense_way_ms"
     measured = [row for row in rows if "skipped" not in row]
-    feats = [step_features(row["seq_lens"], geo["capacity"]) for row in measured]
+    feats = [step_features(row["seq_lens"], geo["capacity"], shared=row.get("shared_tokens", 0))
+             for row in measured]
     points = [dict(features=f, dense_ms=row[dense_col], sparse_ms=row["twilight_sparse_ms"])
               for f, row in zip(feats, measured)]
     model = fit_step_models(points, card=info["card"],
@@ -516,16 +586,21 @@ def _fit(args, tw: dict, rows: list[dict]) -> dict:
     return dict(model.to_dict(), path=path)
 
 
+def _cell(row: dict) -> str:
+    """A row's context, marked when its requests share a cached prefix."""
+    return f"{row['context']}" + (" shared" if row.get("shared_prefix") else "")
+
+
 def _print_table(rows):
-    print("context batch | dense ms | tw sparse ms | tw dense-way ms | auto | ceiling")
+    print("       context batch | dense ms | tw sparse ms | tw dense-way ms | auto | ceiling")
     for r in rows:
         if "skipped" in r:
-            print(f"{r['context']:>7} {r['batch']:>5} | skipped: {r['skipped']}")
+            print(f"{_cell(r):>14} {r['batch']:>5} | skipped: {r['skipped']}")
             continue
         auto = "-"
         if "twilight_auto_ms" in r:
             auto = "%.3f (%s)" % (r["twilight_auto_ms"], r["auto_way"])
-        print(f"{r['context']:>7} {r['batch']:>5} | {r['dense_ms']:8.3f} | "
+        print(f"{_cell(r):>14} {r['batch']:>5} | {r['dense_ms']:8.3f} | "
               f"{r['twilight_sparse_ms']:12.3f} | {r['twilight_dense_way_ms']:15.3f} | "
               f"{auto} | {r['byte_ceiling']:.2f}")
 

@@ -44,6 +44,7 @@ from sglang_twilight.dispatch import DispatchPolicy
 from sglang_twilight.metrics import KeptStats, PrefillRowCounter
 from sglang_twilight.request_params import RequestTopP
 from sglang_twilight.sidecar import TwilightSidecarPool, attach_sidecar
+from sglang_twilight.srt_patches import shared_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +366,10 @@ class TwilightDecoder:
         self._captured = False  # a graph capture ran since the last real decode step
         self.policy = DispatchPolicy.for_backend(
             cfg.dispatch, _card_name(self.device), self.geometry(num_layers))
+        # the step's tokens read by several of its requests, counted on the host from the radix
+        # tree when the cost model prices them (0 otherwise)
+        shared_prefix.want(self, self.policy.wants_shared)
+        self.step_shared = 0
         # the way of the decode step being prepared or run: True = Twilight in the sparse layers
         self.step_sparse = cfg.dispatch != "dense"
         # per-step device tensors, made by the step's first sparse layer (see decode())
@@ -381,11 +386,16 @@ class TwilightDecoder:
 
     def begin_step(self, forward_batch: Any) -> bool:
         """Host side, before a decode step (eager, or a graph replay): pick its way from the
-        context lengths (``seq_lens_cpu``, else their sum) and count it. Returns step_sparse."""
+        context lengths (``seq_lens_cpu``, else their sum) and the tokens its requests share,
+        and count it. Returns step_sparse."""
         seq_cpu = getattr(forward_batch, "seq_lens_cpu", None)
         rows = int(getattr(forward_batch, "batch_size", 0) or 0)
         tokens = getattr(forward_batch, "seq_lens_sum", None)
-        self.step_sparse = bool(self.policy.sparse_step(seq_cpu, rows=rows, tokens=tokens))
+        if self.policy.wants_shared:  # a graph replay's view counts its padding rows too
+            real = rows - int(getattr(forward_batch, "num_padding", 0) or 0)
+            self.step_shared = shared_prefix.take(real)
+        self.step_sparse = bool(self.policy.sparse_step(seq_cpu, rows=rows, tokens=tokens,
+                                                        shared=self.step_shared))
         self.on_step()
         self.kept_stats.count_step(self.step_sparse)
         return self.step_sparse

@@ -9,20 +9,27 @@ other for all its sparse layers. Under CUDA graphs both ways are captured for ev
 (``srt_patches/graph_variants.py``) and the replay picks one, so the choice costs no sync.
 
 The model (:class:`StepCostModel`) predicts the whole decode step's time, in ms, of each way
-as a linear function of four features of the step (:func:`step_features`):
+as a linear function of five features of the step (:func:`step_features`):
 
-==========  ====================================================================
-``one``     1 (per-step constant: weights, launches, the layers' latency chains)
-``rows``    requests in the step (the graph's padded batch)
-``tokens``  sum of context lengths (dense: K and V read; sparse: the Quest page bounds,
-            one page per ``page_size`` tokens, read by the select)
-``cands``   sum of min(context, B0 capacity) (sparse: int4 keys read by the estimate)
-==========  ====================================================================
+============  ==================================================================================
+``one``       1 (per-step constant: weights, launches, the layers' latency chains)
+``rows``      requests in the step (the graph's padded batch)
+``tokens``    sum of context lengths (dense: K and V read; sparse: the Quest page bounds,
+              one page per ``page_size`` tokens, read by the select)
+``cands``     sum of min(context, B0 capacity) (sparse: int4 keys read by the estimate)
+``distinct``  ``tokens`` counted once: less the tokens of a cached prefix that another request
+              of the step also reads (``srt_patches/shared_prefix.py`` counts them on the host
+              from the radix tree). Requests on one long prefix read the same KV pages, and a
+              page read again comes partly from L2: such a dense step costs less than its
+              ``tokens`` predict.
+============  ==================================================================================
 
 Its coefficients are fitted by ``benchmarks/bench_decode_step.py --fit`` from step times measured
 in one process for both ways at a grid of (batch, context), and stored in
 ``dispatch_profiles.json`` beside this module, keyed by GPU and attention geometry (KV heads,
-GQA group, head dim, layers, B0, max budget). A step goes sparse when the model predicts it at
+GQA group, head dim, layers, B0, max budget). ``distinct`` is fitted only from a grid with
+shared-prefix cells (``--shared-cells``); without them (and in a profile written before the
+feature existed) its coefficients are 0, and a shared prefix costs what its ``tokens`` say. A step goes sparse when the model predicts it at
 least ``margin`` (relative) faster than dense. A model whose exact geometry was not measured
 uses the closest profile of the same GPU and attention shape (KV heads, GQA group, head dim;
 logged at start-up). With none, ``auto`` decodes every step densely: a step time never measured
@@ -43,7 +50,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-FEATURES = ("one", "rows", "tokens", "cands")
+FEATURES = ("one", "rows", "tokens", "cands", "distinct")
 PROFILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_profiles.json")
 #: a JSON file of profiles to use instead of the shipped ones (same format)
 PROFILES_ENV = "SGLANG_TWILIGHT_DISPATCH_PROFILES"
@@ -51,12 +58,14 @@ DEFAULT_MARGIN = 0.03
 
 
 def step_features(seq_lens: Sequence[int] | Any, capacity: int, rows: Optional[int] = None,
-                  tokens: Optional[int] = None) -> list[float]:
+                  tokens: Optional[int] = None, shared: int = 0) -> list[float]:
     """The features of a decode step (:data:`FEATURES`, see the module docstring).
 
     ``seq_lens``: the context length of every row of the step (a CPU tensor, a list, or None);
     without them, ``rows`` and ``tokens`` (their sum) stand in, each row then taken to hold
-    ``tokens / rows`` tokens."""
+    ``tokens / rows`` tokens. ``shared``: tokens the step reads more than once (a cached prefix
+    of several of its requests, counted once per extra reader); ``distinct`` is ``tokens``
+    less them."""
     if seq_lens is not None:
         try:
             import torch
@@ -66,16 +75,21 @@ def step_features(seq_lens: Sequence[int] | Any, capacity: int, rows: Optional[i
                 import numpy as np
 
                 a = (seq_lens if seq_lens.device.type == "cpu" else seq_lens.cpu()).numpy()
-                return [1.0, float(a.size), float(a.sum(dtype=np.int64)),
-                        float(np.minimum(a, capacity).sum(dtype=np.int64))]
+                total = float(a.sum(dtype=np.int64))
+                return [1.0, float(a.size), total,
+                        float(np.minimum(a, capacity).sum(dtype=np.int64)),
+                        max(0.0, total - shared)]
         except ImportError:  # pragma: no cover
             pass
         lens = [int(x) for x in seq_lens]
-        return [1.0, float(len(lens)), float(sum(lens)), float(sum(min(x, capacity) for x in lens))]
+        total = float(sum(lens))
+        return [1.0, float(len(lens)), total, float(sum(min(x, capacity) for x in lens)),
+                max(0.0, total - shared)]
     if rows is None or tokens is None:
         raise ValueError("step_features needs seq_lens, or rows and tokens")
     rows = max(1, int(rows))
-    return [1.0, float(rows), float(tokens), float(rows * min(tokens / rows, capacity))]
+    return [1.0, float(rows), float(tokens), float(rows * min(tokens / rows, capacity)),
+            max(0.0, float(tokens) - shared)]
 
 
 @dataclass(frozen=True)
@@ -115,13 +129,25 @@ class StepCostModel:
     @classmethod
     def from_dict(cls, d: dict) -> "StepCostModel":
         feats = tuple(d.get("features", FEATURES))
-        if feats != FEATURES:
-            raise ValueError(f"dispatch profile has features {feats}, expected {FEATURES}")
+        unknown = [f for f in feats if f not in FEATURES]
+        if unknown or any(len(d[way]) != len(feats) for way in ("dense", "sparse")):
+            raise ValueError(f"dispatch profile has features {feats} and {len(d['dense'])} / "
+                             f"{len(d['sparse'])} coefficients; known features: {FEATURES}")
         kw = {k: d[k] for k in ("card", "num_kv_heads", "group", "head_dim", "num_layers",
                                 "num_sparse_layers", "capacity", "max_budget", "page_size")}
-        return cls(dense=tuple(float(x) for x in d["dense"]),
-                   sparse=tuple(float(x) for x in d["sparse"]),
+
+        def coefs(way: str) -> tuple:  # a feature the profile lacks costs nothing in it
+            by_name = dict(zip(feats, d[way]))
+            return tuple(float(by_name.get(f, 0.0)) for f in FEATURES)
+
+        return cls(dense=coefs("dense"), sparse=coefs("sparse"),
                    margin=float(d.get("margin", DEFAULT_MARGIN)), fit=dict(d.get("fit", {})), **kw)
+
+    @property
+    def sees_shared(self) -> bool:
+        """The model prices a shared prefix (its ``distinct`` coefficients are not both 0)."""
+        i = FEATURES.index("distinct")
+        return bool(self.dense[i] or self.sparse[i])
 
     def geometry(self) -> dict:
         return dict(num_kv_heads=self.num_kv_heads, group=self.group, head_dim=self.head_dim,
@@ -138,14 +164,21 @@ def fit_step_models(points: Iterable[dict], **geometry: Any) -> StepCostModel:
     import numpy as np
 
     pts = list(points)
-    if len(pts) < len(FEATURES):
-        raise ValueError(f"need at least {len(FEATURES)} measured steps, got {len(pts)}")
-    X = np.array([p["features"] for p in pts], dtype=np.float64)
+    X = np.array([p["features"] for p in pts], dtype=np.float64).reshape(len(pts), -1)
+    columns = list(range(len(FEATURES)))
     fit: dict = {"points": len(pts)}
+    i_tok, i_dis = FEATURES.index("tokens"), FEATURES.index("distinct")
+    if len(pts) and not (X[:, i_dis] < X[:, i_tok]).any():
+        # no step with a shared prefix: distinct == tokens everywhere, so the two cannot be
+        # told apart; the shared prefix stays unpriced rather than guessed
+        columns.remove(i_dis)
+        fit["not_fitted"] = {"distinct": "no measured step with a shared prefix"}
+    if len(pts) < len(columns):
+        raise ValueError(f"need at least {len(columns)} measured steps, got {len(pts)}")
     coefs = {}
     for way in ("dense", "sparse"):
         y = np.array([p[f"{way}_ms"] for p in pts], dtype=np.float64)
-        coefs[way] = _nonneg_lstsq(X, y)
+        coefs[way] = _nonneg_lstsq(X, y, columns)
         pred = X @ coefs[way]
         rel = np.abs(pred - y) / y
         fit[f"{way}_max_rel_err"] = float(rel.max())
@@ -162,14 +195,15 @@ def fit_step_models(points: Iterable[dict], **geometry: Any) -> StepCostModel:
     return model
 
 
-def _nonneg_lstsq(X, y):
-    """Weighted least squares (relative error: each row divided by its y) with coefficients
-    >= 0, by active-set elimination of negative ones (a few columns: a handful of refits)."""
+def _nonneg_lstsq(X, y, columns):
+    """Weighted least squares (relative error: each row divided by its y) over ``columns`` of
+    ``X`` (the others get 0), with coefficients >= 0, by active-set elimination of negative
+    ones (a few columns: a handful of refits)."""
     import numpy as np
 
     w = 1.0 / y
     Xw, yw = X * w[:, None], y * w
-    active = list(range(X.shape[1]))
+    active = list(columns)
     while True:
         sol, *_ = np.linalg.lstsq(Xw[:, active], yw, rcond=None)
         if (sol >= 0).all() or len(active) == 1:
@@ -267,9 +301,15 @@ class DispatchPolicy:
         """Steps may go either way (CUDA graphs must be captured for both)."""
         return self.mode == "auto"
 
+    @property
+    def wants_shared(self) -> bool:
+        """Its answers depend on the step's shared prefix tokens (worth counting them)."""
+        return self.mode == "auto" and self.model is not None and self.model.sees_shared
+
     def sparse_step(self, seq_lens_cpu: Any = None, rows: Optional[int] = None,
-                    tokens: Optional[int] = None) -> bool:
-        """Host side, before a decode step: run its sparse layers through Twilight?"""
+                    tokens: Optional[int] = None, shared: int = 0) -> bool:
+        """Host side, before a decode step: run its sparse layers through Twilight?
+        ``shared``: the step's tokens read more than once (see :func:`step_features`)."""
         if self.mode != "auto":
             return self.mode == "sparse"
         if self.force is not None:
@@ -278,7 +318,7 @@ class DispatchPolicy:
             return False
         if seq_lens_cpu is None and (not rows or tokens is None):
             return True  # nothing known about the step: the sparse path (short rows keep all)
-        feats = step_features(seq_lens_cpu, self.capacity, rows, tokens)
+        feats = step_features(seq_lens_cpu, self.capacity, rows, tokens, shared)
         return self.model.prefers_sparse(feats)
 
     def describe(self) -> str:
@@ -288,8 +328,10 @@ class DispatchPolicy:
         if self.model is None:
             return f"dispatch=auto without a cost model, every decode step dense: {self.reason}"
         m = self.model
+        shared = "prices shared prefixes" if m.sees_shared else "shared prefixes not measured"
         return (f"dispatch=auto, cost model of {m.card} ({m.num_kv_heads} KV heads x G{m.group} x "
-                f"D{m.head_dim}, B0 {m.capacity}, margin {m.margin:.0%}): {self.reason}")
+                f"D{m.head_dim}, B0 {m.capacity}, margin {m.margin:.0%}, {shared}): "
+                f"{self.reason}")
 
 
 __all__ = [

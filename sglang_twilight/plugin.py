@@ -56,11 +56,12 @@ def register() -> None:
         # register_attention_backend(name) returns a decorator
         register_attention_backend(BACKEND_NAME)(create_twilight_backend)
 
-    from sglang_twilight.srt_patches import graph_variants, pool_sizing, server_args
+    from sglang_twilight.srt_patches import graph_variants, pool_sizing, server_args, shared_prefix
 
     server_args.register()  # the Twilight page size as SGLang's page size
     pool_sizing.register()  # the sidecar counted in the KV pool budget (idempotent)
     graph_variants.register()  # dense and sparse decode graphs for --twilight-dispatch auto
+    shared_prefix.register()  # a decode step's shared prefix tokens, for the cost model
 
     # per-request p (custom_params["top_p_attn"]): HTTP 400 on a bad value, device table
     # written at admission (idempotent)

@@ -475,8 +475,12 @@ def test_dense_way_decodes_every_layer_densely_and_keeps_the_sidecar(sglang_env,
 def test_auto_way_follows_the_cost_model_per_step(sglang_env, twilight_cfg, stub_parent,
                                                   monkeypatch):
     """--twilight-dispatch auto: before each decode step the backend asks the cost model with
-    the step's context lengths (seq_lens_cpu) and the step runs that way; the way is counted."""
+    the step's context lengths (seq_lens_cpu) and the tokens its requests share (counted by the
+    ForwardBatch.init_new hook), and the step runs that way; the way is counted."""
+    from sglang.srt.mem_cache.radix_cache import TreeNode
+
     from sglang_twilight.dispatch import DispatchPolicy, StepCostModel
+    from sglang_twilight.srt_patches import shared_prefix
 
     monkeypatch.setattr(fib.FlashInferAttnBackend, "init_forward_metadata", lambda s, fb: None)
     twilight_cfg(top_p=0.5, budget=64, min_sparse_len=32, min_budget=8, dense_layers=1)
@@ -485,10 +489,12 @@ def test_auto_way_follows_the_cost_model_per_step(sglang_env, twilight_cfg, stub
 
     b = TwilightAttnBackend(mr)
     tw = b.twilight
-    # dense costs 1 ms per 100 context tokens, sparse a flat 2 ms: sparse from 200 tokens on
-    model = StepCostModel(card="cpu", dense=(0.0, 0.0, 0.01, 0.0),
-                          sparse=(2.0, 0.0, 0.0, 0.0), margin=0.0, **tw.geometry())
+    # dense costs 1 ms per 100 context tokens (half of it only once per distinct token),
+    # sparse a flat 2 ms: sparse from 200 tokens on, unless the requests share a prefix
+    model = StepCostModel(card="cpu", dense=(0.0, 0.0, 0.005, 0.0, 0.005),
+                          sparse=(2.0, 0.0, 0.0, 0.0, 0.0), margin=0.0, **tw.geometry())
     tw.policy = DispatchPolicy("auto", model, tw.budget)
+    shared_prefix.want(tw, True)  # as the constructor does for a model that prices sharing
     drv = Driver(b, mr, seed=4)
     drv.prefill(60, row=1)
     fb = drv.decode_batch()
@@ -504,6 +510,30 @@ def test_auto_way_follows_the_cost_model_per_step(sglang_env, twilight_cfg, stub
     for lay in drv.layers:
         b.forward_decode(drv.rand(2, HQ * D), drv.rand(2, HKV, D), drv.rand(2, HKV, D), lay, fb)
     assert wrapper.calls == 1  # only the dense layer 0
+    # the same two requests, now as if both held one cached 60-token prefix in the radix
+    # tree: 315 tokens, 255 distinct -> 2.85 ms dense, sparse still; a 250-token one -> dense
+    for prefix, sparse in ((60, True), (250, False)):
+        root, node = TreeNode(), TreeNode()
+        node.parent, node.key = root, list(range(prefix))
+        batch = types.SimpleNamespace(forward_mode=ForwardMode.DECODE, reqs=[
+            types.SimpleNamespace(last_node=node), types.SimpleNamespace(last_node=node)])
+        shared_prefix._init_new_hook(None, None, batch)
+        fb = drv.decode_batch()
+        fb.seq_lens_cpu, fb.batch_size = fb.seq_lens.clone(), 2
+        b.init_forward_metadata(fb)
+        assert tw.step_shared == prefix and tw.step_sparse is sparse
+    # a CUDA-graph replay's view: padded to 4 rows, 2 of them real
+    shared_prefix._init_new_hook(None, None, batch)
+    fb = drv.decode_batch(pad_rows=2)
+    fb.seq_lens_cpu, fb.batch_size, fb.num_padding = fb.seq_lens.clone(), 4, 2
+    b.init_forward_metadata(fb)
+    assert tw.step_shared == 250 and tw.step_sparse is False
+    # no count for this step (e.g. taken already): nothing shared, 319 tokens -> sparse
+    fb = drv.decode_batch()
+    fb.seq_lens_cpu, fb.batch_size = fb.seq_lens.clone(), 2
+    b.init_forward_metadata(fb)
+    assert tw.step_shared == 0 and tw.step_sparse is True
+    shared_prefix.want(tw, False)
 
 
 def test_graph_padding_rows(sglang_env, twilight_cfg, stub_parent):
