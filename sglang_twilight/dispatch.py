@@ -29,14 +29,15 @@ in one process for both ways at a grid of (batch, context), and stored in
 ``dispatch_profiles.json`` beside this module, keyed by GPU and attention geometry (KV heads,
 GQA group, head dim, layers, B0, max budget). ``distinct`` is fitted only from a grid with
 shared-prefix cells (``--shared-cells``); without them (and in a profile written before the
-feature existed) its coefficients are 0, and a shared prefix costs what its ``tokens`` say. A step goes sparse when the model predicts it at
-least ``margin`` (relative) faster than dense. A model whose exact geometry was not measured
-uses the closest profile of the same GPU and attention shape (KV heads, GQA group, head dim;
-logged at start-up). With none, ``auto`` decodes every step densely: a step time never measured
-on this GPU cannot be promised to be no slower than dense (on a small model a sparse step's fixed
-chain of kernels can cost more than the whole dense attention), so Twilight waits for a profile;
-the start-up log names the command that measures one, and ``--twilight-dispatch sparse`` runs
-Twilight regardless. Both ways are still captured, so ``bench_decode_step.py`` can time them.
+feature existed) its coefficients are 0, and a shared prefix costs what its ``tokens`` say.
+A step goes sparse when the model predicts it at least ``margin`` (relative) faster than dense.
+A model whose exact geometry was not measured uses the closest profile of the same GPU and
+attention shape (KV heads, GQA group, head dim; logged at start-up). With none, ``auto``
+decodes every step densely: a step time never measured on this GPU cannot be promised to be no
+slower than dense (on a small model a sparse step's fixed chain of kernels can cost more than
+the whole dense attention), so Twilight waits for a profile; the start-up log names the command
+that measures one, and ``--twilight-dispatch sparse`` runs Twilight regardless. Both ways are
+still captured, so ``bench_decode_step.py`` can time them.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 export TWILIGHT_COMMIT=$C
 SMOLLM2="${SMOLLM2:-/tmp/smollm2-hf}"
 model8b() {  # the Llama-3.1-8B-shaped config folder (dummy weights) at /tmp/llama8b-dummy
-  [ -d /tmp/llama8b-dummy ] || cp -r "${TWILIGHT_TEST_MODEL:-.gpubundle/llama8b-dummy}" /tmp/llama8b-dummy
+  [ -d /tmp/llama8b-dummy ] \
+    || cp -r "${TWILIGHT_TEST_MODEL:-.gpubundle/llama8b-dummy}" /tmp/llama8b-dummy
 }
 ts "$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader), commit $C"
 IFS=";" read -ra ALL <<< "$STEPS"
