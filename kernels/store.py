@@ -246,14 +246,12 @@ if triton is not None:
         return s.to(tl.int16).to(tl.float16, bitcast=True)
 
     @triton.jit
-    def _store_sidecar_kernel(
-        k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, kb_ptr, n,
+    def _store_row(
+        k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, kb_ptr, i, h, n,
         stride_ks, stride_kh, stride_qs, stride_qh, stride_ss, stride_sh, stride_bp, stride_bh,
-        stride_bsp, stride_bsh, H: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-        CODE_MAX: tl.constexpr,
+        stride_bsp, stride_bsh, D: tl.constexpr, P: tl.constexpr, CODE_MAX: tl.constexpr,
     ):
-        i = tl.program_id(0)
-        h = tl.program_id(1)
+        """The sidecar of new token ``i`` (slot ``loc[i]``), KV head ``h``, of one layer."""
         slot = tl.load(loc_ptr + i).to(tl.int64)
         half = tl.arange(0, D // 2)
         kbase = k_ptr + slot * stride_ks + h * stride_kh
@@ -301,6 +299,38 @@ if triton is not None:
             tl.store(kmin_ptr + bptr, lo.to(tl.int8))
             tl.store(kb_ptr + page * stride_bsp + h * stride_bsh, bs)
 
+    @triton.jit
+    def _store_sidecar_kernel(
+        k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, kb_ptr, n,
+        stride_ks, stride_kh, stride_qs, stride_qh, stride_ss, stride_sh, stride_bp, stride_bh,
+        stride_bsp, stride_bsh, D: tl.constexpr, P: tl.constexpr, CODE_MAX: tl.constexpr,
+    ):
+        _store_row(k_ptr, loc_ptr, kq_ptr, ks_ptr, kz_ptr, kmax_ptr, kmin_ptr, kb_ptr,
+                   tl.program_id(0), tl.program_id(1), n, stride_ks, stride_kh, stride_qs,
+                   stride_qh, stride_ss, stride_sh, stride_bp, stride_bh, stride_bsp, stride_bsh,
+                   D, P, CODE_MAX)
+
+    @triton.jit
+    def _store_sidecar_layers_kernel(
+        addr_ptr, loc_ptr, n,
+        stride_ks, stride_kh, stride_qs, stride_qh, stride_ss, stride_sh, stride_bp, stride_bh,
+        stride_bsp, stride_bsh, K_DTYPE: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+        CODE_MAX: tl.constexpr,
+    ):
+        """``_store_sidecar_kernel`` for many layers: program axis 2 is the layer, whose buffers'
+        addresses are row ``l`` of ``addr_ptr`` (int64 ``[L, 7]``, :class:`LayerAddresses`)."""
+        row = addr_ptr + tl.program_id(2) * 7
+        _store_row(tl.load(row).to(tl.pointer_type(K_DTYPE)), loc_ptr,
+                   tl.load(row + 1).to(tl.pointer_type(tl.uint8)),
+                   tl.load(row + 2).to(tl.pointer_type(tl.float16)),
+                   tl.load(row + 3).to(tl.pointer_type(tl.float16)),
+                   tl.load(row + 4).to(tl.pointer_type(tl.int8)),
+                   tl.load(row + 5).to(tl.pointer_type(tl.int8)),
+                   tl.load(row + 6).to(tl.pointer_type(tl.float32)),
+                   tl.program_id(0), tl.program_id(1), n, stride_ks, stride_kh, stride_qs,
+                   stride_qh, stride_ss, stride_sh, stride_bp, stride_bh, stride_bsp, stride_bsh,
+                   D, P, CODE_MAX)
+
 
 def store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, page_size):
     """``store_sidecar_ref`` as one kernel launch, grid (new tokens, KV heads); any strides with
@@ -315,9 +345,73 @@ def store_sidecar_triton(k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, 
     cfg = launch.get("store")
     _store_sidecar_kernel[(n, H)](
         k_buffer, loc, kq, kscale, kzero, kmax, kmin, kbscale, n,
-        k_buffer.stride(0), k_buffer.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0),
-        kscale.stride(1), kmax.stride(0), kmax.stride(1), kbscale.stride(0), kbscale.stride(1),
-        H=H, D=D, P=page_size, CODE_MAX=float(BOUND_CODE_MAX),
+        *_strides(k_buffer, kq, kscale, kmax, kbscale), D=D, P=page_size,
+        CODE_MAX=float(BOUND_CODE_MAX),
+        num_warps=cfg["small_head_num_warps"] if D <= 64 else cfg["num_warps"],
+    )
+
+
+def _strides(k_buffer, kq, kscale, kmax, kbscale) -> tuple:
+    return (k_buffer.stride(0), k_buffer.stride(1), kq.stride(0), kq.stride(1), kscale.stride(0),
+            kscale.stride(1), kmax.stride(0), kmax.stride(1), kbscale.stride(0),
+            kbscale.stride(1))
+
+
+class LayerAddresses:
+    """The device addresses of several layers' K buffers and sidecars, for one launch that
+    stores them all (:func:`store_sidecar_layers_triton`): int64 ``[L, 7]`` on the device, a
+    row per layer (k_buffer, kq, kscale, kzero, kmax, kmin, kbscale), plus the strides they all
+    share. Built once; the buffers must not move while it is used (SGLang's KV pool and the
+    sidecar are allocated once; ``--enable-memory-saver`` keeps their addresses).
+
+    ``layers``: ``(k_buffer, (kq, kscale, kzero, kmax, kmin, kbscale))`` per layer, each as
+    :func:`store_sidecar_ref` takes them, all of one shape, dtype and strides."""
+
+    def __init__(self, layers):
+        layers = [(k, tuple(side)) for k, side in layers]
+        if not layers:
+            raise ValueError("LayerAddresses: no layers")
+        k0, side0 = layers[0]
+        self.strides = _strides(k0, side0[0], side0[1], side0[3], side0[5])
+        self.k_dtype = k0.dtype
+        self.shape = tuple(k0.shape)
+        for k, side in layers:
+            _check_bounds(side[3], side[4], side[5])
+            if (k.dtype, tuple(k.shape)) != (self.k_dtype, self.shape) or \
+                    _strides(k, side[0], side[1], side[3], side[5]) != self.strides or \
+                    side[1].stride() != side[2].stride() or side[3].stride() != side[4].stride():
+                raise ValueError("LayerAddresses: the layers' buffers differ in shape, dtype or "
+                                 "strides")
+            assert k.stride(2) == 1 and side[0].stride(2) == 1 and side[3].stride(2) == 1
+        self.ptrs = tuple(tuple(t.data_ptr() for t in (k, *side)) for k, side in layers)
+        self.table = torch.tensor(self.ptrs, dtype=torch.int64, device=k0.device)
+        self.num_layers = len(layers)
+
+
+_TL_DTYPES = {}
+if triton is not None:
+    _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+                  torch.float32: tl.float32}
+
+
+def store_sidecar_layers_ref(layers, loc, page_size):
+    """:func:`store_sidecar_ref` for each of ``layers`` (``(k_buffer, (kq, ..., kbscale))``)."""
+    for k_buffer, side in layers:
+        store_sidecar_ref(k_buffer, loc, *side, page_size)
+
+
+def store_sidecar_layers_triton(addresses: LayerAddresses, loc, page_size):
+    """:func:`store_sidecar_layers_ref` as one kernel launch, grid (new tokens, KV heads,
+    layers): the same rows as one :func:`store_sidecar_triton` per layer, for one launch's
+    cost (a decode step that runs dense attention writes every sparse layer's sidecar so)."""
+    n = loc.numel()
+    if n == 0:
+        return
+    S, H, D = addresses.shape
+    cfg = launch.get("store")
+    _store_sidecar_layers_kernel[(n, H, addresses.num_layers)](
+        addresses.table, loc, n, *addresses.strides, K_DTYPE=_TL_DTYPES[addresses.k_dtype],
+        D=D, P=page_size, CODE_MAX=float(BOUND_CODE_MAX),
         num_warps=cfg["small_head_num_warps"] if D <= 64 else cfg["num_warps"],
     )
 

@@ -23,6 +23,7 @@ __all__ = [
     "quantize_int4",
     "dequantize_int4",
     "store_sidecar",
+    "store_sidecar_layers",
     "quest_page_scores",
     "quest_select",
     "int4_scores",
@@ -85,6 +86,21 @@ def store_sidecar(k_buffer, loc, side: SidecarLayer, page_size, *, backend="auto
     fn = _store.store_sidecar_triton if _use_triton(backend, k_buffer) else \
         _store.store_sidecar_ref
     return fn(k_buffer, loc, *side.as_tuple(), page_size)
+
+
+def store_sidecar_layers(layers, loc, page_size, *, addresses=None, backend="auto"):
+    """:func:`store_sidecar` for every one of ``layers`` (``(k_buffer, SidecarLayer)`` pairs,
+    one shape), the same ``loc`` for all: with Triton one launch, which reads the buffers
+    through ``addresses`` (``kernels.store.LayerAddresses`` of exactly these layers, built once
+    by the caller; built here when None)."""
+    if not layers:
+        return
+    pairs = [(k, side.as_tuple()) for k, side in layers]
+    if not _use_triton(backend, pairs[0][0]):
+        return _store.store_sidecar_layers_ref(pairs, loc, page_size)
+    if addresses is None:
+        addresses = _store.LayerAddresses(pairs)
+    return _store.store_sidecar_layers_triton(addresses, loc, page_size)
 
 
 def quest_page_scores(q, kmax, kmin, kbscale, page_table, num_pages):

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 
 from sglang_twilight import ops
+from sglang_twilight.kernels import store as store_k
 from sglang_twilight.kernels.store import bounds_buffers, code_buffer, scale_zero_buffers
 from sglang_twilight.ops import SidecarLayer
 
@@ -101,6 +102,8 @@ class TwilightSidecarPool:
                 )
         # rows written per layer (host-side count of eager writes; see write())
         self._rows_written: Dict[int, int] = {lid: 0 for lid in layer_ids}
+        # the sparse layers' buffer addresses for write_all's one launch (built at first use)
+        self._addresses: Optional[store_k.LayerAddresses] = None
 
     # ------------------------------------------------------------------ size
 
@@ -203,6 +206,27 @@ class TwilightSidecarPool:
         if not (loc.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._rows_written[layer_id] += int(loc.numel())
         return True
+
+    def write_all(self, loc: torch.Tensor, *, backend: str = "auto") -> None:
+        """:meth:`write` for every sparse layer, with Triton in one launch (a decode step that
+        ran dense attention in every layer: the K of all its layers is in the pool)."""
+        if not self._layers:
+            return
+        if self.kv_pool is None:
+            raise RuntimeError("TwilightSidecarPool.write_all: no KV pool bound (use bind())")
+        if loc.dtype != torch.int64:
+            loc = loc.to(torch.int64)
+        layers = [(self.kv_pool.get_key_buffer(lid), self._layers[lid])
+                  for lid in self.sparse_layer_ids]
+        # the buffers' addresses, as the one launch reads them; rebuilt if one ever moved
+        ptrs = tuple((k.data_ptr(), *(t.data_ptr() for t in lay.as_tuple())) for k, lay in layers)
+        if self._addresses is None or self._addresses.ptrs != ptrs:
+            self._addresses = store_k.LayerAddresses([(k, lay.as_tuple()) for k, lay in layers])
+        ops.store_sidecar_layers(layers, loc, self.page_size, addresses=self._addresses,
+                                 backend=backend)
+        if not (loc.is_cuda and torch.cuda.is_current_stream_capturing()):
+            for lid in self.sparse_layer_ids:
+                self._rows_written[lid] += int(loc.numel())
 
     def __repr__(self) -> str:
         return (

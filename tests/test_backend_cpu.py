@@ -463,6 +463,8 @@ def test_dense_way_decodes_every_layer_densely_and_keeps_the_sidecar(sglang_env,
     assert not run.b.twilight.step_sparse
     assert run.wrapper.calls == LAYERS  # every layer, the sparse ones too
     assert run.kept == {}  # no Twilight decode ran
+    # the sidecars were written once per sparse layer, all of them after the last layer
+    assert run.b.twilight.sidecar.rows_written() == {lid: sum(lens) + len(lens) for lid in (1, 2)}
     for lid in range(LAYERS):
         torch.testing.assert_close(run.outs[lid].float(),
                                    run.drv.dense(run.qs[lid], lid, run.fb), atol=1e-2, rtol=1e-2)
@@ -655,19 +657,25 @@ def test_step_hooks_and_stats(sglang_env, twilight_cfg, stub_parent, monkeypatch
 def test_warm_up_runs_every_store_specialization(sglang_env, twilight_cfg, monkeypatch):
     """The backend compiles the store kernel for 1, a multiple of 16 and other token counts when
     it is built (not in the first long prefill), and leaves the row counters at zero."""
-    seen = []
-    real = ops.store_sidecar
+    seen, seen_all = [], []
+    real, real_all = ops.store_sidecar, ops.store_sidecar_layers
 
     def spy(k_buffer, loc, *a, **kw):
         seen.append(int(loc.numel()))
         return real(k_buffer, loc, *a, **kw)
 
+    def spy_all(layers, loc, *a, **kw):
+        seen_all.append((len(layers), int(loc.numel())))
+        return real_all(layers, loc, *a, **kw)
+
     monkeypatch.setattr(ops, "store_sidecar", spy)
+    monkeypatch.setattr(ops, "store_sidecar_layers", spy_all)
     twilight_cfg(budget=64, min_sparse_len=32, min_budget=8, dense_layers=1)
     from sglang_twilight.backend import TwilightAttnBackend
 
     b = TwilightAttnBackend(_runner(sglang_env))
     assert seen == [1, 16, 17]
+    assert seen_all == [(2, 1), (2, 16), (2, 17)]  # the dense-way store of both sparse layers
     assert b.twilight.sidecar.rows_written() == {1: 0, 2: 0}
 
 

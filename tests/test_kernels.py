@@ -97,6 +97,61 @@ def test_store_matches_reference(device):
         assert torch.equal(a.kbscale, b.kbscale)
 
 
+def _layers_with_sidecars(L, S, H, D, dtype, device, gen):
+    """L layers' random K buffers ``[S, H, D]`` and empty sidecars, as the pool holds them."""
+    out = []
+    for _ in range(L):
+        k = torch.randn(S, H, D, generator=gen).to(device=device, dtype=dtype)
+        kscale, kzero = ST.scale_zero_buffers(S, H, device)
+        out.append((k, (ST.code_buffer(S, H, D, device), kscale, kzero,
+                        *ST.bounds_buffers(S // 16, H, D, device))))
+    return out
+
+
+def test_store_all_layers_in_one_launch_equals_one_launch_per_layer(device):
+    """The dense-way step's store (every sparse layer in one launch, buffers read by address)
+    writes exactly what one launch per layer writes, in every layer: a decode step's scattered
+    tokens, an extend's run across pages, and a single token."""
+    S = 512 if device == "cpu" else 1 << 16
+    for L, H, D, dtype in [(3, 2, 64, torch.bfloat16), (2, 3, 128, torch.float16)] + (
+            [] if device == "cpu" else [(30, 8, 128, torch.bfloat16)]):
+        seed = _seed()
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randperm(S // 16 - 1, generator=gen)[:12] + 1  # pages, not the padding one
+        decode = (starts * 16 + torch.randint(0, 16, (12,), generator=gen)).to(device)
+        extend = torch.arange(80, 80 + 37, device=device)
+        def copy(layers):
+            return [(k.clone(), tuple(t.clone() for t in side)) for k, side in layers]
+
+        for loc in (decode, extend, extend[:1]):
+            one = _layers_with_sidecars(L, S, H, D, dtype, device, gen)
+            fused, ref = copy(one), copy(one)
+            for k, side in one:
+                ST.store_sidecar_triton(k, loc, *side, 16)
+            ST.store_sidecar_layers_triton(ST.LayerAddresses(fused), loc, 16)
+            for lid, ((_, a), (_, b)) in enumerate(zip(one, fused)):
+                for x, y in zip(a, b):
+                    assert torch.equal(x, y), f"layer {lid} of {L}, n={loc.numel()}, seed {seed}"
+            ST.store_sidecar_layers_ref(ref, loc, 16)  # the reference writes the same bounds
+            for (_, a), (_, b) in zip(fused, ref):
+                for i in (3, 4, 5):
+                    assert torch.equal(a[i], b[i]), f"bounds, seed {seed}"
+
+
+def test_layer_addresses_refuse_layers_that_differ():
+    gen = torch.Generator().manual_seed(0)
+    a = _layers_with_sidecars(1, 64, 2, 64, torch.bfloat16, "cpu", gen)
+    b = _layers_with_sidecars(1, 64, 2, 64, torch.float16, "cpu", gen)
+    c = _layers_with_sidecars(1, 128, 2, 64, torch.bfloat16, "cpu", gen)
+    for other in (b, c):
+        with pytest.raises(ValueError, match="differ"):
+            ST.LayerAddresses(a + other)
+    with pytest.raises(ValueError, match="no layers"):
+        ST.LayerAddresses([])
+    table = ST.LayerAddresses(a + a).table
+    assert table.shape == (2, 7) and int(table[0, 0]) == a[0][0].data_ptr()
+
+
 def test_select_matches_reference(device):
     cases = _shapes(device)
     # one and two pages of budget: the forced first and last pages compete

@@ -279,6 +279,36 @@ def test_shared_prefix_sidecar_written_once(backend):
     h.assert_matches_recompute(r2)
 
 
+def test_write_all_equals_a_write_per_layer(backend):
+    """A dense-way decode step writes every sparse layer's sidecar in one call (one launch with
+    Triton) after all layers' K are in the pool: the same rows as a write per layer."""
+    h = Harness(seed=6, backend=backend)
+    r1 = h.new_req(PREFIX + _tokens(5000, 10))
+    h.prefill(r1)
+    r2 = h.new_req(_tokens(8000, 31))
+    h.prefill(r2)
+    for _ in range(3):  # decode steps: K of every layer first, then the sidecars at once
+        loc = []
+        for r in (r1, r2):
+            n = r.kv_committed_len
+            last = h.rtp.req_to_token[r.req_pool_idx, n - 1:n].long()
+            slot = h.alloc.alloc_decode(_t([n + 1]), torch.tensor([n + 1]), last)
+            h.rtp.write((r.req_pool_idx, n), slot.to(torch.int32))
+            r.kv.kv_allocated_len += 1
+            r.kv_committed_len += 1
+            loc.append(slot)
+        loc = torch.cat(loc)
+        for lid in range(LAYERS):
+            k = torch.randn(loc.numel(), H, D, generator=h.g).to(DEV)
+            v = torch.randn(loc.numel(), H, D, generator=h.g).to(DEV)
+            h.kv.set_kv_buffer(None, KVWriteLoc(loc), k, v, layer_id_override=lid)
+        before = h.side.rows_written()
+        h.side.write_all(loc, backend=backend)
+        assert h.side.rows_written() == {lid: n + 2 for lid, n in before.items()}
+    h.assert_matches_recompute(r1)  # every slot of both requests, every sparse layer
+    h.assert_matches_recompute(r2)
+
+
 def test_prefix_rows_are_not_rewritten_sentinel():
     """Plant a sentinel in the prefix's sidecar rows: a request that reuses the prefix must
     leave it alone (a rewrite from k_buffer would erase it)."""
