@@ -48,4 +48,24 @@ def check_sglang_version() -> str:
     return installed
 
 
-__all__ = ["SGLANG_VERSION", "SGLangVersionError", "check_sglang_version", "installed_sglang_version"]
+_registered: set = set()  # the patch modules whose hooks are registered in this process
+
+
+def register_once(owner: str, hooks) -> None:
+    """Register ``hooks``, ``(target, function, kind)`` with ``kind`` a ``HookType`` name
+    ("BEFORE", "AFTER", "AROUND"), with SGLang's ``HookRegistry``, once per process for
+    ``owner`` (the patch module). Never applies them: ``load_plugins()`` does, right after every
+    plugin ran (applied here, a target would be marked patched before other plugins registered
+    their hooks)."""
+    if owner in _registered:
+        return
+    check_sglang_version()
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target, fn, kind in hooks:
+        HookRegistry.register(target, fn, getattr(HookType, kind))
+    _registered.add(owner)
+
+
+__all__ = ["SGLANG_VERSION", "SGLangVersionError", "check_sglang_version",
+           "installed_sglang_version", "register_once"]

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from sglang_twilight.srt_patches import check_sglang_version
+from sglang_twilight.srt_patches import register_once
 
 _RUNNER = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
 CAPTURE_TARGET = f"{_RUNNER}.capture_one_shape"
 VARIANT_TARGET = f"{_RUNNER}._resolve_lora_variant"
 LABELS = {False: "twilight-dense", True: "twilight-sparse"}
-
-_registered = False
 
 
 def _twilight_of(runner: Any) -> Optional[Any]:
@@ -70,15 +68,8 @@ def resolve_variant_hook(original, self, forward_batch):
 def register() -> None:
     """Register both hooks with SGLang's HookRegistry (once per process; ``load_plugins()``
     applies them)."""
-    global _registered
-    if _registered:
-        return
-    check_sglang_version()
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(CAPTURE_TARGET, capture_one_shape_hook, HookType.AROUND)
-    HookRegistry.register(VARIANT_TARGET, resolve_variant_hook, HookType.AROUND)
-    _registered = True
+    register_once(__name__, [(CAPTURE_TARGET, capture_one_shape_hook, "AROUND"),
+                             (VARIANT_TARGET, resolve_variant_hook, "AROUND")])
 
 
 __all__ = ["CAPTURE_TARGET", "LABELS", "VARIANT_TARGET", "register", "variant_label"]

@@ -45,7 +45,6 @@ RESERVE_TARGET = (
 #: --max-running-requests is not given (``KVCacheConfigurator.resolve_max_num_reqs``)
 SGLANG_AUTO_MAX_REQS = 4096
 
-_registered = False
 _logged = False
 _logged_reserve = False
 
@@ -178,17 +177,10 @@ def after_compute_cell_size(result: int, self: Any, kvc: Any, *args: Any, **kwar
 def register() -> None:
     """Register the hook (idempotent). Applied by ``HookRegistry.apply_hooks()``, which
     ``load_plugins()`` runs right after the plugins."""
-    global _registered
-    if _registered:
-        return
-    from sglang_twilight.srt_patches import check_sglang_version
+    from sglang_twilight.srt_patches import register_once
 
-    check_sglang_version()
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(TARGET, after_compute_cell_size, HookType.AFTER)
-    HookRegistry.register(RESERVE_TARGET, after_profile_available_bytes, HookType.AFTER)
-    _registered = True
+    register_once(__name__, [(TARGET, after_compute_cell_size, "AFTER"),
+                             (RESERVE_TARGET, after_profile_available_bytes, "AFTER")])
 
 
 __all__ = [

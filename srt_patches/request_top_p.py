@@ -44,14 +44,12 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
-from sglang_twilight.srt_patches import check_sglang_version
+from sglang_twilight.srt_patches import register_once
 
 VERIFY_TARGET = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
 INIT_NEW_TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 ABORT_TASK_TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager.create_abort_task"
 JSON_TARGET = "sglang.srt.entrypoints.http_server.ORJSONRequest.json"
-
-_registered = False
 
 
 def _verify_hook(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
@@ -114,18 +112,12 @@ def _init_new_hook(result: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any)
 def register_hooks() -> None:
     """Register the hooks with SGLang's HookRegistry (once per process; never applies
     them — ``load_plugins()`` does)."""
-    global _registered
-    if _registered:
-        return
-    check_sglang_version()
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(VERIFY_TARGET, _verify_hook, HookType.AFTER)
-    HookRegistry.register(ABORT_TASK_TARGET, _abort_task_hook, HookType.BEFORE)
-    HookRegistry.register(INIT_NEW_TARGET, _init_new_hook, HookType.AFTER)
+    hooks = [(VERIFY_TARGET, _verify_hook, "AFTER"),
+             (ABORT_TASK_TARGET, _abort_task_hook, "BEFORE"),
+             (INIT_NEW_TARGET, _init_new_hook, "AFTER")]
     if multiprocessing.parent_process() is None:  # the launching process serves HTTP
-        HookRegistry.register(JSON_TARGET, _json_hook, HookType.AROUND)
-    _registered = True
+        hooks.append((JSON_TARGET, _json_hook, "AROUND"))
+    register_once(__name__, hooks)
 
 
 __all__ = ["ABORT_TASK_TARGET", "INIT_NEW_TARGET", "JSON_TARGET", "VERIFY_TARGET", "register_hooks"]

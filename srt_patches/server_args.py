@@ -11,11 +11,9 @@ A different explicit ``--page-size``, or one SGLang changes while resolving, is 
 from __future__ import annotations
 
 from sglang_twilight.config import FLAGS, get_config, uses_twilight
-from sglang_twilight.srt_patches import check_sglang_version
+from sglang_twilight.srt_patches import register_once
 
 TARGET = "sglang.srt.server_args.ServerArgs.__post_init__"
-
-_registered = False
 
 
 def post_init_hook(original_fn, self, *args, **kwargs):
@@ -44,14 +42,7 @@ def register() -> None:
     """Register the hook (once per process; ``load_plugins()`` applies it right after every
     plugin ran — never applied here, or the target would be marked patched before other
     plugins registered their hooks)."""
-    global _registered
-    if _registered:
-        return
-    check_sglang_version()
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(TARGET, post_init_hook, HookType.AROUND)
-    _registered = True
+    register_once(__name__, [(TARGET, post_init_hook, "AROUND")])
 
 
 __all__ = ["TARGET", "post_init_hook", "register"]

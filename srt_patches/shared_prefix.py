@@ -32,11 +32,8 @@ from __future__ import annotations
 import weakref
 from typing import Any, Iterable, Optional
 
-from sglang_twilight.srt_patches import check_sglang_version
-
-INIT_NEW_TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
-
-_registered = False
+from sglang_twilight.srt_patches import register_once
+from sglang_twilight.srt_patches.request_top_p import INIT_NEW_TARGET
 # the backends (TwilightDecoder) whose dispatch wants the count: any object, held weakly
 _WANTED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 # the last decode batch's (requests, shared tokens), until a backend takes it
@@ -96,14 +93,7 @@ def _init_new_hook(result: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any)
 def register() -> None:
     """Register the hook with SGLang's HookRegistry (once per process; ``load_plugins()``
     applies it)."""
-    global _registered
-    if _registered:
-        return
-    check_sglang_version()
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(INIT_NEW_TARGET, _init_new_hook, HookType.AFTER)
-    _registered = True
+    register_once(__name__, [(INIT_NEW_TARGET, _init_new_hook, "AFTER")])
 
 
 __all__ = ["INIT_NEW_TARGET", "register", "shared_prefix_tokens", "take", "want"]
