@@ -223,7 +223,7 @@ def _child(args, sglang_argv: list[str]) -> None:
         bench_runner.clear()
         n_req = bss[0]
         name = f"{ctx}" + (f" (shared {prefix})" if prefix else "")
-        own = ctx - prefix if prefix else ctx  # KV tokens each request adds to the pool
+        own = ctx - prefix  # KV tokens each request adds to the pool
         if prefix + n_req * (own + 2 * (args.steps + args.warmup) * len(ways) * len(bss) + 64) \
                 > runner.max_total_num_tokens:
             rows.append(dict(context=ctx, batch=n_req, shared_prefix=prefix,

@@ -383,9 +383,14 @@ class LayerAddresses:
                 raise ValueError("LayerAddresses: the layers' buffers differ in shape, dtype or "
                                  "strides")
             assert k.stride(2) == 1 and side[0].stride(2) == 1 and side[3].stride(2) == 1
-        self.ptrs = tuple(tuple(t.data_ptr() for t in (k, *side)) for k, side in layers)
+        self.ptrs = self.pointers(layers)
         self.table = torch.tensor(self.ptrs, dtype=torch.int64, device=k0.device)
         self.num_layers = len(layers)
+
+    @staticmethod
+    def pointers(layers) -> tuple:
+        """The addresses a table of ``layers`` holds (compare with ``.ptrs``: moved buffers)."""
+        return tuple(tuple(t.data_ptr() for t in (k, *side)) for k, side in layers)
 
 
 _TL_DTYPES = {}

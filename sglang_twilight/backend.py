@@ -391,9 +391,9 @@ class TwilightDecoder:
         seq_cpu = getattr(forward_batch, "seq_lens_cpu", None)
         rows = int(getattr(forward_batch, "batch_size", 0) or 0)
         tokens = getattr(forward_batch, "seq_lens_sum", None)
-        if self.policy.wants_shared:  # a graph replay's view counts its padding rows too
-            real = rows - int(getattr(forward_batch, "num_padding", 0) or 0)
-            self.step_shared = shared_prefix.take(real)
+        # a graph replay's view counts its padding rows too
+        real = rows - int(getattr(forward_batch, "num_padding", 0) or 0)
+        self.step_shared = shared_prefix.take(real) if self.policy.wants_shared else 0
         self.step_sparse = bool(self.policy.sparse_step(seq_cpu, rows=rows, tokens=tokens,
                                                         shared=self.step_shared))
         self.on_step()

@@ -274,13 +274,12 @@ class KeptStats:
                 self._pending = None
                 report = self._consume(step, self._host.clone())
         if self._pending is None and self._step % self.interval == 0:
-            if self._dense_only_since_snapshot():
-                # the counters have not moved: only the step counts are new
-                self._steps_at_snap = dict(self.steps)
+            dense_only = self._dense_only_since_snapshot()
+            self._steps_at_snap = dict(self.steps)
+            if dense_only:  # the counters have not moved: only the step counts are new
                 if self._metrics:
                     self._publish_steps()
                 return report
-            self._steps_at_snap = dict(self.steps)
             if self._on_cuda:
                 self._host.copy_(self.counters, non_blocking=True)
                 event = torch.cuda.Event()

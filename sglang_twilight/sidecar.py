@@ -219,9 +219,10 @@ class TwilightSidecarPool:
         layers = [(self.kv_pool.get_key_buffer(lid), self._layers[lid])
                   for lid in self.sparse_layer_ids]
         # the buffers' addresses, as the one launch reads them; rebuilt if one ever moved
-        ptrs = tuple((k.data_ptr(), *(t.data_ptr() for t in lay.as_tuple())) for k, lay in layers)
-        if self._addresses is None or self._addresses.ptrs != ptrs:
-            self._addresses = store_k.LayerAddresses([(k, lay.as_tuple()) for k, lay in layers])
+        pairs = [(k, lay.as_tuple()) for k, lay in layers]
+        if self._addresses is None or \
+                self._addresses.ptrs != store_k.LayerAddresses.pointers(pairs):
+            self._addresses = store_k.LayerAddresses(pairs)
         ops.store_sidecar_layers(layers, loc, self.page_size, addresses=self._addresses,
                                  backend=backend)
         if not (loc.is_cuda and torch.cuda.is_current_stream_capturing()):
