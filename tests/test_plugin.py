@@ -172,9 +172,10 @@ def _spawned_child(expected: dict, conn) -> None:
 def test_config_and_registration_reach_a_spawned_child(monkeypatch):
     cfg = TwilightConfig(top_p=0.8, selector="quest", budget=2048, page_size=32, dense_layers=3,
                          min_sparse_len=512, min_budget=16, max_budget=1024)
-    monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
-    cfg.to_env()  # what the launcher does before SGLang spawns its schedulers
+    # what the launcher does before SGLang spawns its schedulers, undone after the test (the
+    # config left in os.environ would change every later test's ServerArgs page size)
+    monkeypatch.setenv(ENV_VAR, cfg.to_env({}))
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_spawned_child, args=(cfg.to_dict(), child))
