@@ -8,6 +8,9 @@ Import it either way:
 The API is small and kept stable:
 
 * ``card_name()``: the GPU's name (``torch.cuda.get_device_name()``), or ``"cpu"``;
+* ``smi_card_name()``: the same from ``nvidia-smi``, without a CUDA context in this process (for
+  scripts that start servers and leave them the memory), or ``"cpu"``;
+* ``card_slug(name)``: ``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``, the result files' suffix;
 * ``versions()``: versions of torch, triton, sglang, flashinfer, sglang-twilight and Python;
 * ``commit()``: the commit measured: ``$TWILIGHT_COMMIT``, else ``git rev-parse --short HEAD``
   of this checkout, else ``"unknown"`` (set the variable when the tree was copied without its
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -31,7 +35,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
-__all__ = ["card_name", "versions", "commit", "command", "write_result", "progress", "int_list"]
+__all__ = ["card_name", "smi_card_name", "card_slug", "versions", "commit", "command",
+           "write_result", "progress", "int_list"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -56,6 +61,24 @@ def card_name() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     return torch.cuda.get_device_name()
+
+
+def smi_card_name() -> str:
+    """The first GPU's name from ``nvidia-smi``, or ``"cpu"`` when there is none."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+    return out.splitlines()[0].strip() if out else "cpu"
+
+
+def card_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"`` (the suffix of a result file's name)."""
+    for tag in ("h200", "h100", "a100", "l40s", "b200"):
+        if tag in name.lower():
+            return tag
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
 
 
 def versions() -> dict[str, str | None]:

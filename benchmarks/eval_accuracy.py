@@ -84,7 +84,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -96,11 +95,12 @@ from typing import Any, Callable, Optional, Sequence
 
 try:  # repository root on sys.path (tests, python -m)
     from benchmarks import accuracy_tasks as tasks
-    from benchmarks.common import commit, command, versions
+    from benchmarks.common import card_slug, commit, command, smi_card_name, versions
     from benchmarks.servers import Server, free_port
 except ImportError:  # python benchmarks/eval_accuracy.py
     import accuracy_tasks as tasks  # type: ignore[no-redef]
-    from common import commit, command, versions  # type: ignore[no-redef]
+    from common import (  # type: ignore[no-redef]
+        card_slug, commit, command, smi_card_name, versions)
     from servers import Server, free_port  # type: ignore[no-redef]
 
 # the servers' running totals on /metrics, read with the project's own reader
@@ -465,7 +465,7 @@ class Run:
         self.dynamism: Optional[dict] = None
         self.quest_budgets: dict[str, int] = {}
         self.lock = threading.RLock()  # rows and the file; save() may run in a signal handler
-        self.card = args.card or detect_card()
+        self.card = args.card or smi_card_name()
 
     # -- rows
     def add(self, row: dict) -> None:
@@ -614,24 +614,6 @@ def kept_text(delta: Optional[dict]) -> str:
         return ""
     return (f", kept {delta['kept_tokens']:.1f} of {delta['context_tokens']:.0f} "
             f"({100 * delta['pruned_fraction']:.1f}% pruned)")
-
-
-def detect_card() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip()
-        if out:
-            return out.splitlines()[0].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "cpu"
-
-
-def card_slug(card: str) -> str:
-    for k in ("H200", "H100", "A100", "L40S", "B200"):
-        if k in card.upper():
-            return k.lower()
-    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "cpu"
 
 
 def all_versions() -> dict:

@@ -64,7 +64,6 @@ import http.client
 import json
 import os
 import random
-import re
 import socket
 import subprocess
 import sys
@@ -76,10 +75,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 try:
-    from benchmarks.common import commit, versions, write_result
+    from benchmarks.common import card_slug, commit, smi_card_name, versions, write_result
     from benchmarks.servers import Server, free_port
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import commit, versions, write_result
+    from common import card_slug, commit, smi_card_name, versions, write_result
     from servers import Server, free_port
 
 from sglang_twilight.metrics import parse_prometheus  # noqa: E402
@@ -470,14 +469,6 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def card_slug(name: str) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"`` (the result file's suffix)."""
-    for tag in ("h200", "h100", "a100", "l40s", "b200"):
-        if tag in name.lower():
-            return tag
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
 # --------------------------------------------------------------------------- servers
 
 
@@ -502,17 +493,6 @@ def wait_gpu_free(limit_s: float = 60, below_mib: int = 3000) -> None:
         except (OSError, ValueError, subprocess.SubprocessError):
             return
         time.sleep(1)
-
-
-def card_name() -> str:
-    """The GPU's name from nvidia-smi (no CUDA context in this process: the servers need the
-    memory)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip()
-        return out.splitlines()[0].strip() if out else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def common_flags(model_path: str, load_format: str, port: int, args) -> list[str]:
@@ -737,7 +717,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     t_start = time.monotonic()
     end = t_start + args.budget_s
-    card = card_name()
+    card = smi_card_name()
     out_path = Path(args.out) if args.out else RESULTS / f"load_test_{args.model}_{card_slug(card)}.json"
     log_dir = Path(args.log_dir)
     prof = MODELS[args.model]

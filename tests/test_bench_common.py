@@ -27,6 +27,25 @@ def test_write_result_adds_the_run_and_keeps_the_payload(tmp_path, monkeypatch):
     assert back["versions"]["torch"]  # installed here
 
 
+def test_card_slug_names_result_files():
+    assert common.card_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert common.card_slug("NVIDIA H200") == "h200"
+    assert common.card_slug("cpu") == "cpu"
+    assert common.card_slug("Some GPU 9000") == "some-gpu-9000"
+    assert common.card_slug("") == "cpu"
+
+
+def test_smi_card_name_without_nvidia_smi_is_cpu(monkeypatch):
+    def missing(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(common.subprocess, "run", missing)
+    assert common.smi_card_name() == "cpu"
+    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout="NVIDIA H200\nNVIDIA H200\n", stderr=""))
+    assert common.smi_card_name() == "NVIDIA H200"
+
+
 def test_commit_without_the_variable_is_this_checkout(monkeypatch):
     monkeypatch.delenv("TWILIGHT_COMMIT", raising=False)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,

@@ -524,13 +524,6 @@ def test_targets():
     assert t["control_p1"]["ok"] is False
 
 
-def test_card_slug():
-    assert E.card_slug("NVIDIA H100 80GB HBM3") == "h100"
-    assert E.card_slug("NVIDIA H200") == "h200"
-    assert E.card_slug("cpu") == "cpu"
-    assert E.card_slug("Some GPU 9000") == "some-gpu-9000"
-
-
 # --------------------------------------------------------------------------- the whole run
 
 

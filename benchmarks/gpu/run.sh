@@ -5,7 +5,8 @@
 #
 # <label> is recorded as the commit in every results file (TWILIGHT_COMMIT): give the short hash
 # of the tree when the copy on the GPU machine has no git metadata. Logs and results go to $OUT
-# (default /tmp/twilight_gpu_out); CARD (default h100) names the card in the result files.
+# (default /tmp/twilight_gpu_out); CARD names the card in the result files (default: from
+# nvidia-smi, e.g. h100 or h200: machines lent as one kind may come with the other card).
 #
 # Steps, run in the order given:
 #   ktests    GPU kernel and CUDA-graph tests (tests/test_kernels.py, tests/test_cuda_graph.py),
@@ -42,7 +43,8 @@
 C=${1:?label (the commit measured)}; STEPS=${2:?steps}
 T0=$(date +%s); ts(){ echo "[run +$(( $(date +%s)-T0 ))s] $*"; }
 OUT="${OUT:-/tmp/twilight_gpu_out}"; mkdir -p "$OUT"
-CARD="${CARD:-h100}"
+CARD="${CARD:-$(python3 -c 'from benchmarks.common import card_slug, smi_card_name as n
+print(card_slug(n()))')}"
 if [ -f .gpubundle/devenv.sh ]; then
   # shellcheck disable=SC1091
   source .gpubundle/devenv.sh .gpubundle || exit 1
