@@ -57,7 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from benchmarks.common import progress, write_result  # noqa: E402
+from benchmarks.common import card_name, progress, write_result  # noqa: E402
 
 KINDS = (  # kernel name fragment -> kind, first match wins
     ("_store_sidecar", "twilight"), ("_page_scores", "twilight"), ("_select_kernel", "twilight"),
@@ -194,7 +194,7 @@ def _child(args, sglang_argv: list[str]) -> None:
                 num_q_heads=int(mc.num_attention_heads),
                 kv_bytes=int(torch.empty(0, dtype=runner.kv_cache_dtype).element_size()))
     if decoder is not None:
-        info.update(geometry=decoder.geometry(mc.num_hidden_layers), card=_card(),
+        info.update(geometry=decoder.geometry(mc.num_hidden_layers), card=card_name(),
                     policy=policy.describe(), budget=decoder.budget,
                     dense_layers=decoder.cfg.dense_layers,
                     sidecar_bytes=decoder.sidecar.nbytes(),
@@ -308,12 +308,6 @@ def _radix_tree(runner, page_size: int):
     return RadixCache(CacheInitParams(
         disable=False, req_to_token_pool=runner.req_to_token_pool,
         token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator, page_size=page_size))
-
-
-def _card() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _profile_steps(ids, batch, runner, ob, steps):
